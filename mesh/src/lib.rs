@@ -1,0 +1,10 @@
+//! Ambit's mesh library, shared by every Ambit binary: SPIFFE workload identity and certificates
+//! (with a built-in CA), the mTLS configuration HBONE uses, and the HBONE tunnel itself (a pooled
+//! client and a server), following Istio's wire format so Ambit and Istio components interoperate.
+
+pub mod hbone;
+pub mod identity;
+pub mod tls;
+
+#[cfg(feature = "testing")]
+pub mod testing;
