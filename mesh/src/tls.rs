@@ -154,6 +154,21 @@ pub fn peer_identity(cert: &CertificateDer<'_>) -> Result<Identity, TlsError> {
         .ok_or(TlsError::NoSpiffeIdentity)
 }
 
+/// An operator-readable account of a failed TLS handshake: rustls prints certificate errors of its
+/// own kinds well, but ours (wrong identity, foreign trust domain) only as a debug dump.
+pub fn explain_handshake_error(err: &std::io::Error) -> String {
+    let ours = err
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        .and_then(|tls| match tls {
+            rustls::Error::InvalidCertificate(rustls::CertificateError::Other(other)) => {
+                Some(format!("invalid peer certificate: {}", other.0))
+            }
+            _ => None,
+        });
+    ours.unwrap_or_else(|| err.to_string())
+}
+
 fn refuse(err: TlsError) -> rustls::Error {
     rustls::Error::InvalidCertificate(rustls::CertificateError::Other(rustls::OtherError(
         Arc::new(err),

@@ -19,7 +19,7 @@ use tokio_rustls::TlsConnector;
 
 use super::pool::{Connection, Pool, PoolKey, StreamSlot};
 use super::{keepalive, random_traceparent, ConnectHeaders, H2Stream, Settings};
-use crate::identity::{CertificateManager, Identity, ManagerError};
+use crate::identity::{BoxFuture, CertificateManager, Identity, ManagerError};
 use crate::tls::{self, TlsError};
 
 /// Why a tunnel could not be opened.
@@ -41,7 +41,7 @@ pub enum ClientError {
         source: io::Error,
     },
     #[error(
-        "mTLS handshake with {address} failed (expected identity one of [{expected}]): {source}"
+        "mTLS handshake with {address} failed (expected identity one of [{expected}]): {}", tls::explain_handshake_error(source)
     )]
     Handshake {
         address: SocketAddr,
@@ -158,9 +158,25 @@ impl AsyncWrite for Tunnel {
     }
 }
 
+/// Opens the TCP connection an HBONE connection rides on. The default connects from wherever the
+/// process is; ztunnel connects from inside the source pod's network namespace, with its mark.
+pub trait Connector: Send + Sync + 'static {
+    fn connect(&self, address: SocketAddr) -> BoxFuture<'_, io::Result<TcpStream>>;
+}
+
+/// Connects from the calling process's own network namespace.
+pub struct DirectConnector;
+
+impl Connector for DirectConnector {
+    fn connect(&self, address: SocketAddr) -> BoxFuture<'_, io::Result<TcpStream>> {
+        Box::pin(TcpStream::connect(address))
+    }
+}
+
 /// Opens HBONE tunnels over a shared connection pool.
 pub struct Client {
     certificates: Arc<CertificateManager>,
+    connector: Arc<dyn Connector>,
     settings: Settings,
     pool: Arc<Pool>,
     sweeper: JoinHandle<()>,
@@ -175,10 +191,20 @@ impl Drop for Client {
 impl Client {
     /// Must be called within a Tokio runtime: it starts the pool's idle sweeper.
     pub fn new(certificates: Arc<CertificateManager>, settings: Settings) -> Self {
+        Self::with_connector(certificates, settings, Arc::new(DirectConnector))
+    }
+
+    /// A client whose connections are opened by `connector`.
+    pub fn with_connector(
+        certificates: Arc<CertificateManager>,
+        settings: Settings,
+        connector: Arc<dyn Connector>,
+    ) -> Self {
         let pool = Arc::new(Pool::default());
         let sweeper = tokio::spawn(sweep(Arc::downgrade(&pool), settings.pool_idle_timeout));
         Client {
             certificates,
+            connector,
             settings,
             pool,
             sweeper,
@@ -311,7 +337,9 @@ impl Client {
             })?;
         let timeout = self.settings.handshake_timeout;
         let handshakes = async {
-            let tcp = TcpStream::connect(address)
+            let tcp = self
+                .connector
+                .connect(address)
                 .await
                 .map_err(|source| ClientError::Connect { address, source })?;
             let _ = tcp.set_nodelay(true);

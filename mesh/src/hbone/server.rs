@@ -34,7 +34,7 @@ pub enum ServerError {
         identity: Identity,
         source: TlsError,
     },
-    #[error("TLS handshake with {peer} failed: {source}")]
+    #[error("TLS handshake with {peer} failed: {}", tls::explain_handshake_error(source))]
     Handshake {
         peer: SocketAddr,
         source: std::io::Error,

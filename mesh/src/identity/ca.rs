@@ -63,7 +63,10 @@ impl CertificateAuthority {
     /// A new self-signed root CA (ECDSA P-256, ten years), as istiod makes when given no `cacerts`.
     pub fn generate(trust_domain: &str) -> Result<Self, CaError> {
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
-        let params = ca_params(trust_domain, "Ambit root CA");
+        // A unique name per root: two generated roots must not look like the same issuer, or a
+        // foreign certificate fails as a bad signature instead of an unknown issuer.
+        let name = format!("Ambit root CA {:08x}", rand::random::<u32>());
+        let params = ca_params(trust_domain, &name);
         let cert = params.self_signed(&key)?;
         let der = cert.der().clone();
         Ok(CertificateAuthority {
@@ -178,7 +181,7 @@ impl CertificateAuthority {
         chain.extend(self.roots.iter().cloned());
         write_file(
             &dir.join("ca-cert.pem"),
-            &to_pem(&[self.signing_cert.clone()]),
+            &to_pem(std::slice::from_ref(&self.signing_cert)),
             0o644,
         )?;
         write_file(
