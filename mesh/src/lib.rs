@@ -2,9 +2,13 @@
 //! (with a built-in CA), the mTLS configuration HBONE uses, and the HBONE tunnel itself (a pooled
 //! client and a server), following Istio's wire format so Ambit and Istio components interoperate.
 
+pub mod copy;
 pub mod hbone;
 pub mod identity;
+pub mod rbac;
+pub mod state;
 pub mod tls;
+pub mod zds;
 
 #[cfg(feature = "testing")]
 pub mod testing;

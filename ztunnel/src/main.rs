@@ -1,10 +1,19 @@
-//! ambit-ztunnel: the per-node L4 tunnel. Each enrolled pod's netns is handed to it over ZDS;
-//! it carries the pod's TCP over HBONE with mTLS, L4 authorization and telemetry.
-//!
-//! Not built yet: this binary only prints what it will be, so that nothing pretends to work.
+//! `ambit-ztunnel`: runs the per-node tunnel until interrupted.
 
-fn main() {
-    eprintln!("ambit-ztunnel: the per-node L4 tunnel (in-pod capture, HBONE, L4 policy).");
-    eprintln!("usage: ambit-ztunnel (not implemented yet; see ARCHITECTURE.md for the plan)");
-    std::process::exit(2);
+use ambit_ztunnel::app::Ztunnel;
+use ambit_ztunnel::config::Config;
+use clap::Parser;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    let config = Config::parse();
+    let _ztunnel = Ztunnel::start(config, Default::default()).await?;
+    tokio::signal::ctrl_c().await?;
+    tracing::info!("interrupted; stopping");
+    Ok(())
 }

@@ -41,7 +41,8 @@ pub enum ClientError {
         source: io::Error,
     },
     #[error(
-        "mTLS handshake with {address} failed (expected identity one of [{expected}]): {}", tls::explain_handshake_error(source)
+        "mTLS handshake with {address} failed (expected identity one of [{expected}]): {}",
+        tls::explain_handshake_error(source)
     )]
     Handshake {
         address: SocketAddr,

@@ -34,7 +34,10 @@ pub enum ServerError {
         identity: Identity,
         source: TlsError,
     },
-    #[error("TLS handshake with {peer} failed: {}", tls::explain_handshake_error(source))]
+    #[error(
+        "TLS handshake with {peer} failed: {}",
+        tls::explain_handshake_error(source)
+    )]
     Handshake {
         peer: SocketAddr,
         source: std::io::Error,
@@ -141,10 +144,16 @@ impl Server {
         })
     }
 
-    /// Accepts connections until the listener fails; each is served on its own task.
+    /// Accepts connections until the listener fails; each is served on its own task. The tasks
+    /// belong to this future: dropping it (a pod leaving) closes every connection it accepted.
     pub async fn serve(self: Arc<Self>, listener: TcpListener) -> std::io::Result<()> {
+        let mut connections = tokio::task::JoinSet::new();
         loop {
-            let (socket, peer) = match listener.accept().await {
+            let accepted = tokio::select! {
+                accepted = listener.accept() => accepted,
+                Some(_) = connections.join_next(), if !connections.is_empty() => continue,
+            };
+            let (socket, peer) = match accepted {
                 Ok(accepted) => accepted,
                 Err(err) if is_transient_accept_error(&err) => {
                     tracing::warn!(error = %err, "HBONE accept failed; continuing");
@@ -154,7 +163,7 @@ impl Server {
                 Err(err) => return Err(err),
             };
             let server = self.clone();
-            tokio::spawn(async move {
+            connections.spawn(async move {
                 if let Err(err) = server.serve_connection(socket, peer).await {
                     tracing::info!(error = %err, "HBONE connection closed with an error");
                 }
@@ -218,13 +227,16 @@ impl Server {
             self.settings.ping_timeout,
         );
         tokio::pin!(keepalive);
+        // Streams live no longer than their connection.
+        let mut streams = tokio::task::JoinSet::new();
         loop {
             tokio::select! {
+                Some(_) = streams.join_next(), if !streams.is_empty() => {}
                 next = connection.accept() => match next {
                     Some(Ok((request, respond))) => {
                         let server = self.clone();
                         let peer_identity = peer_identity.clone();
-                        tokio::spawn(async move {
+                        streams.spawn(async move {
                             server.serve_stream(request, respond, peer_identity, peer, local_addr).await;
                         });
                     }
@@ -270,22 +282,13 @@ impl Server {
             return;
         };
         let mut tunnel = H2Stream::new(send, request.into_body());
-        let size = self.settings.copy_buffer;
-        let outcome =
-            match tokio::io::copy_bidirectional_with_sizes(&mut tunnel, &mut upstream, size, size)
-                .await
-            {
-                Ok((received, sent)) => TunnelOutcome {
-                    received,
-                    sent,
-                    error: None,
-                },
-                Err(err) => TunnelOutcome {
-                    received: 0,
-                    sent: 0,
-                    error: Some(err),
-                },
-            };
+        let transfer =
+            crate::copy::splice(&mut tunnel, &mut upstream, self.settings.copy_buffer).await;
+        let outcome = TunnelOutcome {
+            received: transfer.forward,
+            sent: transfer.backward,
+            error: transfer.error,
+        };
         tracing::debug!(peer = %connect.peer_identity, target = %connect.target, ?outcome, "HBONE tunnel closed");
         self.handler.finished(&connect, &outcome);
     }

@@ -1,0 +1,232 @@
+//! The state model and its local YAML source: Istio's file format, lookups, load spreading,
+//! validation errors, and reloads that never replace good state with bad.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ambit_mesh::state::local::{self, LocalConfig, LocalError};
+use ambit_mesh::state::{Destination, Protocol, StateStore};
+
+/// Istio ztunnel's own example shape (examples/localhost.yaml), extended with a second endpoint,
+/// an unhealthy one, and a plain-TCP workload.
+const MESH: &str = r#"
+workloads:
+- uid: cluster1//v1/Pod/default/echo-1
+  name: echo-1
+  namespace: default
+  serviceAccount: echo
+  workloadIps: ["10.0.1.10"]
+  protocol: HBONE
+  node: node-1
+  network: ""
+  services:
+    "default/echo.default.svc.cluster.local": {80: 8080}
+- uid: cluster1//v1/Pod/default/echo-2
+  name: echo-2
+  namespace: default
+  serviceAccount: echo
+  workloadIps: ["10.0.2.10"]
+  protocol: HBONE
+  node: node-2
+  services:
+    "default/echo.default.svc.cluster.local": {80: 8080}
+- uid: cluster1//v1/Pod/default/echo-3
+  name: echo-3
+  namespace: default
+  serviceAccount: echo
+  workloadIps: ["10.0.2.11"]
+  protocol: HBONE
+  status: Unhealthy
+  services:
+    "default/echo.default.svc.cluster.local": {80: 8080}
+- uid: cluster1//v1/Pod/legacy/db-0
+  name: db-0
+  namespace: legacy
+  workloadIps: ["10.0.3.10"]
+  protocol: TCP
+  services: {}
+services:
+- name: echo
+  namespace: default
+  hostname: echo.default.svc.cluster.local
+  vips: ["/10.96.0.10"]
+  ports: {80: 8080}
+  subjectAltNames: ["spiffe://cluster.local/ns/default/sa/echo"]
+policies:
+- name: deny-9999
+  namespace: default
+  scope: Namespace
+  action: Deny
+  rules:
+  - - - destinationPorts: [9999]
+"#;
+
+fn addr(s: &str) -> SocketAddr {
+    s.parse().unwrap()
+}
+
+#[test]
+fn istio_format_loads_and_resolves() {
+    let snapshot = LocalConfig::parse(MESH, Path::new("mesh.yaml"))
+        .unwrap()
+        .into_snapshot(Path::new("mesh.yaml"))
+        .unwrap();
+    let echo1 = snapshot
+        .workload("cluster1//v1/Pod/default/echo-1")
+        .unwrap();
+    assert_eq!(echo1.protocol, Protocol::Hbone);
+    assert_eq!(
+        echo1.identity().unwrap().to_string(),
+        "spiffe://cluster.local/ns/default/sa/echo"
+    );
+    let db = snapshot
+        .workload_by_ip("", "10.0.3.10".parse().unwrap())
+        .unwrap();
+    assert_eq!(db.protocol, Protocol::Tcp);
+    assert_eq!(
+        db.service_account, "default",
+        "Istio's default service account"
+    );
+
+    // A VIP spreads over healthy endpoints only, mapping the service port to the target port.
+    let mut picked = std::collections::BTreeSet::new();
+    for pick in 0..10 {
+        match snapshot.resolve("", addr("10.96.0.10:80"), pick) {
+            Destination::Service {
+                endpoint,
+                target_port,
+                service,
+            } => {
+                assert_eq!(target_port, 8080);
+                assert_eq!(service.hostname, "echo.default.svc.cluster.local");
+                picked.insert(endpoint.name.clone());
+            }
+            other => panic!("expected a service endpoint, got {other:?}"),
+        }
+    }
+    assert_eq!(
+        picked.into_iter().collect::<Vec<_>>(),
+        vec!["echo-1", "echo-2"],
+        "both healthy endpoints are used and the unhealthy one never is"
+    );
+    // A port the service does not expose has no endpoint.
+    assert!(matches!(
+        snapshot.resolve("", addr("10.96.0.10:81"), 0),
+        Destination::NoEndpoint { .. }
+    ));
+    assert!(matches!(
+        snapshot.resolve("", addr("10.0.2.10:8080"), 0),
+        Destination::Workload { port: 8080, .. }
+    ));
+    assert!(matches!(
+        snapshot.resolve("", addr("1.1.1.1:443"), 0),
+        Destination::Passthrough
+    ));
+    // Another network does not see these addresses.
+    assert!(matches!(
+        snapshot.resolve("other-net", addr("10.0.1.10:8080"), 0),
+        Destination::Passthrough
+    ));
+}
+
+#[test]
+fn unknown_fields_are_refused_with_their_name_and_line() {
+    let text =
+        "workloads:\n- uid: a\n  name: a\n  namespace: default\n  workloadIPs: [\"10.0.0.1\"]\n";
+    let err = LocalConfig::parse(text, Path::new("/etc/ambit/state.yaml")).unwrap_err();
+    let message = err.to_string();
+    assert!(message.starts_with("/etc/ambit/state.yaml:"), "{message}");
+    assert!(message.contains("workloadIPs"), "{message}");
+    assert!(
+        matches!(
+            err,
+            LocalError::Parse { line: 2, .. } | LocalError::Parse { line: 5, .. }
+        ),
+        "{err:?}"
+    );
+
+    let err = LocalConfig::parse("workload: []\n", Path::new("f.yaml")).unwrap_err();
+    assert!(
+        err.to_string().contains("unknown field `workload`"),
+        "{err}"
+    );
+}
+
+#[test]
+fn invalid_meshes_are_refused_naming_the_object() {
+    let cases = [
+        (
+            MESH.replace("10.0.2.10", "10.0.1.10"),
+            "address /10.0.1.10 belongs to both workload",
+        ),
+        (
+            MESH.replace("serviceAccount: echo\n  workloadIps: [\"10.0.1.10\"]", "serviceAccount: Echo\n  workloadIps: [\"10.0.1.10\"]"),
+            "cluster1//v1/Pod/default/echo-1",
+        ),
+        (
+            MESH.replace("echo-2\n  name", "echo-1\n  name"),
+            "appears twice",
+        ),
+        (
+            MESH.replace("\"default/echo.default.svc.cluster.local\": {80: 8080}\n- uid: cluster1//v1/Pod/default/echo-2", "\"echo\": {80: 8080}\n- uid: cluster1//v1/Pod/default/echo-2"),
+            "must be \"<namespace>/<hostname>\"",
+        ),
+    ];
+    for (text, expected) in cases {
+        let parsed = LocalConfig::parse(&text, Path::new("m.yaml")).unwrap();
+        let err = parsed.into_snapshot(Path::new("m.yaml")).err().unwrap();
+        assert!(
+            err.to_string().contains(expected),
+            "{err} should contain {expected}"
+        );
+    }
+    let err = LocalConfig::parse(
+        &MESH.replace("10.96.0.10", "10.96.0.999"),
+        Path::new("m.yaml"),
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("10.96.0.999"), "{err}");
+}
+
+#[tokio::test]
+async fn reload_swaps_valid_files_and_keeps_state_on_corrupt_ones() {
+    let dir = std::env::temp_dir().join(format!("ambit-state-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("state.yaml");
+    std::fs::write(&path, MESH).unwrap();
+    let store = Arc::new(StateStore::new(LocalConfig::load(&path).unwrap()));
+    let watcher = tokio::spawn(local::watch(
+        path.clone(),
+        store.clone(),
+        Duration::from_millis(50),
+    ));
+    let count = |store: &StateStore| store.load().workloads().count();
+    assert_eq!(count(&store), 4);
+
+    // A corrupt file: the previous state stays.
+    std::fs::write(&path, "workloads: [ {uid: broken\n").unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(count(&store), 4);
+
+    // A valid file with one workload fewer replaces it.
+    let fewer = MESH.replace("- uid: cluster1//v1/Pod/legacy/db-0\n  name: db-0\n  namespace: legacy\n  workloadIps: [\"10.0.3.10\"]\n  protocol: TCP\n  services: {}\n", "");
+    std::fs::write(&path, fewer).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    while count(&store) != 3 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the reload never happened"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // A snapshot taken before the swap stays consistent for whoever holds it.
+    let held = store.load();
+    std::fs::write(&path, MESH).unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(held.workloads().count(), 3);
+    assert_eq!(count(&store), 4);
+    watcher.abort();
+    std::fs::remove_dir_all(dir).unwrap();
+}

@@ -1,0 +1,170 @@
+//! The per-pod proxy: for each enrolled pod, listeners inside the pod's network namespace on
+//! 15001 (outbound capture), 15006 (inbound plaintext) and 15008 (inbound HBONE).
+//!
+//! Phases of a connection, outbound: accept on 15001 → original destination → resolve in the state
+//! (service VIP, workload, or outside the mesh) → HBONE to the destination's 15008 as the pod, or
+//! plain TCP → splice. Inbound: accept (HBONE verified by mTLS, or plaintext) → authorize → connect
+//! to the app from inside the pod, with the client's address as source → splice.
+
+mod inbound;
+mod outbound;
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+
+use ambit_mesh::hbone;
+use ambit_mesh::identity::{CertificateManager, Identity, DEFAULT_TRUST_DOMAIN};
+use ambit_mesh::state::StateStore;
+use tokio::task::JoinHandle;
+
+use crate::netns::{NetnsError, PodNetns};
+
+/// Istio's in-pod ports.
+pub const OUTBOUND_PORT: u16 = 15001;
+pub const INBOUND_PLAINTEXT_PORT: u16 = 15006;
+pub use ambit_mesh::hbone::HBONE_PORT;
+
+/// Why a pod's proxy could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("pod {uid}: {source}")]
+    Netns { uid: String, source: NetnsError },
+    #[error("pod {uid}: cannot listen on port {port} inside the pod: {source}")]
+    Listen {
+        uid: String,
+        port: u16,
+        source: std::io::Error,
+    },
+    #[error("pod {uid}: no identity: {reason}")]
+    Identity { uid: String, reason: String },
+}
+
+/// What every pod proxy on the node shares.
+pub struct ProxyContext {
+    pub state: Arc<StateStore>,
+    pub certificates: Arc<CertificateManager>,
+    pub hbone: hbone::Settings,
+    /// The node's network (Istio `NETWORK`); addresses resolve within it.
+    pub network: String,
+    pub metrics: Arc<crate::metrics::Metrics>,
+}
+
+/// What ZDS says about a pod when it is added.
+#[derive(Clone, Debug, Default)]
+pub struct PodInfo {
+    pub uid: String,
+    pub name: String,
+    pub namespace: String,
+    pub service_account: String,
+}
+
+/// One enrolled pod's listeners; dropping it stops them (established connections are dropped
+/// with their tasks, as a deleted pod's would be).
+pub struct PodProxy {
+    pub info: PodInfo,
+    pub identity: Identity,
+    netns: Arc<PodNetns>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Drop for PodProxy {
+    fn drop(&mut self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
+impl PodProxy {
+    /// Opens the pod's listeners inside its namespace and starts serving them.
+    pub async fn start(
+        context: Arc<ProxyContext>,
+        info: PodInfo,
+        netns: PodNetns,
+    ) -> Result<PodProxy, ProxyError> {
+        let uid = info.uid.clone();
+        let identity = pod_identity(&context, &info).map_err(|reason| ProxyError::Identity {
+            uid: uid.clone(),
+            reason,
+        })?;
+        let netns = Arc::new(netns);
+        let any = IpAddr::V4(Ipv4Addr::UNSPECIFIED);
+        let listen = |port| {
+            let netns = netns.clone();
+            let uid = uid.clone();
+            async move {
+                netns
+                    .listen(SocketAddr::new(any, port))
+                    .await
+                    .map_err(|source| ProxyError::Listen { uid, port, source })
+            }
+        };
+        let outbound = listen(OUTBOUND_PORT).await?;
+        let plaintext = listen(INBOUND_PLAINTEXT_PORT).await?;
+        let hbone_listener = listen(HBONE_PORT).await?;
+
+        let client = hbone::client::Client::with_connector(
+            context.certificates.clone(),
+            context.hbone.clone(),
+            Arc::new(NetnsConnector(netns.clone())),
+        );
+        let pod = Arc::new(Pod {
+            context: context.clone(),
+            uid: uid.clone(),
+            identity: identity.clone(),
+            netns: netns.clone(),
+            client,
+        });
+        let tasks = vec![
+            tokio::spawn(outbound::serve(pod.clone(), outbound)),
+            tokio::spawn(inbound::serve_plaintext(pod.clone(), plaintext)),
+            tokio::spawn(inbound::serve_hbone(pod, hbone_listener)),
+        ];
+        tracing::info!(pod = %uid, identity = %identity, netns = netns.inode(), "pod proxy started");
+        Ok(PodProxy {
+            info,
+            identity,
+            netns,
+            tasks,
+        })
+    }
+
+    pub fn netns_inode(&self) -> u64 {
+        self.netns.inode()
+    }
+}
+
+/// One pod as its connection handlers see it.
+pub(crate) struct Pod {
+    pub context: Arc<ProxyContext>,
+    pub uid: String,
+    pub identity: Identity,
+    pub netns: Arc<PodNetns>,
+    /// HBONE connections opened from inside this pod, so their source address is the pod's.
+    pub client: hbone::client::Client,
+}
+
+/// Opens HBONE connections from inside a pod's namespace.
+struct NetnsConnector(Arc<PodNetns>);
+
+impl hbone::client::Connector for NetnsConnector {
+    fn connect(
+        &self,
+        address: SocketAddr,
+    ) -> ambit_mesh::identity::BoxFuture<'_, std::io::Result<tokio::net::TcpStream>> {
+        Box::pin(self.0.connect(address))
+    }
+}
+
+/// The pod's identity: from the state when it knows the pod, else from what ZDS said.
+fn pod_identity(context: &ProxyContext, info: &PodInfo) -> Result<Identity, String> {
+    if let Some(workload) = context.state.load().workload(&info.uid) {
+        return workload.identity().map_err(|e| e.to_string());
+    }
+    let service_account = if info.service_account.is_empty() {
+        "default"
+    } else {
+        &info.service_account
+    };
+    Identity::new(DEFAULT_TRUST_DOMAIN, &info.namespace, service_account).map_err(|e| e.to_string())
+}

@@ -1,0 +1,213 @@
+//! Inbound: HBONE on 15008 (peer verified by mTLS) and plaintext on 15006 (REDIRECTed, no
+//! identity), each authorized against the pod's policies before the app is connected.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use ambit_mesh::copy::splice;
+use ambit_mesh::hbone::server::{
+    ConnectHandler, ConnectRequest, Rejection, Server, TunnelOutcome, Upstream,
+};
+use ambit_mesh::identity::{BoxFuture, Identity};
+use ambit_mesh::rbac::ConnectionInfo;
+use tokio::net::{TcpListener, TcpStream};
+
+use super::Pod;
+use crate::metrics::{Reporter, TrafficLabels};
+use crate::netns::original_destination;
+
+pub(crate) async fn serve_hbone(pod: Arc<Pod>, listener: TcpListener) {
+    let server = Server::new(
+        pod.identity.clone(),
+        pod.context.certificates.clone(),
+        Arc::new(HboneInbound { pod: pod.clone() }),
+        pod.context.hbone.clone(),
+    );
+    if let Err(err) = server.serve(listener).await {
+        tracing::error!(pod = %pod.uid, error = %err, "HBONE listener failed");
+    }
+}
+
+struct HboneInbound {
+    pod: Arc<Pod>,
+}
+
+impl ConnectHandler for HboneInbound {
+    fn connect(
+        &self,
+        request: ConnectRequest,
+    ) -> BoxFuture<'_, Result<Box<dyn Upstream>, Rejection>> {
+        Box::pin(async move {
+            let client = request.peer_addr;
+            authorize(
+                &self.pod,
+                Some(&request.peer_identity),
+                client,
+                request.target,
+            )?;
+            let upstream = self
+                .pod
+                .netns
+                .connect_from(Some(client.ip()), request.target)
+                .await
+                .map_err(|e| {
+                    Rejection::Unavailable(format!("connect to {}: {e}", request.target))
+                })?;
+            self.pod
+                .context
+                .metrics
+                .connection_opened(&labels(&self.pod, &request, true));
+            Ok(Box::new(upstream) as Box<dyn Upstream>)
+        })
+    }
+
+    fn finished(&self, request: &ConnectRequest, outcome: &TunnelOutcome) {
+        let labels = labels(&self.pod, request, true);
+        self.pod
+            .context
+            .metrics
+            .connection_closed(&labels, outcome.received, outcome.sent);
+        tracing::info!(
+            target: "access",
+            pod = %self.pod.uid, src = %request.peer_addr, peer = %request.peer_identity,
+            dst = %request.target, received = outcome.received, sent = outcome.sent,
+            error = ?outcome.error,
+            "inbound HBONE connection complete"
+        );
+    }
+}
+
+/// Destination-side labels: the source is found by its address (the HBONE connection comes
+/// from the client pod's own address), the service by the `forwarded` host.
+fn labels(pod: &Pod, request: &ConnectRequest, mutual_tls: bool) -> TrafficLabels {
+    inbound_labels(
+        pod,
+        request.peer_addr,
+        Some(request.peer_identity.clone()),
+        request.headers.forwarded_host.as_deref(),
+        mutual_tls,
+    )
+}
+
+fn inbound_labels(
+    pod: &Pod,
+    client: SocketAddr,
+    peer: Option<Identity>,
+    service_host: Option<&str>,
+    mutual_tls: bool,
+) -> TrafficLabels {
+    let snapshot = pod.context.state.load();
+    let network = &pod.context.network;
+    TrafficLabels {
+        reporter: Reporter::Destination,
+        source: snapshot.workload_by_ip(network, client.ip()).cloned(),
+        source_principal: peer,
+        destination: snapshot.workload(&pod.uid).cloned(),
+        destination_principal: mutual_tls.then(|| pod.identity.clone()),
+        destination_service: service_host.map(|host| {
+            // Kubernetes hostnames are <name>.<namespace>.svc.<domain>.
+            let mut parts = host.split('.');
+            let name = parts.next().unwrap_or_default().to_owned();
+            let namespace = parts.next().unwrap_or_default().to_owned();
+            (host.to_owned(), namespace, name)
+        }),
+        mutual_tls,
+        response_flags: "-",
+    }
+}
+
+/// Checks that `target` is this pod and that policy lets `peer` reach it.
+fn authorize(
+    pod: &Pod,
+    peer: Option<&Identity>,
+    client: SocketAddr,
+    target: SocketAddr,
+) -> Result<(), Rejection> {
+    let snapshot = pod.context.state.load();
+    let Some(workload) = snapshot.workload(&pod.uid) else {
+        return Err(Rejection::Unavailable(format!(
+            "pod {} is not in the mesh state",
+            pod.uid
+        )));
+    };
+    if !workload.workload_ips.contains(&target.ip()) {
+        return Err(Rejection::BadRequest(format!(
+            "{} is not an address of pod {}",
+            target.ip(),
+            pod.uid
+        )));
+    }
+    let connection = ConnectionInfo {
+        source_identity: peer.cloned(),
+        source_ip: client.ip(),
+        destination_ip: target.ip(),
+        destination_port: target.port(),
+    };
+    let decision = snapshot.policies().evaluate(
+        &workload.namespace,
+        &workload.authorization_policies,
+        &connection,
+    );
+    if decision.allowed {
+        Ok(())
+    } else {
+        Err(Rejection::Unauthorized(format!("{decision:?}")))
+    }
+}
+
+pub(crate) async fn serve_plaintext(pod: Arc<Pod>, listener: TcpListener) {
+    // Connections belong to the pod's listener task: when the pod leaves, they end with it.
+    let mut connections = tokio::task::JoinSet::new();
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            Some(_) = connections.join_next(), if !connections.is_empty() => continue,
+        };
+        match accepted {
+            Ok((stream, client)) => {
+                connections.spawn(plaintext(pod.clone(), stream, client));
+            }
+            Err(err) => {
+                tracing::warn!(pod = %pod.uid, error = %err, "inbound plaintext accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+async fn plaintext(pod: Arc<Pod>, mut downstream: TcpStream, client: SocketAddr) {
+    let target = match original_destination(&downstream) {
+        Ok(target) => target,
+        Err(err) => {
+            tracing::warn!(pod = %pod.uid, %client, error = %err, "inbound plaintext without an original destination");
+            return;
+        }
+    };
+    if let Err(rejection) = authorize(&pod, None, client, target) {
+        tracing::info!(target: "access", pod = %pod.uid, src = %client, dst = %target, reason = %rejection, "inbound plaintext refused");
+        return;
+    }
+    let mut upstream = match pod.netns.connect_from(Some(client.ip()), target).await {
+        Ok(upstream) => upstream,
+        Err(err) => {
+            tracing::info!(pod = %pod.uid, %client, %target, error = %err, "inbound plaintext connect failed");
+            return;
+        }
+    };
+    let labels = inbound_labels(&pod, client, None, None, false);
+    let metrics = &pod.context.metrics;
+    metrics.connection_opened(&labels);
+    let transfer = splice(
+        &mut downstream,
+        &mut upstream,
+        pod.context.hbone.copy_buffer,
+    )
+    .await;
+    metrics.connection_closed(&labels, transfer.forward, transfer.backward);
+    tracing::info!(
+        target: "access",
+        pod = %pod.uid, src = %client, dst = %target,
+        received = transfer.forward, sent = transfer.backward, error = ?transfer.error,
+        "inbound plaintext connection complete"
+    );
+}

@@ -1,0 +1,187 @@
+//! Outbound: connections the pod's app made, REDIRECTed to 15001 inside the pod.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use ambit_mesh::hbone::client::TunnelRequest;
+use ambit_mesh::hbone::{ConnectHeaders, HBONE_PORT};
+use ambit_mesh::identity::Identity;
+use ambit_mesh::state::{Destination, Protocol, Service, Workload};
+use tokio::net::{TcpListener, TcpStream};
+
+use super::Pod;
+use crate::metrics::{Reporter, TrafficLabels};
+use crate::netns::original_destination;
+use ambit_mesh::copy::splice;
+
+/// Where one outbound connection goes, decided before any byte moves.
+#[derive(Debug)]
+enum Route {
+    Hbone {
+        request: TunnelRequest,
+        labels: TrafficLabels,
+    },
+    /// Plain TCP to the destination, from inside the pod (not in the mesh, or `protocol: TCP`).
+    Plain {
+        target: SocketAddr,
+        labels: TrafficLabels,
+    },
+    /// A VIP with no usable endpoint: the connection is closed.
+    Refuse(String),
+}
+
+pub(crate) async fn serve(pod: Arc<Pod>, listener: TcpListener) {
+    // Connections belong to the pod's listener task: when the pod leaves, they end with it.
+    let mut connections = tokio::task::JoinSet::new();
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            Some(_) = connections.join_next(), if !connections.is_empty() => continue,
+        };
+        match accepted {
+            Ok((stream, client)) => {
+                connections.spawn(handle(pod.clone(), stream, client));
+            }
+            Err(err) => {
+                tracing::warn!(pod = %pod.uid, error = %err, "outbound accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+async fn handle(pod: Arc<Pod>, mut app: TcpStream, client: SocketAddr) {
+    let _ = app.set_nodelay(true);
+    let destination = match original_destination(&app) {
+        Ok(destination) => destination,
+        Err(err) => {
+            tracing::warn!(pod = %pod.uid, %client, error = %err, "outbound connection without an original destination; closing");
+            return;
+        }
+    };
+    let route = route(&pod, client, destination);
+    tracing::debug!(pod = %pod.uid, %client, %destination, ?route, "outbound");
+    let buffer = pod.context.hbone.copy_buffer;
+    let metrics = &pod.context.metrics;
+    let (transfer, labels) = match route {
+        Route::Hbone { request, labels } => match pod.client.connect(&request).await {
+            Ok(mut tunnel) => {
+                metrics.connection_opened(&labels);
+                (splice(&mut app, &mut tunnel, buffer).await, labels)
+            }
+            Err(err) => {
+                tracing::warn!(target: "access", pod = %pod.uid, src = %client, dst = %destination, error = %err, "outbound HBONE failed");
+                return;
+            }
+        },
+        Route::Plain { target, labels } => match pod.netns.connect(target).await {
+            Ok(mut upstream) => {
+                metrics.connection_opened(&labels);
+                (splice(&mut app, &mut upstream, buffer).await, labels)
+            }
+            Err(err) => {
+                tracing::info!(target: "access", pod = %pod.uid, src = %client, dst = %target, error = %err, "outbound passthrough connect failed");
+                return;
+            }
+        },
+        Route::Refuse(reason) => {
+            tracing::info!(target: "access", pod = %pod.uid, src = %client, dst = %destination, reason, "outbound refused");
+            return;
+        }
+    };
+    metrics.connection_closed(&labels, transfer.forward, transfer.backward);
+    tracing::info!(
+        target: "access",
+        pod = %pod.uid, src = %client, dst = %destination,
+        mtls = labels.mutual_tls, sent = transfer.forward, received = transfer.backward,
+        error = ?transfer.error,
+        "outbound connection complete"
+    );
+}
+
+fn route(pod: &Pod, client: SocketAddr, destination: SocketAddr) -> Route {
+    let snapshot = pod.context.state.load();
+    let network = &pod.context.network;
+    let headers = ConnectHeaders {
+        forwarded_for: Some(client),
+        ..Default::default()
+    };
+    let source = snapshot.workload(&pod.uid).cloned();
+    match snapshot.resolve(network, destination, rand::random::<u32>() as usize) {
+        Destination::Service {
+            service,
+            endpoint,
+            target_port,
+        } => hbone_or_plain(pod, source, &endpoint, target_port, Some(&service), headers),
+        Destination::Workload { workload, port } => {
+            hbone_or_plain(pod, source, &workload, port, None, headers)
+        }
+        Destination::NoEndpoint { service } => Route::Refuse(format!(
+            "service {} has no healthy endpoint for port {}",
+            service.hostname,
+            destination.port()
+        )),
+        Destination::Passthrough => Route::Plain {
+            target: destination,
+            labels: TrafficLabels {
+                reporter: Reporter::Source,
+                source,
+                source_principal: Some(pod.identity.clone()),
+                destination: None,
+                destination_principal: None,
+                destination_service: None,
+                mutual_tls: false,
+                response_flags: "-",
+            },
+        },
+    }
+}
+
+fn hbone_or_plain(
+    pod: &Pod,
+    source: Option<Arc<Workload>>,
+    endpoint: &Arc<Workload>,
+    port: u16,
+    service: Option<&Service>,
+    mut headers: ConnectHeaders,
+) -> Route {
+    let Some(&ip) = endpoint.workload_ips.first() else {
+        return Route::Refuse(format!("workload {} has no address", endpoint.uid));
+    };
+    let target = SocketAddr::new(ip, port);
+    let hbone = endpoint.protocol == Protocol::Hbone;
+    let labels = TrafficLabels {
+        reporter: Reporter::Source,
+        source,
+        source_principal: Some(pod.identity.clone()),
+        destination: Some(endpoint.clone()),
+        destination_principal: hbone.then(|| endpoint.identity().ok()).flatten(),
+        destination_service: service
+            .map(|s| (s.hostname.clone(), s.namespace.clone(), s.name.clone())),
+        mutual_tls: hbone,
+        response_flags: "-",
+    };
+    if !hbone {
+        return Route::Plain { target, labels };
+    }
+    let mut destination_identities: Vec<Identity> = endpoint.identity().into_iter().collect();
+    if let Some(service) = service {
+        headers.forwarded_host = Some(service.hostname.clone());
+        destination_identities.extend(
+            service
+                .subject_alt_names
+                .iter()
+                .filter_map(|san| san.parse().ok()),
+        );
+    }
+    Route::Hbone {
+        request: TunnelRequest {
+            source: pod.identity.clone(),
+            destination_identities,
+            hbone_address: SocketAddr::new(ip, HBONE_PORT),
+            target,
+            headers,
+        },
+        labels,
+    }
+}
