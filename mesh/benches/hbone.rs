@@ -6,15 +6,16 @@
 //! Plain TCP goes straight from the client to a sink on 127.0.0.1; HBONE goes client -> mTLS +
 //! HTTP/2 -> Ambit's HBONE server (`testing::hbone_server` with `testing::TcpForwarder`) -> the
 //! same sink. Client, server and sink share one Tokio runtime, so on a small machine every figure
-//! is bounded by the CPU of all three together.
+//! is bounded by the CPU of all three together. Each line also gives the CPU time the process
+//! spent per GB or per connection: on a shared or busy machine that is steadier than the rates.
 //!
 //! Environment (sizes take a K, M or G suffix, binary):
 //! - `AMBIT_BENCH_BYTES`: bytes sent per throughput measurement, split evenly over the streams
 //!   (default 1G).
 //! - `AMBIT_BENCH_TUNNELS`: tunnels per setup-rate measurement on a pooled connection, and plain TCP
 //!   connections for its baseline (default 2000).
-//! - `AMBIT_BENCH_CONNECTIONS`: tunnels each on a new HBONE connection (default 300, at most
-//!   `AMBIT_BENCH_TUNNELS`).
+//! - `AMBIT_BENCH_CONNECTIONS`: tunnels each on a new HBONE connection (default 300, or
+//!   `AMBIT_BENCH_TUNNELS` if that is smaller).
 //! - `AMBIT_BENCH_RUNS`: measured runs per figure, after one warm-up; the median is printed
 //!   (default 3).
 //! - `AMBIT_BENCH_WRITE_BUFFER`: bytes per write from the sender (default 256K).

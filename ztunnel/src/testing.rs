@@ -4,11 +4,26 @@
 //! others' pod ranges; each pod is a namespace behind a veth pair on its node, ptp style (pod
 //! `10.0.<node>.<n>/32`, gateway `10.0.<node>.1`), as a CNI sets them up. Nothing is created in
 //! the host namespace, names are unique per test, and everything is deleted on drop.
+//!
+//! [`Cluster`] puts in-process ztunnels on two such nodes, with Istio's in-pod rules installed in
+//! the enrolled pods and the pods handed over ZDS, as a node agent would.
 
 use std::fs::File;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use ambit_cni::rules::{self, Backend, RuleOptions};
+use ambit_mesh::identity::CertificateAuthority;
+use ambit_mesh::zds::{WorkloadInfo, ZdsConnection, ZdsServer};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::app::Ztunnel;
+use crate::config::Config;
+use crate::netns::PodNetns;
 
 static NEXT: AtomicUsize = AtomicUsize::new(0);
 
@@ -268,4 +283,261 @@ impl Drop for Topology {
             let _ = Command::new("ip").args(["netns", "del", &name]).output();
         }
     }
+}
+
+// --- A two-node cluster running in-process ztunnels, for end-to-end tests and benchmarks. ---
+
+/// The `echo` service's VIP.
+pub const VIP: &str = "10.96.0.10";
+
+/// Two nodes; `sleep` (client) on node 1, `echo` (server, behind a service VIP) and `plain`
+/// (never enrolled) on node 2.
+pub struct Cluster {
+    pub topology: Topology,
+    pub dir: PathBuf,
+    pub state_path: PathBuf,
+    pub ztunnels: Vec<Ztunnel>,
+    pub agents: Vec<ZdsConnection>,
+    /// Kept so their sockets stay bound while ztunnel reconnects.
+    pub servers: Vec<ZdsServer>,
+    pub sleep: PodNet,
+    pub echo: PodNet,
+    pub plain: PodNet,
+}
+
+fn state_yaml(sleep: &PodNet, echo: &PodNet, plain: &PodNet, policies: &str) -> String {
+    format!(
+        r#"
+workloads:
+- uid: cluster1//v1/Pod/default/sleep
+  name: sleep
+  namespace: default
+  serviceAccount: sleep
+  workloadIps: ["{sleep}"]
+  protocol: HBONE
+  node: node-1
+  canonicalName: sleep
+  services: {{}}
+- uid: cluster1//v1/Pod/default/echo
+  name: echo
+  namespace: default
+  serviceAccount: echo
+  workloadIps: ["{echo}"]
+  protocol: HBONE
+  node: node-2
+  canonicalName: echo
+  canonicalRevision: v1
+  services:
+    "default/echo.default.svc.cluster.local": {{80: 8080}}
+- uid: cluster1//v1/Pod/default/plain
+  name: plain
+  namespace: default
+  workloadIps: ["{plain}"]
+  protocol: TCP
+  node: node-2
+  services: {{}}
+services:
+- name: echo
+  namespace: default
+  hostname: echo.default.svc.cluster.local
+  vips: ["/{VIP}"]
+  ports: {{80: 8080}}
+{policies}"#,
+        sleep = sleep.ip,
+        echo = echo.ip,
+        plain = plain.ip,
+    )
+}
+
+fn info(pod: &PodNet, service_account: &str) -> WorkloadInfo {
+    WorkloadInfo {
+        name: pod.name.clone(),
+        namespace: "default".into(),
+        service_account: service_account.into(),
+    }
+}
+
+impl Cluster {
+    pub async fn start() -> Cluster {
+        let mut topology = Topology::new();
+        let n1 = topology.add_node();
+        let n2 = topology.add_node();
+        let sleep = topology.add_pod(n1, "sleep");
+        let echo = topology.add_pod(n2, "echo");
+        let plain = topology.add_pod(n2, "plain");
+
+        let dir = std::env::temp_dir().join(format!("ambit-inpod-{}", topology.network));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        CertificateAuthority::generate("cluster.local")
+            .unwrap()
+            .save(&dir.join("cacerts"))
+            .unwrap();
+        let state_path = dir.join("state.yaml");
+        std::fs::write(&state_path, state_yaml(&sleep, &echo, &plain, "")).unwrap();
+
+        for pod in [&sleep, &echo] {
+            let options = RuleOptions {
+                dns_capture: false,
+                ipv6: false,
+                ..Default::default()
+            };
+            rules::install(pod.open(), Backend::Iptables, &options).unwrap();
+        }
+
+        let mut ztunnels = Vec::new();
+        let mut agents = Vec::new();
+        let mut servers = Vec::new();
+        let enrolled: [Vec<(&PodNet, &str)>; 2] = [vec![(&sleep, "sleep")], vec![(&echo, "echo")]];
+        for (node, pods) in enrolled.iter().enumerate() {
+            let socket = dir.join(format!("node{node}.sock"));
+            let server = ZdsServer::bind(&socket).unwrap();
+            let ztunnel = Ztunnel::start(config(&dir, &state_path, &socket), Default::default())
+                .await
+                .unwrap();
+            let mut agent = tokio::time::timeout(Duration::from_secs(5), server.accept())
+                .await
+                .expect("ztunnel connects to the node agent")
+                .unwrap();
+            for (pod, service_account) in pods {
+                agent
+                    .add(&uid(pod), info(pod, service_account), pod.open().as_fd())
+                    .await
+                    .unwrap();
+            }
+            agent.snapshot_sent().await.unwrap();
+            assert!(ztunnel.inpod.is_ready());
+            ztunnels.push(ztunnel);
+            agents.push(agent);
+            servers.push(server);
+        }
+        Cluster {
+            topology,
+            dir,
+            state_path,
+            ztunnels,
+            agents,
+            servers,
+            sleep,
+            echo,
+            plain,
+        }
+    }
+
+    pub fn set_policies(&self, policies: &str) {
+        let text = state_yaml(&self.sleep, &self.echo, &self.plain, policies);
+        let temp = self.dir.join("state.yaml.tmp");
+        std::fs::write(&temp, text).unwrap();
+        std::fs::rename(temp, &self.state_path).unwrap();
+    }
+
+    pub async fn wait_for_policies(&self, count: usize) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while self
+            .ztunnels
+            .iter()
+            .any(|z| z.state.load().policies().len() != count)
+        {
+            assert!(Instant::now() < deadline, "policy update never loaded");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+pub fn uid(pod: &PodNet) -> String {
+    format!("cluster1//v1/Pod/default/{}", pod.name)
+}
+
+fn config(dir: &Path, state: &Path, socket: &Path) -> Config {
+    let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    Config {
+        local_xds_path: Some(state.to_owned()),
+        inpod_uds: socket.to_owned(),
+        ca_dir: Some(dir.join("cacerts")),
+        xds_address: String::new(),
+        ca_address: String::new(),
+        cluster_id: "Kubernetes".into(),
+        network: String::new(),
+        node_name: String::new(),
+        admin_address: any,
+        stats_address: any,
+        readiness_address: any,
+        secret_ttl_seconds: 3600,
+    }
+}
+
+/// An app server inside `pod`: answers each connection with the peer address it sees, then
+/// echoes until the client half-closes.
+pub async fn app_server(pod: &PodNet, port: u16) {
+    let netns = PodNetns::new(pod.open().into()).unwrap();
+    let listener = netns
+        .run(move || {
+            let listener = std::net::TcpListener::bind(("0.0.0.0", port)).unwrap();
+            listener.set_nonblocking(true).unwrap();
+            listener
+        })
+        .await
+        .unwrap();
+    let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+    tokio::spawn(async move {
+        let _netns = netns;
+        while let Ok((mut socket, peer)) = listener.accept().await {
+            tokio::spawn(async move {
+                let _ = socket
+                    .write_all(format!("peer={}\n", peer.ip()).as_bytes())
+                    .await;
+                let (mut read, mut write) = socket.split();
+                let _ = tokio::io::copy(&mut read, &mut write).await;
+                let _ = write.shutdown().await;
+            });
+        }
+    });
+}
+
+/// Connects from inside `pod` as its app would (an unmarked socket), sends `payload`, half-closes
+/// and returns everything received.
+pub async fn app_call(
+    pod: &PodNet,
+    target: SocketAddr,
+    payload: &[u8],
+) -> std::io::Result<Vec<u8>> {
+    let netns = PodNetns::new(pod.open().into()).unwrap();
+    let stream = netns
+        .run(move || -> std::io::Result<std::net::TcpStream> {
+            let stream = std::net::TcpStream::connect_timeout(&target, Duration::from_secs(5))?;
+            stream.set_nonblocking(true)?;
+            Ok(stream)
+        })
+        .await
+        .unwrap()?;
+    let mut stream = tokio::net::TcpStream::from_std(stream)?;
+    let exchange = async {
+        stream.write_all(payload).await?;
+        stream.shutdown().await?;
+        let mut received = Vec::new();
+        stream.read_to_end(&mut received).await?;
+        Ok(received)
+    };
+    tokio::time::timeout(Duration::from_secs(10), exchange)
+        .await
+        .map_err(|_| std::io::Error::other("call timed out"))?
+}
+
+pub async fn http_get(address: SocketAddr, path: &str) -> String {
+    let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
+    stream
+        .write_all(
+            format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    response
 }
