@@ -254,13 +254,13 @@ impl Snapshot {
 /// The current snapshot, swapped atomically by sources and read lock-free by the data path.
 pub struct StateStore {
     current: ArcSwap<Snapshot>,
+    /// Bumped on every swap, for whoever must react (re-checking live connections' policy).
+    version: tokio::sync::watch::Sender<u64>,
 }
 
 impl Default for StateStore {
     fn default() -> Self {
-        StateStore {
-            current: ArcSwap::from_pointee(Snapshot::default()),
-        }
+        Self::new(Snapshot::default())
     }
 }
 
@@ -268,6 +268,7 @@ impl StateStore {
     pub fn new(snapshot: Snapshot) -> Self {
         StateStore {
             current: ArcSwap::from_pointee(snapshot),
+            version: tokio::sync::watch::channel(0).0,
         }
     }
 
@@ -278,5 +279,11 @@ impl StateStore {
 
     pub fn replace(&self, snapshot: Snapshot) {
         self.current.store(Arc::new(snapshot));
+        self.version.send_modify(|version| *version += 1);
+    }
+
+    /// Notified after each [`replace`](Self::replace).
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.version.subscribe()
     }
 }

@@ -17,6 +17,7 @@ use crate::admin::{self, AdminState, Endpoints};
 use crate::config::Config;
 use crate::inpod::{InpodStatus, WorkloadManager};
 use crate::metrics::Metrics;
+use crate::proxy::connections::ConnectionTracker;
 use crate::proxy::ProxyContext;
 
 /// How often the local state file is checked for changes.
@@ -59,12 +60,14 @@ impl Ztunnel {
         let state_path = config.local_xds_path.clone().expect("validated");
         let state = Arc::new(StateStore::new(LocalConfig::load(&state_path)?));
         let metrics = Arc::new(Metrics::default());
+        let connections = Arc::new(ConnectionTracker::default());
         let context = Arc::new(ProxyContext {
             state: state.clone(),
             certificates: certificates.clone(),
             hbone: hbone_settings,
             network: config.network.clone(),
             metrics: metrics.clone(),
+            connections: connections.clone(),
         });
         let manager = WorkloadManager::new(context, config.inpod_uds.clone());
         let inpod = manager.status();
@@ -77,6 +80,7 @@ impl Ztunnel {
         let mut tasks = vec![
             tokio::spawn(local::watch(state_path, state.clone(), STATE_POLL)),
             tokio::spawn(manager.run()),
+            tokio::spawn(connections.watch(state.clone())),
         ];
         let mut bind =
             async |address: SocketAddr, endpoints: Endpoints| -> anyhow::Result<SocketAddr> {

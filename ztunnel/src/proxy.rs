@@ -6,6 +6,7 @@
 //! plain TCP → splice. Inbound: accept (HBONE verified by mTLS, or plaintext) → authorize → connect
 //! to the app from inside the pod, with the client's address as source → splice.
 
+pub mod connections;
 mod inbound;
 mod outbound;
 
@@ -47,6 +48,8 @@ pub struct ProxyContext {
     /// The node's network (Istio `NETWORK`); addresses resolve within it.
     pub network: String,
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// Live inbound connections, re-checked when policy changes.
+    pub connections: Arc<connections::ConnectionTracker>,
 }
 
 /// What ZDS says about a pod when it is added.

@@ -500,13 +500,11 @@ pub async fn app_server(pod: &PodNet, port: u16) {
     });
 }
 
-/// Connects from inside `pod` as its app would (an unmarked socket), sends `payload`, half-closes
-/// and returns everything received.
-pub async fn app_call(
+/// Connects from inside `pod` as its app would (an unmarked socket).
+pub async fn app_connect(
     pod: &PodNet,
     target: SocketAddr,
-    payload: &[u8],
-) -> std::io::Result<Vec<u8>> {
+) -> std::io::Result<tokio::net::TcpStream> {
     let netns = PodNetns::new(pod.open().into()).unwrap();
     let stream = netns
         .run(move || -> std::io::Result<std::net::TcpStream> {
@@ -516,7 +514,16 @@ pub async fn app_call(
         })
         .await
         .unwrap()?;
-    let mut stream = tokio::net::TcpStream::from_std(stream)?;
+    tokio::net::TcpStream::from_std(stream)
+}
+
+/// [`app_connect`], then sends `payload`, half-closes and returns everything received.
+pub async fn app_call(
+    pod: &PodNet,
+    target: SocketAddr,
+    payload: &[u8],
+) -> std::io::Result<Vec<u8>> {
+    let mut stream = app_connect(pod, target).await?;
     let exchange = async {
         stream.write_all(payload).await?;
         stream.shutdown().await?;

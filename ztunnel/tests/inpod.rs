@@ -7,7 +7,8 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use ambit_ztunnel::testing::{app_call, app_server, http_get, Cluster, Topology, VIP};
+use ambit_ztunnel::testing::{app_call, app_connect, app_server, http_get, Cluster, Topology, VIP};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Captures TCP on node 1's link to the other nodes into a pcap until stopped. (On the bridge
 /// itself only flooded frames would show once MAC learning settles.)
@@ -169,11 +170,28 @@ async fn deny_and_allow_policies_take_effect() {
         .await
         .unwrap()
         .ends_with(b"hi"));
+    // A connection that stays open across the policy change.
+    let mut live = app_connect(&cluster.sleep, vip).await.unwrap();
+    live.write_all(b"before").await.unwrap();
+    let mut greeting = [0u8; 64];
+    assert!(live.read(&mut greeting).await.unwrap() > 0);
 
     cluster.set_policies(
         "policies:\n- name: deny-sleep\n  namespace: default\n  scope: Namespace\n  action: Deny\n  rules:\n  - - - principals: [!Exact \"cluster.local/ns/default/sa/sleep\"]\n",
     );
     cluster.wait_for_policies(1).await;
+    // The live connection is closed by the destination ztunnel: reads end (EOF or reset).
+    let closed = tokio::time::timeout(Duration::from_secs(5), async {
+        let mut buf = [0u8; 1024];
+        loop {
+            match live.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "the DENY policy closed the live connection");
     let denied = app_call(&cluster.sleep, vip, b"hi").await;
     assert!(
         !matches!(&denied, Ok(bytes) if bytes.ends_with(b"hi")),

@@ -12,7 +12,7 @@ use ambit_mesh::identity::{BoxFuture, Identity};
 use ambit_mesh::rbac::ConnectionInfo;
 use tokio::net::{TcpListener, TcpStream};
 
-use super::Pod;
+use super::{connections, Pod};
 use crate::metrics::{Reporter, TrafficLabels};
 use crate::netns::original_destination;
 
@@ -39,7 +39,7 @@ impl ConnectHandler for HboneInbound {
     ) -> BoxFuture<'_, Result<Box<dyn Upstream>, Rejection>> {
         Box::pin(async move {
             let client = request.peer_addr;
-            authorize(
+            let connection = authorize(
                 &self.pod,
                 Some(&request.peer_identity),
                 client,
@@ -57,6 +57,11 @@ impl ConnectHandler for HboneInbound {
                 .context
                 .metrics
                 .connection_opened(&labels(&self.pod, &request, true));
+            let upstream = self
+                .pod
+                .context
+                .connections
+                .track(&self.pod.uid, connection, upstream);
             Ok(Box::new(upstream) as Box<dyn Upstream>)
         })
     }
@@ -116,13 +121,14 @@ fn inbound_labels(
     }
 }
 
-/// Checks that `target` is this pod and that policy lets `peer` reach it.
+/// Checks that `target` is this pod and that policy lets `peer` reach it; returns what the
+/// decision was made on, so the connection can be re-checked when policy changes.
 fn authorize(
     pod: &Pod,
     peer: Option<&Identity>,
     client: SocketAddr,
     target: SocketAddr,
-) -> Result<(), Rejection> {
+) -> Result<ConnectionInfo, Rejection> {
     let snapshot = pod.context.state.load();
     let Some(workload) = snapshot.workload(&pod.uid) else {
         return Err(Rejection::Unavailable(format!(
@@ -143,15 +149,13 @@ fn authorize(
         destination_ip: target.ip(),
         destination_port: target.port(),
     };
-    let decision = snapshot.policies().evaluate(
-        &workload.namespace,
-        &workload.authorization_policies,
-        &connection,
-    );
-    if decision.allowed {
-        Ok(())
-    } else {
-        Err(Rejection::Unauthorized(format!("{decision:?}")))
+    match connections::authorize(&snapshot, &pod.uid, &connection) {
+        Some(decision) if decision.allowed => Ok(connection),
+        Some(decision) => Err(Rejection::Unauthorized(decision.to_string())),
+        None => Err(Rejection::Unavailable(format!(
+            "pod {} left the mesh state",
+            pod.uid
+        ))),
     }
 }
 
@@ -183,12 +187,18 @@ async fn plaintext(pod: Arc<Pod>, mut downstream: TcpStream, client: SocketAddr)
             return;
         }
     };
-    if let Err(rejection) = authorize(&pod, None, client, target) {
-        tracing::info!(target: "access", pod = %pod.uid, src = %client, dst = %target, reason = %rejection, "inbound plaintext refused");
-        return;
-    }
+    let connection = match authorize(&pod, None, client, target) {
+        Ok(connection) => connection,
+        Err(rejection) => {
+            tracing::info!(target: "access", pod = %pod.uid, src = %client, dst = %target, reason = %rejection, "inbound plaintext refused");
+            return;
+        }
+    };
     let mut upstream = match pod.netns.connect_from(Some(client.ip()), target).await {
-        Ok(upstream) => upstream,
+        Ok(upstream) => pod
+            .context
+            .connections
+            .track(&pod.uid, connection, upstream),
         Err(err) => {
             tracing::info!(pod = %pod.uid, %client, %target, error = %err, "inbound plaintext connect failed");
             return;
