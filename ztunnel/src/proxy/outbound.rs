@@ -18,7 +18,7 @@ use ambit_mesh::copy::splice;
 #[derive(Debug)]
 enum Route {
     Hbone {
-        request: TunnelRequest,
+        request: Box<TunnelRequest>,
         labels: TrafficLabels,
     },
     /// Plain TCP to the destination, from inside the pod (not in the mesh, or `protocol: TCP`).
@@ -175,13 +175,13 @@ fn hbone_or_plain(
         );
     }
     Route::Hbone {
-        request: TunnelRequest {
+        request: Box::new(TunnelRequest {
             source: pod.identity.clone(),
             destination_identities,
             hbone_address: SocketAddr::new(ip, HBONE_PORT),
             target,
             headers,
-        },
+        }),
         labels,
     }
 }
