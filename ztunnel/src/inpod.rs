@@ -96,10 +96,9 @@ impl WorkloadManager {
         loop {
             match ZdsClient::connect(&self.socket).await {
                 Ok(client) => {
-                    backoff = MIN_BACKOFF;
                     tracing::info!(socket = %self.socket.display(), "connected to the node agent");
                     self.snapshot = Some(HashSet::new());
-                    let err = self.serve(client).await;
+                    let err = self.serve(client, &mut backoff).await;
                     tracing::warn!(error = %err, "ZDS connection lost; pods keep running, reconnecting");
                 }
                 Err(err) => {
@@ -111,7 +110,10 @@ impl WorkloadManager {
         }
     }
 
-    async fn serve(&mut self, mut client: ZdsClient) -> ZdsError {
+    /// Answers requests until the connection fails. `backoff` goes back to the minimum only once a
+    /// request has been answered: an agent that accepts and hangs up at once (crash-looping, or
+    /// refusing our hello) must not be reconnected to every few milliseconds.
+    async fn serve(&mut self, mut client: ZdsClient, backoff: &mut Duration) -> ZdsError {
         let mut retry = tokio::time::interval(RETRY_PERIOD);
         retry.tick().await;
         loop {
@@ -137,6 +139,7 @@ impl WorkloadManager {
             if let Err(err) = sent {
                 return err;
             }
+            *backoff = MIN_BACKOFF;
         }
     }
 
@@ -171,7 +174,15 @@ impl WorkloadManager {
                 Ok(())
             }
             WorkloadEvent::SnapshotSent => {
-                let named = self.snapshot.take().unwrap_or_default();
+                // A second SnapshotSent on one connection names no pod: acted on, it would drain
+                // every pod on the node.
+                let Some(named) = self.snapshot.take() else {
+                    return Err(
+                        "SnapshotSent after the snapshot was already complete; ignored, no pod \
+                         is drained"
+                            .into(),
+                    );
+                };
                 let stale: Vec<String> = self
                     .pods
                     .keys()

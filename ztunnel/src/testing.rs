@@ -359,6 +359,18 @@ fn info(pod: &PodNet, service_account: &str) -> WorkloadInfo {
 
 impl Cluster {
     pub async fn start() -> Cluster {
+        Self::start_inner(None).await
+    }
+
+    /// Like [`start`](Self::start), except that node `node`'s ztunnel connects to `socket`, where
+    /// the caller already listens and plays the node agent itself (to send what a
+    /// [`ZdsConnection`] never would). That node's pods are not handed over, and `agents` and
+    /// `servers` hold only the other node's.
+    pub async fn start_with_agent_at(node: usize, socket: &Path) -> Cluster {
+        Self::start_inner(Some((node, socket))).await
+    }
+
+    async fn start_inner(custom_agent: Option<(usize, &Path)>) -> Cluster {
         let mut topology = Topology::new();
         let n1 = topology.add_node();
         let n2 = topology.add_node();
@@ -390,6 +402,11 @@ impl Cluster {
         let mut servers = Vec::new();
         let enrolled: [Vec<(&PodNet, &str)>; 2] = [vec![(&sleep, "sleep")], vec![(&echo, "echo")]];
         for (node, pods) in enrolled.iter().enumerate() {
+            if let Some((_, socket)) = custom_agent.filter(|(custom, _)| *custom == node) {
+                let config = config(&dir, &state_path, socket);
+                ztunnels.push(Ztunnel::start(config, Default::default()).await.unwrap());
+                continue;
+            }
             let socket = dir.join(format!("node{node}.sock"));
             let server = ZdsServer::bind(&socket).unwrap();
             let ztunnel = Ztunnel::start(config(&dir, &state_path, &socket), Default::default())
