@@ -471,7 +471,9 @@ pub fn uid(pod: &PodNet) -> String {
     format!("cluster1//v1/Pod/default/{}", pod.name)
 }
 
-fn config(dir: &Path, state: &Path, socket: &Path) -> Config {
+/// A ztunnel configuration for tests: state from the local file `state`, the CA saved in
+/// `dir/cacerts`, the node agent at `socket`, every endpoint on an ephemeral localhost port.
+pub fn config(dir: &Path, state: &Path, socket: &Path) -> Config {
     let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
     Config {
         local_xds_path: Some(state.to_owned()),
