@@ -1,7 +1,8 @@
-//! `ambit`: the command users run. Today it carries the HBONE demo; `mesh` (the local multi-node
-//! mesh), `filter` (Wasm filter tooling) and debugging commands land here next.
+//! `ambit`: the command users run: `mesh` (the whole mesh on one machine, from Kubernetes YAML)
+//! and `demo` (one HBONE tunnel end to end); `filter` (Wasm filter tooling) lands here next.
 
 mod demo;
+mod mesh;
 
 use clap::{Parser, Subcommand};
 
@@ -21,20 +22,31 @@ enum Command {
     /// Run an HBONE tunnel end to end on this machine: a built-in CA, an HBONE server in front of
     /// a TCP echo app, and a client tunnelling to it over mTLS, printing identities and bytes.
     Demo(demo::Args),
+    /// The whole mesh on this machine: nodes and pods in network namespaces, ztunnels, node
+    /// agents and an embedded control plane, driven by Kubernetes/Istio YAML.
+    Mesh(mesh::MeshArgs),
 }
 
 fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    // The mesh daemon's stderr is its log file: it says what it does. Commands stay quiet.
+    let default_level = match &cli.command {
+        Command::Mesh(args) if args.is_daemon() => "info",
+        _ => "warn",
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| default_level.into()),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(false)
         .init();
-    let cli = Cli::parse();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
     match cli.command {
-        Command::Demo(args) => runtime.block_on(demo::run(args)),
+        Command::Demo(args) => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?
+            .block_on(demo::run(args)),
+        Command::Mesh(args) => mesh::run(args),
     }
 }

@@ -1,0 +1,423 @@
+//! `ambit mesh`: the whole mesh on one Linux machine, driven by Kubernetes YAML.
+//!
+//! `up` starts a daemon (this binary, `mesh daemon`) that owns the mesh: network namespaces for
+//! nodes and pods, an in-process ztunnel and node agent per node, the pods' processes and the
+//! embedded control plane. Every other command talks to it over a Unix socket in the state
+//! directory, except `exec` and `logs`, which need no daemon.
+
+mod api;
+mod daemon;
+mod echo;
+
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use clap::{Args, Subcommand};
+
+use api::{Request, Response, Status};
+
+/// The demo applied when `up` is given no file.
+const DEMO: &str = include_str!("../../deploy/examples/demo.yaml");
+
+#[derive(Args)]
+pub struct MeshArgs {
+    /// Where the mesh keeps its socket, logs, CA and state.
+    #[arg(
+        long,
+        global = true,
+        env = "AMBIT_MESH_DIR",
+        default_value = "/run/ambit-mesh"
+    )]
+    state_dir: PathBuf,
+    /// Prefix of every network namespace the mesh creates.
+    #[arg(
+        long,
+        global = true,
+        env = "AMBIT_MESH_PREFIX",
+        default_value = "ambit"
+    )]
+    prefix: String,
+    #[command(subcommand)]
+    command: MeshCommand,
+}
+
+#[derive(Subcommand)]
+enum MeshCommand {
+    /// Create the mesh (default: the bundled demo), wait until ready, print a summary.
+    Up {
+        /// Manifests to apply (Namespace, Pod, Deployment, Service, AuthorizationPolicy, ...).
+        #[arg(short = 'f', long = "filename")]
+        files: Vec<PathBuf>,
+        /// Number of nodes.
+        #[arg(long, default_value_t = 2)]
+        nodes: u8,
+        /// After `up`, call the demo service from the demo client and show identities and metrics.
+        #[arg(long)]
+        demo: bool,
+    },
+    /// Apply manifests to the running mesh.
+    Apply {
+        #[arg(short = 'f', long = "filename", required = true)]
+        files: Vec<PathBuf>,
+    },
+    /// Delete the objects named in manifests from the running mesh.
+    Delete {
+        #[arg(short = 'f', long = "filename", required = true)]
+        files: Vec<PathBuf>,
+    },
+    /// Set or remove a label, like `kubectl label`: KEY=VALUE sets, KEY- removes.
+    Label {
+        /// `namespace` or `pod`.
+        kind: String,
+        name: String,
+        /// KEY=VALUE or KEY-.
+        label: String,
+        #[arg(short = 'n', long, default_value = "default")]
+        namespace: String,
+    },
+    /// Run a command inside a pod's network namespace.
+    Exec {
+        pod: String,
+        #[arg(short = 'n', long, default_value = "default")]
+        namespace: String,
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
+    /// Nodes, pods, services, policies and waypoints.
+    Status {
+        /// The stable JSON form (documented in docs/mesh.md).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print a component's log: `daemon` (ztunnels and node agents), or a pod as NAMESPACE/POD.
+    Logs { component: String },
+    /// Remove everything the mesh made: namespaces, rules, processes, files.
+    Down,
+    /// GET an http:// URL and print the answer (a curl for pods; use it through `exec`).
+    Fetch { url: String },
+    /// Run the mesh (started by `up`).
+    #[command(hide = true)]
+    Daemon {
+        #[arg(long)]
+        nodes: u8,
+    },
+    /// The built-in `ambit/echo` image.
+    #[command(hide = true)]
+    EchoServer {
+        #[arg(long)]
+        name: String,
+        #[arg(long = "port", required = true)]
+        ports: Vec<u16>,
+    },
+}
+
+impl MeshArgs {
+    pub fn is_daemon(&self) -> bool {
+        matches!(self.command, MeshCommand::Daemon { .. })
+    }
+}
+
+fn socket_path(state_dir: &Path) -> PathBuf {
+    state_dir.join("daemon.sock")
+}
+
+fn read_manifests(files: &[PathBuf]) -> anyhow::Result<Vec<(String, String)>> {
+    files
+        .iter()
+        .map(|file| {
+            let text = std::fs::read_to_string(file)
+                .with_context(|| format!("cannot read {}", file.display()))?;
+            Ok((file.display().to_string(), text))
+        })
+        .collect()
+}
+
+async fn request(state_dir: &Path, request: Request) -> anyhow::Result<(String, Status)> {
+    match api::call(&socket_path(state_dir), &request).await? {
+        Response::Ok { message, status } => Ok((message, status)),
+        Response::Error { message } => bail!("{message}"),
+    }
+}
+
+pub fn run(args: MeshArgs) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let state_dir = args.state_dir.clone();
+    match args.command {
+        MeshCommand::Daemon { nodes } => runtime.block_on(daemon::run(daemon::Options {
+            state_dir,
+            prefix: args.prefix,
+            nodes,
+        })),
+        MeshCommand::EchoServer { name, ports } => runtime.block_on(echo::serve(&ports, &name)),
+        MeshCommand::Fetch { url } => {
+            println!("{}", runtime.block_on(echo::fetch(&url))?);
+            Ok(())
+        }
+        MeshCommand::Up { files, nodes, demo } => {
+            let manifests = if files.is_empty() {
+                vec![(
+                    "deploy/examples/demo.yaml (bundled)".to_owned(),
+                    DEMO.to_owned(),
+                )]
+            } else {
+                read_manifests(&files)?
+            };
+            runtime.block_on(up(&state_dir, &args.prefix, nodes, manifests, demo))
+        }
+        MeshCommand::Apply { files } => {
+            let (message, _) = runtime.block_on(request(
+                &state_dir,
+                Request::Apply {
+                    manifests: read_manifests(&files)?,
+                },
+            ))?;
+            println!("{message}");
+            Ok(())
+        }
+        MeshCommand::Delete { files } => {
+            let (message, _) = runtime.block_on(request(
+                &state_dir,
+                Request::Delete {
+                    manifests: read_manifests(&files)?,
+                },
+            ))?;
+            println!("{message}");
+            Ok(())
+        }
+        MeshCommand::Label {
+            kind,
+            name,
+            label,
+            namespace,
+        } => {
+            let (key, value) = match label.split_once('=') {
+                Some((key, value)) => (key.to_owned(), Some(value.to_owned())),
+                None => match label.strip_suffix('-') {
+                    Some(key) => (key.to_owned(), None),
+                    None => bail!("label {label:?} must be KEY=VALUE or KEY-"),
+                },
+            };
+            let kind = match kind.as_str() {
+                "namespace" | "namespaces" | "ns" => "Namespace",
+                "pod" | "pods" | "po" => "Pod",
+                other => bail!("cannot label {other:?}: only namespace and pod"),
+            };
+            let (message, _) = runtime.block_on(request(
+                &state_dir,
+                Request::Label {
+                    kind: kind.into(),
+                    namespace,
+                    name,
+                    key,
+                    value,
+                },
+            ))?;
+            println!("{message}");
+            Ok(())
+        }
+        MeshCommand::Status { json } => {
+            let (_, status) = runtime.block_on(request(&state_dir, Request::Status))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&status)?);
+            } else {
+                print_status(&status);
+            }
+            Ok(())
+        }
+        MeshCommand::Exec {
+            pod,
+            namespace,
+            command,
+        } => {
+            let (_, status) = runtime.block_on(request(&state_dir, Request::Status))?;
+            drop(runtime);
+            let pod = status
+                .pods
+                .iter()
+                .find(|p| p.name == pod && p.namespace == namespace)
+                .ok_or_else(|| anyhow::anyhow!("no pod {namespace}/{pod} in the mesh"))?;
+            // `ip netns exec` also mounts /etc/netns/<netns>/ (the pod's hosts file) over /etc.
+            let err = std::process::Command::new("ip")
+                .args(["netns", "exec", &pod.netns])
+                .args(&command)
+                .exec();
+            bail!(
+                "cannot run {command:?} in pod {namespace}/{}: {err}",
+                pod.name
+            )
+        }
+        MeshCommand::Logs { component } => {
+            let file = if component == "daemon" || component == "ztunnel" {
+                state_dir.join("logs/daemon.log")
+            } else {
+                let (namespace, pod) = component.split_once('/').unwrap_or(("default", &component));
+                state_dir.join(format!("logs/pods/{namespace}_{pod}.log"))
+            };
+            let text = std::fs::read_to_string(&file)
+                .with_context(|| format!("no log for {component} at {}", file.display()))?;
+            print!("{text}");
+            Ok(())
+        }
+        MeshCommand::Down => runtime.block_on(down(&state_dir, &args.prefix)),
+    }
+}
+
+async fn up(
+    state_dir: &Path,
+    prefix: &str,
+    nodes: u8,
+    manifests: Vec<(String, String)>,
+    demo: bool,
+) -> anyhow::Result<()> {
+    let started = Instant::now();
+    if api::call(&socket_path(state_dir), &Request::Status)
+        .await
+        .is_ok()
+    {
+        bail!(
+            "a mesh is already running from {}; `ambit mesh down` first",
+            state_dir.display()
+        );
+    }
+    daemon::clean_leftovers(state_dir, prefix);
+    std::fs::create_dir_all(state_dir.join("logs"))?;
+    let log = std::fs::File::create(state_dir.join("logs/daemon.log"))?;
+    let exe = std::env::current_exe()?;
+    let mut daemon = std::process::Command::new(exe);
+    daemon
+        .args(["mesh", "--state-dir"])
+        .arg(state_dir)
+        .args(["--prefix", prefix, "daemon", "--nodes", &nodes.to_string()])
+        .stdin(std::process::Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log);
+    // Its own session: the daemon outlives this command and the terminal's signals.
+    unsafe {
+        daemon.pre_exec(|| {
+            nix::unistd::setsid()
+                .map(|_| ())
+                .map_err(std::io::Error::from)
+        });
+    }
+    let mut child = daemon.spawn().context("starting the mesh daemon")?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Ok(Response::Ok { .. }) = api::call(&socket_path(state_dir), &Request::Status).await
+        {
+            break;
+        }
+        if let Some(exit) = child.try_wait()? {
+            let log =
+                std::fs::read_to_string(state_dir.join("logs/daemon.log")).unwrap_or_default();
+            bail!("the mesh daemon exited ({exit}):\n{log}");
+        }
+        if Instant::now() > deadline {
+            bail!("the mesh daemon did not come up within 60 s; see `ambit mesh logs daemon`");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (message, status) = request(state_dir, Request::Apply { manifests }).await?;
+    println!("{message}");
+    println!(
+        "mesh up in {:.1} s ({})",
+        started.elapsed().as_secs_f64(),
+        state_dir.display()
+    );
+    print_status(&status);
+    if demo {
+        run_demo(&status).await?;
+    } else {
+        println!("\nnext: ambit mesh up --demo, or ambit mesh exec client -n demo -- ambit mesh fetch http://echo.demo.svc.cluster.local/");
+    }
+    Ok(())
+}
+
+async fn run_demo(status: &Status) -> anyhow::Result<()> {
+    let client = status
+        .pods
+        .iter()
+        .find(|p| p.namespace == "demo" && p.name == "client")
+        .ok_or_else(|| anyhow::anyhow!("--demo needs the bundled demo (pod demo/client)"))?;
+    let exe = std::env::current_exe()?;
+    let url = "http://echo.demo.svc.cluster.local/";
+    println!("\n$ ambit mesh exec client -n demo -- ambit mesh fetch {url}");
+    let out = tokio::process::Command::new("ip")
+        .args(["netns", "exec", &client.netns])
+        .arg(&exe)
+        .args(["mesh", "fetch", url])
+        .output()
+        .await?;
+    print!("{}", String::from_utf8_lossy(&out.stdout));
+    eprint!("{}", String::from_utf8_lossy(&out.stderr));
+    for node in &status.nodes {
+        let metrics = fetch_metrics(&node.metrics).await.unwrap_or_default();
+        for line in metrics
+            .lines()
+            .filter(|l| l.starts_with("istio_tcp_connections_opened_total"))
+        {
+            println!("{} ztunnel: {line}", node.name);
+        }
+    }
+    Ok(())
+}
+
+async fn fetch_metrics(address: &str) -> anyhow::Result<String> {
+    let body = echo::fetch(&format!("http://{address}/metrics")).await?;
+    Ok(body)
+}
+
+async fn down(state_dir: &Path, prefix: &str) -> anyhow::Result<()> {
+    match api::call(&socket_path(state_dir), &Request::Down).await {
+        Ok(_) => {
+            // The daemon removes its namespaces and exits; wait for its socket to go.
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while socket_path(state_dir).exists() && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        Err(_) => println!("no mesh daemon running; removing leftovers"),
+    }
+    let removed = daemon::clean_leftovers(state_dir, prefix);
+    println!("mesh down ({removed} leftover namespace(s) removed)");
+    Ok(())
+}
+
+fn print_status(status: &Status) {
+    println!("NODES");
+    for node in &status.nodes {
+        println!(
+            "  {:<8} {:<12} metrics {}",
+            node.name, node.address, node.metrics
+        );
+    }
+    println!("PODS");
+    for pod in &status.pods {
+        println!(
+            "  {:<24} {:<8} {:<13} {:<9} {}",
+            format!("{}/{}", pod.namespace, pod.name),
+            pod.node,
+            pod.ip,
+            if pod.enrolled { "ambient" } else { "-" },
+            pod.identity
+        );
+    }
+    println!("SERVICES");
+    for service in &status.services {
+        println!(
+            "  {:<24} {:<13} {}",
+            format!("{}/{}", service.namespace, service.name),
+            service.vip,
+            service.ports.join(",")
+        );
+    }
+    if !status.policies.is_empty() {
+        println!("POLICIES\n  {}", status.policies.join("\n  "));
+    }
+    if !status.waypoints.is_empty() {
+        println!("WAYPOINTS\n  {}", status.waypoints.join("\n  "));
+    }
+}

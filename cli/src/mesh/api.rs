@@ -1,0 +1,115 @@
+//! The local mesh daemon's control protocol: one JSON request per line on a Unix socket in the
+//! state directory, one JSON response line back. The CLI is its only client; `status --json`
+//! prints [`Status`] as is, so its shape is a stable, documented interface (see docs/mesh.md).
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::UnixStream;
+
+/// What the CLI asks.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "camelCase")]
+pub enum Request {
+    Status,
+    /// Manifests as (source name, YAML text), applied as one change.
+    Apply {
+        manifests: Vec<(String, String)>,
+    },
+    Delete {
+        manifests: Vec<(String, String)>,
+    },
+    Label {
+        kind: String,
+        namespace: String,
+        name: String,
+        key: String,
+        /// `None` removes the label.
+        value: Option<String>,
+    },
+    Down,
+}
+
+/// The daemon's answer.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "result", rename_all = "camelCase")]
+pub enum Response {
+    Ok { message: String, status: Status },
+    Error { message: String },
+}
+
+/// The mesh as `ambit mesh status --json` prints it. Fields are only ever added.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Status {
+    pub state_dir: String,
+    pub nodes: Vec<NodeStatus>,
+    pub pods: Vec<PodStatus>,
+    pub services: Vec<ServiceStatus>,
+    /// `namespace/name` of each AuthorizationPolicy.
+    pub policies: Vec<String>,
+    /// `namespace/name` of each `istio-waypoint` Gateway (not deployed yet).
+    pub waypoints: Vec<String>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeStatus {
+    pub name: String,
+    pub netns: String,
+    pub address: String,
+    /// ztunnel's Prometheus endpoint for this node.
+    pub metrics: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PodStatus {
+    pub namespace: String,
+    pub name: String,
+    pub node: String,
+    pub netns: String,
+    pub ip: String,
+    pub identity: String,
+    /// In the mesh: traffic captured by ztunnel.
+    pub enrolled: bool,
+    /// Why not, when not enrolled.
+    pub reason: Option<String>,
+    /// The pod's annotations, including `ambient.istio.io/redirection: enabled` when enrolled.
+    pub annotations: std::collections::BTreeMap<String, String>,
+    /// The pod's process ids, one per container (stable across enrollment).
+    pub pids: Vec<u32>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceStatus {
+    pub namespace: String,
+    pub name: String,
+    pub hostname: String,
+    pub vip: String,
+    pub ports: Vec<String>,
+}
+
+/// Sends one request to the daemon listening at `socket`.
+pub async fn call(socket: &Path, request: &Request) -> anyhow::Result<Response> {
+    let stream = UnixStream::connect(socket).await.map_err(|e| {
+        anyhow::anyhow!(
+            "no local mesh is running (cannot reach {}: {e}); start one with `ambit mesh up`",
+            socket.display()
+        )
+    })?;
+    let (read, mut write) = stream.into_split();
+    let mut line = serde_json::to_string(request)?;
+    line.push('\n');
+    write.write_all(line.as_bytes()).await?;
+    let mut answer = String::new();
+    BufReader::new(read).read_line(&mut answer).await?;
+    if answer.is_empty() {
+        anyhow::bail!(
+            "the mesh daemon closed the connection without answering; see `ambit mesh logs daemon`"
+        );
+    }
+    Ok(serde_json::from_str(&answer)?)
+}

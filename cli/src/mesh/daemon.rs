@@ -1,0 +1,618 @@
+//! The local mesh daemon: owns the nodes, pods, ztunnels and node agents, and brings them in
+//! line with the manifests after every change.
+//!
+//! A change goes through the same steps every time (`reconcile`): pods that are gone are stopped
+//! and their namespaces removed; new pods get a namespace and an address; services get VIPs; the
+//! ztunnel state is rewritten; pods whose enrollment changed are enrolled (rules, then ZDS) or
+//! released, with their processes untouched; new pods' processes start last, so an ambient pod's
+//! first packet is already captured.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use ambit_cni::agent::{self, EnrolledPod, NodeAgent, PodMeta};
+use ambit_cni::rules::{Backend, RuleOptions};
+use ambit_local::control::{ClusterState, RunningPod};
+use ambit_local::manifest::{self, Kind, Pod, TargetPort};
+use ambit_local::topology::{self, PodNet, Topology};
+use ambit_mesh::identity::CertificateAuthority;
+use ambit_mesh::state::local::LocalConfig;
+use ambit_ztunnel::app::Ztunnel;
+use ambit_ztunnel::config::Config;
+use anyhow::Context;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::UnixListener;
+
+use super::api::{NodeStatus, PodStatus, Request, Response, ServiceStatus, Status};
+
+const TRUST_DOMAIN: &str = "cluster.local";
+/// First two octets of pod addresses (kind's default pod CIDR, 10.244.0.0/16).
+const POD_RANGE: (u8, u8) = (10, 244);
+/// Service VIPs come from 10.96.0.0/16, Kubernetes' default service CIDR.
+const SERVICE_RANGE: (u8, u8) = (10, 96);
+
+pub struct Options {
+    pub state_dir: PathBuf,
+    pub prefix: String,
+    pub nodes: u8,
+}
+
+struct NodeRuntime {
+    name: String,
+    ztunnel: Ztunnel,
+    agent: Arc<NodeAgent>,
+}
+
+struct PodRuntime {
+    net: PodNet,
+    node: usize,
+    uid: String,
+    identity: String,
+    enrolled: bool,
+    reason: Option<String>,
+    processes: Vec<Child>,
+}
+
+struct Mesh {
+    options: Options,
+    topology: Topology,
+    nodes: Vec<NodeRuntime>,
+    cluster: ClusterState,
+    pods: BTreeMap<(String, String), PodRuntime>,
+    vips: BTreeMap<(String, String), IpAddr>,
+    state_path: PathBuf,
+    next_node: usize,
+}
+
+/// Removes what a previous mesh with this state dir and prefix left: its processes, namespaces,
+/// per-pod `/etc/netns` files and state directory. Returns how many namespaces were removed.
+pub fn clean_leftovers(state_dir: &Path, prefix: &str) -> usize {
+    if let Ok(pids) = std::fs::read_to_string(state_dir.join("pids")) {
+        for pid in pids.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
+            let _ = std::process::Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .stderr(Stdio::null())
+                .status();
+        }
+    }
+    let removed = topology::remove_leftovers(prefix);
+    if let Ok(entries) = std::fs::read_dir("/etc/netns") {
+        let start = format!("{prefix}-");
+        for entry in entries.flatten() {
+            if entry.file_name().to_string_lossy().starts_with(&start) {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+    }
+    let _ = std::fs::remove_dir_all(state_dir);
+    removed.len()
+}
+
+pub async fn run(options: Options) -> anyhow::Result<()> {
+    let mut mesh = Mesh::start(options).await?;
+    let socket = mesh.options.state_dir.join("daemon.sock");
+    let _ = std::fs::remove_file(&socket);
+    let listener =
+        UnixListener::bind(&socket).with_context(|| format!("binding {}", socket.display()))?;
+    tracing::info!(socket = %socket.display(), "local mesh ready");
+    loop {
+        let (stream, _) = listener.accept().await?;
+        let (read, mut write) = stream.into_split();
+        let mut line = String::new();
+        if BufReader::new(read).read_line(&mut line).await.is_err() {
+            continue;
+        }
+        let (response, stop) = match serde_json::from_str::<Request>(&line) {
+            Ok(Request::Down) => (mesh.respond(Ok("mesh stopping".into())), true),
+            Ok(request) => {
+                let result = mesh.handle(request).await;
+                (mesh.respond(result), false)
+            }
+            Err(err) => (
+                Response::Error {
+                    message: format!("bad request: {err}"),
+                },
+                false,
+            ),
+        };
+        let mut text = serde_json::to_string(&response)?;
+        text.push('\n');
+        let _ = write.write_all(text.as_bytes()).await;
+        drop(write);
+        if stop {
+            mesh.shutdown();
+            let _ = std::fs::remove_file(&socket);
+            return Ok(());
+        }
+    }
+}
+
+impl Mesh {
+    async fn start(options: Options) -> anyhow::Result<Mesh> {
+        let dir = &options.state_dir;
+        std::fs::create_dir_all(dir.join("logs/pods"))?;
+        std::fs::create_dir_all(dir.join("zds"))?;
+        CertificateAuthority::generate(TRUST_DOMAIN)?.save(&dir.join("cacerts"))?;
+        let state_path = dir.join("ztunnel-state.yaml");
+        std::fs::write(&state_path, "workloads: []\n")?;
+        let mut topology = Topology::create(&options.prefix, POD_RANGE)?;
+        let mut nodes = Vec::new();
+        for index in 1..=options.nodes.max(1) {
+            let name = format!("node{index}");
+            topology.add_node(&name)?;
+            let socket = dir.join(format!("zds/{name}.sock"));
+            let agent = NodeAgent::start(
+                &socket,
+                Backend::Iptables,
+                RuleOptions {
+                    dns_capture: false,
+                    ipv6: false,
+                    ..Default::default()
+                },
+            )?;
+            let any: SocketAddr = "127.0.0.1:0".parse().expect("static address");
+            let config = Config {
+                local_xds_path: Some(state_path.clone()),
+                inpod_uds: socket,
+                ca_dir: Some(dir.join("cacerts")),
+                xds_address: String::new(),
+                ca_address: String::new(),
+                cluster_id: "Kubernetes".into(),
+                network: String::new(),
+                node_name: name.clone(),
+                admin_address: any,
+                stats_address: any,
+                readiness_address: any,
+                secret_ttl_seconds: 86400,
+            };
+            let ztunnel = Ztunnel::start(config, Default::default()).await?;
+            agent.wait_for_ztunnel(Duration::from_secs(10)).await?;
+            tracing::info!(node = %name, metrics = %ztunnel.stats_address, "node ready");
+            nodes.push(NodeRuntime {
+                name,
+                ztunnel,
+                agent,
+            });
+        }
+        Ok(Mesh {
+            options,
+            topology,
+            nodes,
+            cluster: ClusterState::new(),
+            pods: BTreeMap::new(),
+            vips: BTreeMap::new(),
+            state_path,
+            next_node: 0,
+        })
+    }
+
+    fn respond(&self, result: anyhow::Result<String>) -> Response {
+        match result {
+            Ok(message) => Response::Ok {
+                message,
+                status: self.status(),
+            },
+            Err(err) => Response::Error {
+                message: format!("{err:#}"),
+            },
+        }
+    }
+
+    async fn handle(&mut self, request: Request) -> anyhow::Result<String> {
+        let message = match request {
+            Request::Status => return Ok(String::new()),
+            Request::Apply { manifests } => {
+                let objects = parse(&manifests)?;
+                self.cluster.apply(&objects)?.to_string()
+            }
+            Request::Delete { manifests } => {
+                let objects = parse(&manifests)?;
+                self.cluster.delete_objects(&objects)?.to_string()
+            }
+            Request::Label {
+                kind,
+                namespace,
+                name,
+                key,
+                value,
+            } => {
+                let kind: Kind = kind.parse().map_err(anyhow::Error::msg)?;
+                self.cluster
+                    .label(kind, &namespace, &name, &key, value.as_deref())?
+                    .to_string()
+            }
+            Request::Down => unreachable!("handled by the caller"),
+        };
+        self.reconcile().await?;
+        Ok(message)
+    }
+
+    /// Brings namespaces, processes, ztunnel state and enrollment in line with the manifests.
+    async fn reconcile(&mut self) -> anyhow::Result<()> {
+        let desired: Vec<Pod> = self.cluster.pods().cloned().collect();
+        let wanted: Vec<(String, String)> = desired.iter().map(key_of).collect();
+
+        // Pods that are gone.
+        let gone: Vec<_> = self
+            .pods
+            .keys()
+            .filter(|key| !wanted.contains(key))
+            .cloned()
+            .collect();
+        for key in gone {
+            let mut pod = self.pods.remove(&key).expect("listed above");
+            for child in &mut pod.processes {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+            if pod.enrolled {
+                self.nodes[pod.node].agent.unenroll(&pod.uid).await?;
+            }
+            self.topology.remove_pod(&pod.net)?;
+            let _ = std::fs::remove_dir_all(format!("/etc/netns/{}", pod.net.netns));
+        }
+
+        // New pods get a namespace on a node.
+        let mut started = Vec::new();
+        for pod in &desired {
+            let key = key_of(pod);
+            if self.pods.contains_key(&key) {
+                continue;
+            }
+            let (namespace, name) = &key;
+            let node = match &pod.spec.node_name {
+                Some(node) => self.nodes.iter().position(|n| &n.name == node).with_context(|| {
+                    format!("pod {namespace}/{name}: spec.nodeName {node} is not a node of this mesh")
+                })?,
+                None => {
+                    self.next_node = (self.next_node + 1) % self.nodes.len();
+                    self.next_node
+                }
+            };
+            let net = self
+                .topology
+                .add_pod(node, &format!("{namespace}-{name}"))?;
+            self.pods.insert(
+                key.clone(),
+                PodRuntime {
+                    net,
+                    node,
+                    uid: format!("Kubernetes//Pod/{namespace}/{name}"),
+                    identity: format!(
+                        "spiffe://{TRUST_DOMAIN}/ns/{namespace}/sa/{}",
+                        pod.spec.service_account_name
+                    ),
+                    enrolled: false,
+                    reason: None,
+                    processes: Vec::new(),
+                },
+            );
+            started.push(key);
+        }
+
+        // Service VIPs.
+        let services: Vec<(String, String)> = self
+            .cluster
+            .services()
+            .map(|s| (s.metadata.namespace.clone(), s.metadata.name.clone()))
+            .collect();
+        self.vips.retain(|key, _| services.contains(key));
+        for key in services {
+            if !self.vips.contains_key(&key) {
+                let vip = self.free_vip();
+                self.vips.insert(key, vip);
+            }
+        }
+
+        // Who should be in the mesh now.
+        let mut decisions = BTreeMap::new();
+        for pod in &desired {
+            let meta = PodMeta {
+                namespace: pod.metadata.namespace.clone(),
+                name: pod.metadata.name.clone(),
+                labels: pod.metadata.labels.clone(),
+                annotations: pod.metadata.annotations.clone(),
+                host_network: pod.spec.host_network,
+            };
+            let namespace_labels = self
+                .cluster
+                .namespace_labels(&pod.metadata.namespace)
+                .cloned()
+                .unwrap_or_default();
+            decisions.insert(key_of(pod), agent::enrollment(&meta, &namespace_labels));
+        }
+
+        // Releases first, so the state never claims HBONE for a pod ztunnel no longer serves.
+        for (key, decision) in &decisions {
+            let pod = self.pods.get_mut(key).expect("created above");
+            if pod.enrolled && !decision.is_enrolled() {
+                self.nodes[pod.node].agent.unenroll(&pod.uid).await?;
+                pod.enrolled = false;
+                self.cluster.annotate(
+                    Kind::Pod,
+                    &key.0,
+                    &key.1,
+                    agent::REDIRECTION_ANNOTATION,
+                    None,
+                )?;
+            }
+        }
+        self.write_state(&decisions)?;
+        for pod in &desired {
+            let key = key_of(pod);
+            let decision = decisions[&key];
+            let runtime = self.pods.get_mut(&key).expect("created above");
+            runtime.reason = match decision {
+                agent::Enrollment::Enrolled => None,
+                agent::Enrollment::NotEnrolled(reason) => Some(reason.to_string()),
+            };
+            if decision.is_enrolled() && !runtime.enrolled {
+                self.nodes[runtime.node]
+                    .agent
+                    .enroll(EnrolledPod {
+                        uid: runtime.uid.clone(),
+                        namespace: key.0.clone(),
+                        name: key.1.clone(),
+                        service_account: pod.spec.service_account_name.clone(),
+                        netns: PathBuf::from(runtime.net.netns_path()),
+                    })
+                    .await?;
+                runtime.enrolled = true;
+                // As the node agent does on a cluster: the pod is marked once ztunnel has it.
+                self.cluster.annotate(
+                    Kind::Pod,
+                    &key.0,
+                    &key.1,
+                    agent::REDIRECTION_ANNOTATION,
+                    Some(agent::REDIRECTION_ENABLED),
+                )?;
+            }
+        }
+        self.write_hosts_files()?;
+
+        // Processes of new pods start last: an ambient pod's first connection is captured.
+        for key in started {
+            let pod = desired.iter().find(|p| key_of(p) == key).expect("desired");
+            let processes = self.start_processes(pod)?;
+            self.pods.get_mut(&key).expect("created").processes = processes;
+        }
+        self.record_pids()?;
+        Ok(())
+    }
+
+    fn free_vip(&self) -> IpAddr {
+        let (a, b) = SERVICE_RANGE;
+        (10u16..u16::MAX)
+            .map(|n| IpAddr::V4(Ipv4Addr::new(a, b, (n >> 8) as u8, n as u8)))
+            .find(|ip| !self.vips.values().any(|v| v == ip))
+            .expect("65k VIPs")
+    }
+
+    fn write_state(
+        &self,
+        decisions: &BTreeMap<(String, String), agent::Enrollment>,
+    ) -> anyhow::Result<()> {
+        let running: Vec<RunningPod> = self
+            .pods
+            .iter()
+            .map(|((namespace, name), pod)| RunningPod {
+                namespace: namespace.clone(),
+                name: name.clone(),
+                ip: IpAddr::V4(pod.net.ip),
+                node: self.nodes[pod.node].name.clone(),
+                enrolled: decisions
+                    .get(&(namespace.clone(), name.clone()))
+                    .is_some_and(|d| d.is_enrolled()),
+            })
+            .collect();
+        let config =
+            ambit_local::control::ztunnel_config(&self.cluster, &running, &self.vips, TRUST_DOMAIN);
+        let yaml = serde_yaml::to_string(&config)?;
+        // The file is what an operator inspects; the stores are set directly so the change is
+        // in force before the next step, not at the next poll of the file.
+        std::fs::write(&self.state_path, &yaml)?;
+        for node in &self.nodes {
+            let snapshot =
+                LocalConfig::parse(&yaml, &self.state_path)?.into_snapshot(&self.state_path)?;
+            node.ztunnel.state.replace(snapshot);
+        }
+        Ok(())
+    }
+
+    /// Each pod's `/etc/hosts` (mounted by `ip netns exec`): services by their cluster names.
+    fn write_hosts_files(&self) -> anyhow::Result<()> {
+        for ((namespace, _), pod) in &self.pods {
+            let mut hosts = String::from("127.0.0.1 localhost\n");
+            for ((service_namespace, service), vip) in &self.vips {
+                let full = format!("{service}.{service_namespace}.svc.cluster.local");
+                let mid = format!("{service}.{service_namespace}");
+                if service_namespace == namespace {
+                    hosts.push_str(&format!("{vip} {full} {mid} {service}\n"));
+                } else {
+                    hosts.push_str(&format!("{vip} {full} {mid}\n"));
+                }
+            }
+            let dir = PathBuf::from(format!("/etc/netns/{}", pod.net.netns));
+            std::fs::create_dir_all(&dir)?;
+            // Written in place: running processes have this very inode mounted over /etc/hosts.
+            std::fs::write(dir.join("hosts"), hosts)?;
+        }
+        Ok(())
+    }
+
+    fn start_processes(&self, pod: &Pod) -> anyhow::Result<Vec<Child>> {
+        let (namespace, name) = key_of(pod);
+        let runtime = &self.pods[&(namespace.clone(), name.clone())];
+        let log_path = self
+            .options
+            .state_dir
+            .join(format!("logs/pods/{namespace}_{name}.log"));
+        let node = &self.topology.nodes[runtime.node];
+        let exe = std::env::current_exe()?;
+        let mut children = Vec::new();
+        for container in &pod.spec.containers {
+            let argv: Vec<String> = if container.image == "ambit/echo" {
+                let mut argv = vec![
+                    exe.display().to_string(),
+                    "mesh".into(),
+                    "echo-server".into(),
+                    "--name".into(),
+                    name.clone(),
+                ];
+                let mut ports: Vec<u16> =
+                    container.ports.iter().map(|p| p.container_port).collect();
+                if ports.is_empty() {
+                    ports.push(8080);
+                }
+                for port in ports {
+                    argv.push("--port".into());
+                    argv.push(port.to_string());
+                }
+                argv
+            } else {
+                let argv: Vec<String> = container
+                    .command
+                    .iter()
+                    .chain(container.args.iter())
+                    .cloned()
+                    .collect();
+                if argv.is_empty() {
+                    anyhow::bail!(
+                        "pod {namespace}/{name} container {}: images are not pulled here; give `command` (run from this host's filesystem) or use image ambit/echo",
+                        container.name
+                    );
+                }
+                argv
+            };
+            let log = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&log_path)?;
+            let child = std::process::Command::new("ip")
+                .args(["netns", "exec", &runtime.net.netns])
+                .args(&argv)
+                .envs(pod.container_env(
+                    container,
+                    IpAddr::V4(runtime.net.ip),
+                    IpAddr::V4(node.address),
+                    &node.name,
+                ))
+                .stdin(Stdio::null())
+                .stdout(log.try_clone()?)
+                .stderr(log)
+                .spawn()
+                .with_context(|| format!("starting {argv:?} in pod {namespace}/{name}"))?;
+            children.push(child);
+        }
+        Ok(children)
+    }
+
+    fn record_pids(&self) -> anyhow::Result<()> {
+        let pids: String = self
+            .pods
+            .values()
+            .flat_map(|p| p.processes.iter().map(|c| format!("{}\n", c.id())))
+            .collect();
+        std::fs::write(self.options.state_dir.join("pids"), pids)?;
+        Ok(())
+    }
+
+    fn status(&self) -> Status {
+        let nodes = self
+            .topology
+            .nodes
+            .iter()
+            .zip(&self.nodes)
+            .map(|(node, runtime)| NodeStatus {
+                name: node.name.clone(),
+                netns: node.netns.clone(),
+                address: node.address.to_string(),
+                metrics: runtime.ztunnel.stats_address.to_string(),
+            })
+            .collect();
+        let pods = self
+            .pods
+            .iter()
+            .map(|((namespace, name), pod)| {
+                let annotations = self
+                    .cluster
+                    .pod(namespace, name)
+                    .map(|p| p.metadata.annotations.clone())
+                    .unwrap_or_default();
+                PodStatus {
+                    namespace: namespace.clone(),
+                    name: name.clone(),
+                    node: self.nodes[pod.node].name.clone(),
+                    netns: pod.net.netns.clone(),
+                    ip: pod.net.ip.to_string(),
+                    identity: pod.identity.clone(),
+                    enrolled: pod.enrolled,
+                    reason: pod.reason.clone(),
+                    annotations,
+                    pids: pod.processes.iter().map(Child::id).collect(),
+                }
+            })
+            .collect();
+        let services = self
+            .cluster
+            .services()
+            .map(|s| {
+                let (namespace, name) = (&s.metadata.namespace, &s.metadata.name);
+                ServiceStatus {
+                    namespace: namespace.clone(),
+                    name: name.clone(),
+                    hostname: format!("{name}.{namespace}.svc.cluster.local"),
+                    vip: self
+                        .vips
+                        .get(&(namespace.clone(), name.clone()))
+                        .map(ToString::to_string)
+                        .unwrap_or_default(),
+                    ports: s
+                        .spec
+                        .ports
+                        .iter()
+                        .map(|p| match &p.target_port {
+                            TargetPort::Number(target) => format!("{}->{target}", p.port),
+                            TargetPort::Name(target) => format!("{}->{target}", p.port),
+                        })
+                        .collect(),
+                }
+            })
+            .collect();
+        Status {
+            state_dir: self.options.state_dir.display().to_string(),
+            nodes,
+            pods,
+            services,
+            policies: self.cluster.policy_names(),
+            waypoints: self.cluster.waypoint_names(),
+        }
+    }
+
+    fn shutdown(&mut self) {
+        for pod in self.pods.values_mut() {
+            for child in &mut pod.processes {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+        self.nodes.clear();
+        clean_leftovers(&self.options.state_dir, &self.options.prefix);
+    }
+}
+
+fn parse(manifests: &[(String, String)]) -> anyhow::Result<Vec<manifest::Object>> {
+    let mut objects = Vec::new();
+    for (source, text) in manifests {
+        objects.extend(manifest::parse(text).with_context(|| source.clone())?);
+    }
+    Ok(objects)
+}
+
+fn key_of(pod: &Pod) -> (String, String) {
+    (pod.metadata.namespace.clone(), pod.metadata.name.clone())
+}

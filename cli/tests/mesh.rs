@@ -1,0 +1,388 @@
+//! `ambit mesh` end to end through the real binary: up, mTLS on the wire, enrollment of running
+//! pods by namespace label (same PIDs), policy applied with `apply`, bad manifests refused with
+//! the running mesh untouched, and `down` leaving nothing behind. Needs root, iproute2, iptables,
+//! tcpdump.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::Duration;
+
+use serde_json::Value;
+
+const MANIFESTS: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata:
+  name: web
+  labels:
+    istio.io/dataplane-mode: ambient
+---
+apiVersion: v1
+kind: Namespace
+metadata:
+  name: shop
+---
+apiVersion: v1
+kind: ServiceAccount
+metadata: {name: server, namespace: web}
+---
+apiVersion: v1
+kind: ServiceAccount
+metadata: {name: client, namespace: shop}
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: server
+  namespace: web
+  labels: {app: server}
+spec:
+  serviceAccountName: server
+  nodeName: node2
+  containers:
+  - name: echo
+    image: ambit/echo
+    ports: [{containerPort: 8080}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: server, namespace: web}
+spec:
+  selector: {app: server}
+  ports: [{name: http, port: 80, targetPort: 8080}]
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: client
+  namespace: shop
+  labels: {app: client}
+spec:
+  serviceAccountName: client
+  nodeName: node1
+  containers:
+  - name: echo
+    image: ambit/echo
+    ports: [{containerPort: 8080}]
+"#;
+
+const DENY_CLIENT: &str = r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: deny-shop, namespace: web}
+spec:
+  action: DENY
+  rules:
+  - from:
+    - source:
+        principals: ["cluster.local/ns/shop/sa/client"]
+"#;
+
+struct Mesh {
+    dir: PathBuf,
+    prefix: String,
+}
+
+impl Mesh {
+    fn new(tag: &str) -> Mesh {
+        let prefix = format!("am{}{tag}", std::process::id() % 10_000);
+        let dir = std::env::temp_dir().join(format!("ambit-mesh-test-{prefix}"));
+        Mesh { dir, prefix }
+    }
+
+    fn command(&self, args: &[&str]) -> Command {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_ambit"));
+        command
+            .arg("mesh")
+            .arg("--state-dir")
+            .arg(&self.dir)
+            .args(["--prefix", &self.prefix])
+            .args(args);
+        command
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        self.command(args).output().expect("run ambit")
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            out.status.success(),
+            "ambit mesh {args:?} failed:\n{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn status(&self) -> Value {
+        serde_json::from_str(&self.ok(&["status", "--json"])).expect("status is JSON")
+    }
+
+    fn write(&self, name: &str, text: &str) -> PathBuf {
+        let path = std::env::temp_dir().join(format!("{}-{name}", self.prefix));
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    /// `ambit mesh exec POD -n NS -- ambit mesh fetch URL`.
+    fn fetch(&self, pod: &str, namespace: &str, url: &str) -> Output {
+        self.run(&[
+            "exec",
+            pod,
+            "-n",
+            namespace,
+            "--",
+            env!("CARGO_BIN_EXE_ambit"),
+            "mesh",
+            "fetch",
+            url,
+        ])
+    }
+}
+
+impl Drop for Mesh {
+    fn drop(&mut self) {
+        let _ = self.run(&["down"]);
+    }
+}
+
+fn pod<'a>(status: &'a Value, namespace: &str, name: &str) -> &'a Value {
+    status["pods"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["namespace"] == namespace && p["name"] == name)
+        .unwrap_or_else(|| panic!("no pod {namespace}/{name} in {status:#}"))
+}
+
+fn netns_left(prefix: &str) -> Vec<String> {
+    std::fs::read_dir("/var/run/netns")
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with(&format!("{prefix}-")))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn process_alive(pid: u64) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+        && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .unwrap_or_default()
+            .contains(") Z ")
+}
+
+/// tcpdump on node1's link, armed before returning.
+fn capture(netns: &str, file: &Path) -> Child {
+    let mut child = Command::new("nsenter")
+        .arg(format!("--net=/var/run/netns/{netns}"))
+        .args([
+            "tcpdump",
+            "--immediate-mode",
+            "-i",
+            "eth0",
+            "-U",
+            "-n",
+            "-w",
+        ])
+        .arg(file)
+        .arg("tcp")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut stderr, &mut line).unwrap();
+    assert!(line.contains("listening"), "{line}");
+    std::thread::spawn(move || std::io::copy(&mut stderr, &mut std::io::sink()));
+    child
+}
+
+fn stop_capture(mut child: Child, file: &Path) -> (usize, usize, Vec<u8>) {
+    std::thread::sleep(Duration::from_millis(300));
+    let _ = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status();
+    let _ = child.wait();
+    let count = |filter: &str| {
+        let out = Command::new("tcpdump")
+            .args(["-n", "-r"])
+            .arg(file)
+            .arg(filter)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).lines().count()
+    };
+    (
+        count("tcp port 15008"),
+        count("tcp and not port 15008"),
+        std::fs::read(file).unwrap(),
+    )
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+#[test]
+fn the_local_mesh_end_to_end() {
+    let mesh = Mesh::new("e");
+    let manifests = mesh.write("m.yaml", MANIFESTS);
+    mesh.ok(&["up", "-f", manifests.to_str().unwrap()]);
+
+    let status = mesh.status();
+    assert_eq!(status["nodes"].as_array().unwrap().len(), 2);
+    let server = pod(&status, "web", "server");
+    let client = pod(&status, "shop", "client");
+    assert_eq!(server["enrolled"], true);
+    assert_eq!(
+        server["annotations"]["ambient.istio.io/redirection"],
+        "enabled"
+    );
+    assert_eq!(client["enrolled"], false);
+    assert_eq!(server["node"], "node2");
+    assert_eq!(client["node"], "node1");
+    let client_pids = client["pids"].clone();
+    let server_ip = server["ip"].as_str().unwrap().to_owned();
+    let node1 = status["nodes"][0]["netns"].as_str().unwrap().to_owned();
+
+    // Not enrolled: the client's call to the server pod is plain TCP on the wire.
+    let pcap = mesh.dir.with_extension("plain.pcap");
+    let tap = capture(&node1, &pcap);
+    let out = mesh.fetch(
+        "client",
+        "shop",
+        &format!("http://{server_ip}:8080/plain-path-marker"),
+    );
+    let (hbone, plain, wire) = stop_capture(tap, &pcap);
+    assert!(out.status.success(), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("hostname=server"));
+    assert!(plain > 0 && hbone == 0, "plain {plain} hbone {hbone}");
+    assert!(contains(&wire, b"plain-path-marker"));
+
+    // Label the client's namespace: the running client joins, same process.
+    mesh.ok(&[
+        "label",
+        "namespace",
+        "shop",
+        "istio.io/dataplane-mode=ambient",
+    ]);
+    let status = mesh.status();
+    let client = pod(&status, "shop", "client");
+    assert_eq!(client["enrolled"], true);
+    assert_eq!(
+        client["pids"], client_pids,
+        "enrollment does not restart the pod"
+    );
+    for pid in client_pids.as_array().unwrap() {
+        assert!(process_alive(pid.as_u64().unwrap()));
+    }
+    let pcap = mesh.dir.with_extension("mtls.pcap");
+    let tap = capture(&node1, &pcap);
+    let out = mesh.fetch(
+        "client",
+        "shop",
+        "http://server.web.svc.cluster.local/secret-path-marker",
+    );
+    let (hbone, plain, wire) = stop_capture(tap, &pcap);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success() && text.contains("hostname=server"),
+        "{out:?}"
+    );
+    assert!(
+        text.contains(&format!("peer={}", client["ip"].as_str().unwrap())),
+        "the server sees the client pod: {text}"
+    );
+    assert!(hbone > 0 && plain == 0, "plain {plain} hbone {hbone}");
+    assert!(
+        !contains(&wire, b"secret-path-marker"),
+        "the payload never appears on the wire"
+    );
+
+    // Unlabel: plain again, still the same process.
+    mesh.ok(&["label", "namespace", "shop", "istio.io/dataplane-mode-"]);
+    let status = mesh.status();
+    assert_eq!(pod(&status, "shop", "client")["enrolled"], false);
+    assert_eq!(pod(&status, "shop", "client")["pids"], client_pids);
+    let pcap = mesh.dir.with_extension("plain2.pcap");
+    let tap = capture(&node1, &pcap);
+    let out = mesh.fetch(
+        "client",
+        "shop",
+        &format!("http://{server_ip}:8080/again-marker"),
+    );
+    let (hbone, _, wire) = stop_capture(tap, &pcap);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(hbone, 0);
+    assert!(contains(&wire, b"again-marker"));
+
+    // A DENY policy applied to the running mesh blocks the (re-enrolled) caller.
+    mesh.ok(&[
+        "label",
+        "namespace",
+        "shop",
+        "istio.io/dataplane-mode=ambient",
+    ]);
+    let url = "http://server.web.svc.cluster.local/";
+    assert!(mesh.fetch("client", "shop", url).status.success());
+    let deny = mesh.write("deny.yaml", DENY_CLIENT);
+    mesh.ok(&["apply", "-f", deny.to_str().unwrap()]);
+    assert!(mesh.status()["policies"]
+        .to_string()
+        .contains("web/deny-shop"));
+    let out = mesh.fetch("client", "shop", url);
+    assert!(
+        !out.status.success(),
+        "the policy blocks the caller: {out:?}"
+    );
+
+    // Bad manifests are refused naming the object; the mesh is untouched.
+    let before = mesh.status();
+    for (bad, expected) in [
+        ("apiVersion: v1\nkind: Frobnicator\nmetadata: {name: x}\n", "Frobnicator"),
+        ("apiVersion: v1\nkind: Service\nmetadata: {name: nosel, namespace: web}\nspec:\n  ports: [{port: 80}]\n", "nosel"),
+        ("apiVersion: v1\nkind: Service\nmetadata: {name: big, namespace: web}\nspec:\n  selector: {app: x}\n  ports: [{port: 70000}]\n", "big"),
+        ("apiVersion: v1\nkind: Namespace\nmetadata: {name: dup}\n---\napiVersion: v1\nkind: Namespace\nmetadata: {name: dup}\n", "dup"),
+    ] {
+        let file = mesh.write("bad.yaml", bad);
+        let out = mesh.run(&["apply", "-f", file.to_str().unwrap()]);
+        assert!(!out.status.success(), "{bad} was accepted");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(expected), "the error names the object ({expected}): {err}");
+    }
+    let after = mesh.status();
+    assert_eq!(before["pods"], after["pods"]);
+    assert_eq!(before["services"], after["services"]);
+    assert_eq!(before["policies"], after["policies"]);
+
+    // Down leaves no namespace, no process, no state; twice is fine.
+    let pids: Vec<u64> = after["pods"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|p| {
+            p["pids"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_u64().unwrap())
+        })
+        .collect();
+    mesh.ok(&["down"]);
+    mesh.ok(&["down"]);
+    assert!(
+        netns_left(&mesh.prefix).is_empty(),
+        "{:?}",
+        netns_left(&mesh.prefix)
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    for pid in pids {
+        assert!(!process_alive(pid), "process {pid} survived down");
+    }
+    assert!(!mesh.dir.exists());
+}

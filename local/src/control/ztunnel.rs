@@ -1,0 +1,268 @@
+//! The cluster state as ztunnel sees it: workloads, services and L4 policies in the shape of
+//! ztunnel's local configuration, built the way istiod builds WDS/RBAC resources for ambient
+//! (`pilot/pkg/serviceregistry/kube/controller/ambient`: `workloads.go`, `services.go`,
+//! `authorization.go`).
+//!
+//! - every running pod is a workload (host-network pods excepted, as in istiod: they have the
+//!   node's address), `HBONE` once enrolled, plain `TCP` otherwise, so that enrolled clients
+//!   still reach it;
+//! - its `services` map has, for each Service selecting it, service port → target port, a named
+//!   `targetPort` resolved against the pod's own container ports (a pod without that port
+//!   does not serve that service port);
+//! - its `authorizationPolicies` list the converted selector policies of its namespace and the
+//!   root namespace that select it, then the PeerAuthentication-derived ones;
+//! - waypoints are not set yet: `istio.io/use-waypoint` is kept on the objects for the waypoint
+//!   runner, and `targetRefs` policies wait for it.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+
+use ambit_mesh::rbac::Authorization;
+use ambit_mesh::state::local::LocalConfig;
+use ambit_mesh::state::{HealthStatus, NetworkAddress, PortMap, Protocol, Service, Workload};
+
+use super::authz::{self, convert_authorization_policy};
+use super::{ClusterState, ROOT_NAMESPACE};
+use crate::manifest::{selector_matches, Kind, ObjectRef, Pod, TargetPort};
+
+/// The cluster name in workload uids (`<cluster>//Pod/<ns>/<name>`), istiod's default.
+pub const CLUSTER_ID: &str = "Kubernetes";
+
+/// Kubernetes' cluster domain: services are `<name>.<ns>.svc.cluster.local`.
+pub const DOMAIN_SUFFIX: &str = "cluster.local";
+
+/// A pod the runner has started, and where.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RunningPod {
+    pub namespace: String,
+    pub name: String,
+    pub ip: IpAddr,
+    /// The node (network namespace) it runs on.
+    pub node: String,
+    /// Whether the node agent has handed it to ztunnel (it then accepts HBONE).
+    pub enrolled: bool,
+}
+
+/// Canonical service name, as Istio derives it (`pkg/model` `CanonicalService`).
+fn canonical_name(pod: &Pod) -> String {
+    let labels = &pod.metadata.labels;
+    [
+        "service.istio.io/canonical-name",
+        "app.kubernetes.io/name",
+        "app",
+    ]
+    .iter()
+    .find_map(|k| labels.get(*k))
+    .cloned()
+    .unwrap_or_else(|| pod.workload_name().to_owned())
+}
+
+/// Canonical revision, as Istio derives it.
+fn canonical_revision(pod: &Pod) -> String {
+    let labels = &pod.metadata.labels;
+    [
+        "service.istio.io/canonical-revision",
+        "app.kubernetes.io/version",
+        "version",
+    ]
+    .iter()
+    .find_map(|k| labels.get(*k))
+    .cloned()
+    .unwrap_or_else(|| "latest".into())
+}
+
+/// The policies ztunnel receives, and which selector policy keys select which labels.
+struct Policies {
+    list: Vec<Authorization>,
+    /// `(policy namespace, selector, key)` of converted WorkloadSelector policies.
+    selectors: Vec<(String, BTreeMap<String, String>, String)>,
+}
+
+fn policies(state: &ClusterState) -> Policies {
+    let mut list = Vec::new();
+    let mut selectors = Vec::new();
+    for ap in state.authorization_policies() {
+        let conversion = convert_authorization_policy(ap, ROOT_NAMESPACE);
+        if let Some(message) = &conversion.message {
+            let r = ObjectRef::new(
+                Kind::AuthorizationPolicy,
+                &ap.metadata.namespace,
+                &ap.metadata.name,
+            );
+            tracing::warn!(policy = %r, "{message}");
+        }
+        let Some(authorization) = conversion.authorization else {
+            continue;
+        };
+        if let Some(selector) = &ap.spec.selector {
+            selectors.push((
+                ap.metadata.namespace.clone(),
+                selector.clone(),
+                authorization.key(),
+            ));
+        }
+        list.push(authorization);
+    }
+    let peer = state.aged_peer_authentications();
+    if !peer.is_empty() {
+        list.push(authz::static_strict_policy(ROOT_NAMESPACE));
+        let mesh = authz::mesh_peer_authentication(&peer, ROOT_NAMESPACE);
+        for (pa, _) in &peer {
+            let namespace =
+                authz::namespace_peer_authentication(&peer, &pa.metadata.namespace, ROOT_NAMESPACE);
+            if let Some(converted) = authz::convert_peer_authentication(
+                pa,
+                ROOT_NAMESPACE,
+                namespace.map(|p| &p.spec),
+                mesh.map(|p| &p.spec),
+            ) {
+                list.push(converted);
+            }
+        }
+    }
+    list.sort_by_key(Authorization::key);
+    Policies { list, selectors }
+}
+
+/// The selector policies (by key) that apply to `pod`: those of its own namespace and of the
+/// root namespace whose (non-empty) selector its labels satisfy. An empty selector selects
+/// nothing, as in istiod.
+fn selected_policies(policies: &Policies, pod: &Pod) -> Vec<String> {
+    let mut keys: Vec<String> = policies
+        .selectors
+        .iter()
+        .filter(|(ns, selector, _)| {
+            (*ns == pod.metadata.namespace || ns == ROOT_NAMESPACE)
+                && !selector.is_empty()
+                && selector_matches(selector, &pod.metadata.labels)
+        })
+        .map(|(_, _, key)| key.clone())
+        .collect();
+    keys.sort();
+    keys
+}
+
+/// The services map of a workload: `<ns>/<hostname>` → service port → target port.
+fn workload_services(state: &ClusterState, pod: &Pod) -> BTreeMap<String, PortMap> {
+    let mut out = BTreeMap::new();
+    for service in state.services_for_pod(pod) {
+        let mut ports = PortMap::new();
+        for port in &service.spec.ports {
+            let target = match &port.target_port {
+                TargetPort::Number(n) => *n,
+                TargetPort::Name(name) => match pod.named_port(name, port.protocol) {
+                    Some(n) => n,
+                    // istiod leaves the port out for a pod lacking the named port.
+                    None => continue,
+                },
+            };
+            ports.entry(port.port).or_insert(target);
+        }
+        out.insert(
+            format!(
+                "{}/{}",
+                service.metadata.namespace,
+                service.hostname(DOMAIN_SUFFIX)
+            ),
+            ports,
+        );
+    }
+    out
+}
+
+/// ztunnel's configuration for the current state: `running` says which pods have an address
+/// (pods not running are not workloads yet), `vips` gives each Service's VIP by
+/// `(namespace, name)` (a Service without one is headless to ztunnel), `trust_domain` the SPIFFE
+/// trust domain of the workloads.
+pub fn ztunnel_config(
+    state: &ClusterState,
+    running: &[RunningPod],
+    vips: &BTreeMap<(String, String), IpAddr>,
+    trust_domain: &str,
+) -> LocalConfig {
+    let policies = policies(state);
+    let peer = state.aged_peer_authentications();
+    let mut seen = BTreeSet::new();
+    let mut workloads = Vec::new();
+    for rp in running {
+        if !seen.insert((rp.namespace.as_str(), rp.name.as_str())) {
+            continue;
+        }
+        let Some(pod) = state.pod(&rp.namespace, &rp.name) else {
+            tracing::debug!(pod = %format!("{}/{}", rp.namespace, rp.name), "running pod not in the state; skipped");
+            continue;
+        };
+        if pod.spec.host_network {
+            continue;
+        }
+        let mut authorization_policies = selected_policies(&policies, pod);
+        authorization_policies.extend(authz::peer_authentication_keys(&peer, pod, ROOT_NAMESPACE));
+        workloads.push(Workload {
+            uid: format!("{CLUSTER_ID}//Pod/{}/{}", rp.namespace, rp.name),
+            name: rp.name.clone(),
+            namespace: rp.namespace.clone(),
+            service_account: pod.spec.service_account_name.clone(),
+            trust_domain: trust_domain.to_owned(),
+            workload_ips: vec![rp.ip],
+            protocol: if rp.enrolled {
+                Protocol::Hbone
+            } else {
+                Protocol::Tcp
+            },
+            node: rp.node.clone(),
+            network: String::new(),
+            waypoint: None,
+            services: workload_services(state, pod),
+            authorization_policies,
+            canonical_name: canonical_name(pod),
+            canonical_revision: canonical_revision(pod),
+            workload_name: pod.workload_name().to_owned(),
+            cluster_id: CLUSTER_ID.to_owned(),
+            status: HealthStatus::Healthy,
+        });
+    }
+    workloads.sort_by(|a, b| a.uid.cmp(&b.uid));
+
+    let services = state
+        .services()
+        .map(|svc| {
+            let (ns, name) = (&svc.metadata.namespace, &svc.metadata.name);
+            let mut ports = PortMap::new();
+            for p in &svc.spec.ports {
+                match p.target_port {
+                    TargetPort::Number(n) => {
+                        ports.entry(p.port).or_insert(n);
+                    }
+                    // A named target port resolves per pod, and each workload's services map
+                    // carries its number. istiod sends 0 here ("ask the workload"), but Ambit's
+                    // state model reads 0 as "same as the service port", which would send
+                    // traffic for pods lacking the named port to the wrong port; leaving the
+                    // port out makes such pods simply not endpoints for it, as in Kubernetes.
+                    TargetPort::Name(_) => {}
+                }
+            }
+            Service {
+                name: name.clone(),
+                namespace: ns.clone(),
+                hostname: svc.hostname(DOMAIN_SUFFIX),
+                vips: vips
+                    .get(&(ns.clone(), name.clone()))
+                    .map(|ip| NetworkAddress {
+                        network: String::new(),
+                        address: *ip,
+                    })
+                    .into_iter()
+                    .collect(),
+                ports,
+                subject_alt_names: Vec::new(),
+                waypoint: None,
+            }
+        })
+        .collect();
+
+    LocalConfig {
+        workloads,
+        services,
+        policies: policies.list,
+    }
+}
