@@ -263,6 +263,12 @@ fn the_local_mesh_end_to_end() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("hostname=server"));
     assert!(plain > 0 && hbone == 0, "plain {plain} hbone {hbone}");
     assert!(contains(&wire, b"plain-path-marker"));
+    // Outside the mesh the service name still works: the node DNATs the VIP, as kube-proxy would.
+    let out = mesh.fetch("client", "shop", "http://server.web.svc.cluster.local/");
+    assert!(
+        out.status.success() && String::from_utf8_lossy(&out.stdout).contains("hostname=server"),
+        "{out:?}"
+    );
 
     // Label the client's namespace: the running client joins, same process.
     mesh.ok(&[

@@ -16,4 +16,5 @@
 
 pub mod control;
 pub mod manifest;
+pub mod services;
 pub mod topology;

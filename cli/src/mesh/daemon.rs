@@ -18,6 +18,7 @@ use ambit_cni::agent::{self, EnrolledPod, NodeAgent, PodMeta};
 use ambit_cni::rules::{Backend, RuleOptions};
 use ambit_local::control::{ClusterState, RunningPod};
 use ambit_local::manifest::{self, Kind, Pod, TargetPort};
+use ambit_local::services;
 use ambit_local::topology::{self, PodNet, Topology};
 use ambit_mesh::identity::CertificateAuthority;
 use ambit_mesh::state::local::LocalConfig;
@@ -411,14 +412,31 @@ impl Mesh {
             .collect();
         let config =
             ambit_local::control::ztunnel_config(&self.cluster, &running, &self.vips, TRUST_DOMAIN);
-        let yaml = serde_yaml::to_string(&config)?;
         // The file is what an operator inspects; the stores are set directly so the change is
         // in force before the next step, not at the next poll of the file.
-        std::fs::write(&self.state_path, &yaml)?;
+        std::fs::write(&self.state_path, serde_yaml::to_string(&config)?)?;
         for node in &self.nodes {
-            let snapshot =
-                LocalConfig::parse(&yaml, &self.state_path)?.into_snapshot(&self.state_path)?;
+            let snapshot = config.clone().into_snapshot(&self.state_path)?;
             node.ztunnel.state.replace(snapshot);
+        }
+        self.write_service_rules(&config)
+    }
+
+    /// kube-proxy's part: VIPs reachable from pods outside the mesh, DNATed on their node.
+    fn write_service_rules(&self, config: &LocalConfig) -> anyhow::Result<()> {
+        let rules = services::nat_ruleset(config);
+        for node in &self.topology.nodes {
+            run_in(
+                &node.netns,
+                "iptables-restore",
+                &["--noflush", "--wait"],
+                Some(&rules),
+            )?;
+            let jump = ["-t", "nat", "-C", "PREROUTING", "-j", services::CHAIN];
+            if run_in(&node.netns, "iptables", &jump, None).is_err() {
+                let add = ["-t", "nat", "-A", "PREROUTING", "-j", services::CHAIN];
+                run_in(&node.netns, "iptables", &add, None)?;
+            }
         }
         Ok(())
     }
@@ -611,6 +629,36 @@ fn parse(manifests: &[(String, String)]) -> anyhow::Result<Vec<manifest::Object>
         objects.extend(manifest::parse(text).with_context(|| source.clone())?);
     }
     Ok(objects)
+}
+
+/// Runs `program` inside the namespace `netns`, feeding `stdin`.
+fn run_in(netns: &str, program: &str, args: &[&str], stdin: Option<&str>) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut child = std::process::Command::new("ip")
+        .args(["netns", "exec", netns, program])
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("running {program} in {netns}"))?;
+    if let Some(text) = stdin {
+        child
+            .stdin
+            .take()
+            .expect("piped")
+            .write_all(text.as_bytes())?;
+    }
+    drop(child.stdin.take());
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        anyhow::bail!(
+            "{program} {} in {netns}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
 }
 
 fn key_of(pod: &Pod) -> (String, String) {
