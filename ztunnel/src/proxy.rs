@@ -1,5 +1,6 @@
 //! The per-pod proxy: for each enrolled pod, listeners inside the pod's network namespace on
-//! 15001 (outbound capture), 15006 (inbound plaintext) and 15008 (inbound HBONE).
+//! 15001 (outbound capture), 15006 (inbound plaintext) and 15008 (inbound HBONE), and the DNS
+//! proxy on 127.0.0.1:15053 (see [`crate::dns`]).
 //!
 //! Phases of a connection, outbound: accept on 15001 → original destination → resolve in the state
 //! (service VIP, workload, or outside the mesh) → HBONE to the destination's 15008 as the pod, or
@@ -105,6 +106,22 @@ impl PodProxy {
         let outbound = listen(OUTBOUND_PORT).await?;
         let plaintext = listen(INBOUND_PLAINTEXT_PORT).await?;
         let hbone_listener = listen(HBONE_PORT).await?;
+        let dns_tasks = crate::dns::start(
+            &netns,
+            crate::dns::PodDns {
+                state: context.state.clone(),
+                network: context.network.clone(),
+                metrics: context.metrics.clone(),
+                uid: uid.clone(),
+                namespace: info.namespace.clone(),
+            },
+        )
+        .await
+        .map_err(|source| ProxyError::Listen {
+            uid: uid.clone(),
+            port: crate::dns::DNS_PORT,
+            source,
+        })?;
 
         let client = hbone::client::Client::with_connector(
             context.certificates.clone(),
@@ -118,11 +135,12 @@ impl PodProxy {
             netns: netns.clone(),
             client,
         });
-        let tasks = vec![
+        let mut tasks = vec![
             tokio::spawn(outbound::serve(pod.clone(), outbound)),
             tokio::spawn(inbound::serve_plaintext(pod.clone(), plaintext)),
             tokio::spawn(inbound::serve_hbone(pod, hbone_listener)),
         ];
+        tasks.extend(dns_tasks);
         tracing::info!(pod = %uid, identity = %identity, netns = netns.inode(), "pod proxy started");
         Ok(PodProxy {
             info,
@@ -156,6 +174,36 @@ impl hbone::client::Connector for NetnsConnector {
         address: SocketAddr,
     ) -> ambit_mesh::identity::BoxFuture<'_, std::io::Result<tokio::net::TcpStream>> {
         Box::pin(self.0.connect(address))
+    }
+}
+
+/// Accepts on one of a pod's capture listeners and serves each connection with `handle`. The
+/// connection tasks belong to this one: when the pod leaves (its task is aborted), they end too.
+async fn accept_loop<F, Fut>(
+    pod: Arc<Pod>,
+    listener: tokio::net::TcpListener,
+    what: &'static str,
+    handle: F,
+) where
+    F: Fn(Arc<Pod>, tokio::net::TcpStream, SocketAddr) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let mut connections = tokio::task::JoinSet::new();
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            Some(_) = connections.join_next(), if !connections.is_empty() => continue,
+        };
+        match accepted {
+            Ok((stream, client)) => {
+                connections.spawn(handle(pod.clone(), stream, client));
+            }
+            Err(err) => {
+                // Out of descriptors, or a connection reset before accept: wait, keep serving.
+                tracing::warn!(pod = %pod.uid, error = %err, "{what} accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
     }
 }
 

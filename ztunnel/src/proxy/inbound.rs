@@ -160,23 +160,7 @@ fn authorize(
 }
 
 pub(crate) async fn serve_plaintext(pod: Arc<Pod>, listener: TcpListener) {
-    // Connections belong to the pod's listener task: when the pod leaves, they end with it.
-    let mut connections = tokio::task::JoinSet::new();
-    loop {
-        let accepted = tokio::select! {
-            accepted = listener.accept() => accepted,
-            Some(_) = connections.join_next(), if !connections.is_empty() => continue,
-        };
-        match accepted {
-            Ok((stream, client)) => {
-                connections.spawn(plaintext(pod.clone(), stream, client));
-            }
-            Err(err) => {
-                tracing::warn!(pod = %pod.uid, error = %err, "inbound plaintext accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-            }
-        }
-    }
+    super::accept_loop(pod, listener, "inbound plaintext", plaintext).await
 }
 
 async fn plaintext(pod: Arc<Pod>, mut downstream: TcpStream, client: SocketAddr) {

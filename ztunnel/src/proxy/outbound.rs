@@ -31,23 +31,7 @@ enum Route {
 }
 
 pub(crate) async fn serve(pod: Arc<Pod>, listener: TcpListener) {
-    // Connections belong to the pod's listener task: when the pod leaves, they end with it.
-    let mut connections = tokio::task::JoinSet::new();
-    loop {
-        let accepted = tokio::select! {
-            accepted = listener.accept() => accepted,
-            Some(_) = connections.join_next(), if !connections.is_empty() => continue,
-        };
-        match accepted {
-            Ok((stream, client)) => {
-                connections.spawn(handle(pod.clone(), stream, client));
-            }
-            Err(err) => {
-                tracing::warn!(pod = %pod.uid, error = %err, "outbound accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-            }
-        }
-    }
+    super::accept_loop(pod, listener, "outbound", handle).await
 }
 
 async fn handle(pod: Arc<Pod>, mut app: TcpStream, client: SocketAddr) {
