@@ -5,6 +5,7 @@
 pub mod admin;
 pub mod app;
 pub mod config;
+pub mod dns;
 pub mod inpod;
 pub mod metrics;
 pub mod netns;

@@ -1,19 +1,30 @@
-//! Istio's TCP metrics (`istio_tcp_*`), with Istio's label set, rendered for Prometheus on 15020.
+//! Istio's TCP metrics (`istio_tcp_*`), with Istio's label set, and its DNS proxy metrics
+//! (`istio_dns_*`), rendered for Prometheus on 15020.
 //!
 //! Each ztunnel instance has its own recorder (not the process-global one), so several instances
 //! in one process, as in tests, keep separate counts.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use ambit_mesh::identity::Identity;
 use ambit_mesh::state::Workload;
 use metrics::{Key, Label, Level, Metadata, Recorder};
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
+use metrics_exporter_prometheus::{
+    Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
+};
 
 const OPENED: &str = "istio_tcp_connections_opened_total";
 const CLOSED: &str = "istio_tcp_connections_closed_total";
 const RECEIVED: &str = "istio_tcp_received_bytes_total";
 const SENT: &str = "istio_tcp_sent_bytes_total";
+const DNS_REQUESTS: &str = "istio_dns_requests_total";
+const DNS_UPSTREAM_REQUESTS: &str = "istio_dns_upstream_requests_total";
+const DNS_UPSTREAM_FAILURES: &str = "istio_dns_upstream_failures_total";
+const DNS_UPSTREAM_DURATION: &str = "istio_dns_upstream_request_duration_seconds";
+/// Istio's buckets for the upstream DNS duration: a cache hit, a LAN resolver, the internet, a
+/// retry, a timeout.
+const DNS_UPSTREAM_BUCKETS: [f64; 6] = [0.0005, 0.001, 0.01, 0.1, 1.0, 5.0];
 
 /// Which side of a connection reports it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -45,7 +56,14 @@ pub struct Metrics {
 
 impl Default for Metrics {
     fn default() -> Self {
-        let recorder = PrometheusBuilder::new().build_recorder();
+        // Without buckets the exporter renders histograms as summaries; Istio's is a histogram.
+        let recorder = PrometheusBuilder::new()
+            .set_buckets_for_metric(
+                Matcher::Full(DNS_UPSTREAM_DURATION.to_owned()),
+                &DNS_UPSTREAM_BUCKETS,
+            )
+            .expect("the DNS buckets are a non-empty constant")
+            .build_recorder();
         let handle = recorder.handle();
         Metrics { recorder, handle }
     }
@@ -75,6 +93,88 @@ impl Metrics {
         self.recorder
             .register_counter(&key, &METADATA)
             .increment(value);
+    }
+}
+
+/// Labels of Istio's DNS metrics (`DnsLabels` in Istio's ztunnel): the query type and transport in
+/// lower case (`a`, `udp`), and the querying pod's canonical service and revision.
+#[derive(Clone, Debug)]
+pub struct DnsLabels {
+    /// `A`, `AAAA`, ... as hickory names them; rendered in lower case as Istio does.
+    pub query_type: String,
+    /// `udp` or `tcp`.
+    pub protocol: &'static str,
+    /// The pod that asked, if the state knows it.
+    pub source: Option<Arc<Workload>>,
+}
+
+impl Metrics {
+    /// A query the DNS proxy answered or forwarded (parsed queries only; garbage is not counted).
+    pub fn dns_request(&self, labels: &DnsLabels) {
+        self.dns_counter(DNS_REQUESTS, labels);
+    }
+
+    /// A query the DNS proxy sent upstream.
+    pub fn dns_upstream_request(&self, labels: &DnsLabels) {
+        self.dns_counter(DNS_UPSTREAM_REQUESTS, labels);
+    }
+
+    /// A forwarded query that got no usable answer (timeout, unreachable, upstream error code).
+    pub fn dns_upstream_failure(&self, labels: &DnsLabels) {
+        self.dns_counter(DNS_UPSTREAM_FAILURES, labels);
+    }
+
+    /// How long a forwarded query took, answered or not.
+    pub fn dns_upstream_duration(&self, labels: &DnsLabels, elapsed: Duration) {
+        let key = Key::from_parts(DNS_UPSTREAM_DURATION, labels.to_labels());
+        self.recorder
+            .register_histogram(&key, &DNS_METADATA)
+            .record(elapsed.as_secs_f64());
+    }
+
+    fn dns_counter(&self, name: &'static str, labels: &DnsLabels) {
+        let key = Key::from_parts(name, labels.to_labels());
+        self.recorder
+            .register_counter(&key, &DNS_METADATA)
+            .increment(1);
+    }
+}
+
+static DNS_METADATA: Metadata<'static> =
+    Metadata::new(module_path!(), Level::INFO, Some(module_path!()));
+
+impl DnsLabels {
+    /// Labels in Istio's order.
+    fn to_labels(&self) -> Vec<Label> {
+        // Same defaults as the TCP metrics' source labels: the workload name when the
+        // canonical name is unset, revision `latest`, as istiod fills them in.
+        let (service, revision) = match &self.source {
+            Some(w) => {
+                let name = if w.workload_name.is_empty() {
+                    &w.name
+                } else {
+                    &w.workload_name
+                };
+                let service = if w.canonical_name.is_empty() {
+                    name
+                } else {
+                    &w.canonical_name
+                };
+                let revision = if w.canonical_revision.is_empty() {
+                    "latest"
+                } else {
+                    &w.canonical_revision
+                };
+                (or_unknown(Some(service)), revision.to_owned())
+            }
+            None => ("unknown".to_owned(), "unknown".to_owned()),
+        };
+        vec![
+            Label::new("request_query_type", self.query_type.to_lowercase()),
+            Label::new("request_protocol", self.protocol),
+            Label::new("source_canonical_service", service),
+            Label::new("source_canonical_revision", revision),
+        ]
     }
 }
 

@@ -130,6 +130,29 @@ impl PodNetns {
         tokio::net::TcpListener::from_std(std_listener)
     }
 
+    /// A UDP socket bound inside the namespace (the DNS proxy's), marked like the listeners so its
+    /// replies count as ztunnel's own packets in the pod's rules, `SO_REUSEPORT` for the same
+    /// upgrade overlap, non-blocking for Tokio.
+    pub async fn bind_udp(&self, address: SocketAddr) -> io::Result<tokio::net::UdpSocket> {
+        let std_socket = self
+            .run(move || -> io::Result<std::net::UdpSocket> {
+                let socket = Socket::new(
+                    Domain::for_address(address),
+                    Type::DGRAM,
+                    Some(Protocol::UDP),
+                )?;
+                socket.set_mark(PROXY_MARK)?;
+                socket.set_reuse_address(true)?;
+                socket.set_reuse_port(true)?;
+                socket.set_nonblocking(true)?;
+                socket.bind(&SockAddr::from(address))?;
+                Ok(socket.into())
+            })
+            .await
+            .map_err(io::Error::other)??;
+        tokio::net::UdpSocket::from_std(std_socket)
+    }
+
     /// A TCP connection from inside the namespace, marked so the pod's rules do not capture it.
     pub async fn connect(&self, address: SocketAddr) -> io::Result<tokio::net::TcpStream> {
         self.connect_from(None, address).await

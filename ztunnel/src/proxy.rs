@@ -106,6 +106,21 @@ impl PodProxy {
         let outbound = listen(OUTBOUND_PORT).await?;
         let plaintext = listen(INBOUND_PLAINTEXT_PORT).await?;
         let hbone_listener = listen(HBONE_PORT).await?;
+
+        let client = hbone::client::Client::with_connector(
+            context.certificates.clone(),
+            context.hbone.clone(),
+            Arc::new(NetnsConnector(netns.clone())),
+        );
+        let pod = Arc::new(Pod {
+            context: context.clone(),
+            uid: uid.clone(),
+            identity: identity.clone(),
+            netns: netns.clone(),
+            client,
+        });
+        // Last of the fallible steps: its tasks start at once, and only the returned PodProxy
+        // aborts them.
         let dns_tasks = crate::dns::start(
             &netns,
             crate::dns::PodDns {
@@ -122,19 +137,6 @@ impl PodProxy {
             port: crate::dns::DNS_PORT,
             source,
         })?;
-
-        let client = hbone::client::Client::with_connector(
-            context.certificates.clone(),
-            context.hbone.clone(),
-            Arc::new(NetnsConnector(netns.clone())),
-        );
-        let pod = Arc::new(Pod {
-            context: context.clone(),
-            uid: uid.clone(),
-            identity: identity.clone(),
-            netns: netns.clone(),
-            client,
-        });
         let mut tasks = vec![
             tokio::spawn(outbound::serve(pod.clone(), outbound)),
             tokio::spawn(inbound::serve_plaintext(pod.clone(), plaintext)),

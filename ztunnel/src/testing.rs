@@ -357,9 +357,21 @@ fn info(pod: &PodNet, service_account: &str) -> WorkloadInfo {
     }
 }
 
+/// How [`Cluster::start_with`] differs from [`Cluster::start`].
+#[derive(Clone, Debug, Default)]
+pub struct ClusterOptions {
+    /// Install the in-pod rules with DNS capture (UDP/TCP 53 → the DNS proxy on 15053).
+    pub dns_capture: bool,
+}
+
 impl Cluster {
     pub async fn start() -> Cluster {
-        Self::start_inner(None).await
+        Self::start_inner(None, &ClusterOptions::default()).await
+    }
+
+    /// Like [`start`](Self::start), with `options`.
+    pub async fn start_with(options: ClusterOptions) -> Cluster {
+        Self::start_inner(None, &options).await
     }
 
     /// Like [`start`](Self::start), except that node `node`'s ztunnel connects to `socket`, where
@@ -367,10 +379,13 @@ impl Cluster {
     /// [`ZdsConnection`] never would). That node's pods are not handed over, and `agents` and
     /// `servers` hold only the other node's.
     pub async fn start_with_agent_at(node: usize, socket: &Path) -> Cluster {
-        Self::start_inner(Some((node, socket))).await
+        Self::start_inner(Some((node, socket)), &ClusterOptions::default()).await
     }
 
-    async fn start_inner(custom_agent: Option<(usize, &Path)>) -> Cluster {
+    async fn start_inner(
+        custom_agent: Option<(usize, &Path)>,
+        cluster_options: &ClusterOptions,
+    ) -> Cluster {
         let mut topology = Topology::new();
         let n1 = topology.add_node();
         let n2 = topology.add_node();
@@ -390,7 +405,7 @@ impl Cluster {
 
         for pod in [&sleep, &echo] {
             let options = RuleOptions {
-                dns_capture: false,
+                dns_capture: cluster_options.dns_capture,
                 ipv6: false,
                 ..Default::default()
             };
