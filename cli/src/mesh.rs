@@ -355,10 +355,10 @@ async fn run_demo(status: &Status) -> anyhow::Result<()> {
     eprint!("{}", String::from_utf8_lossy(&out.stderr));
     for node in &status.nodes {
         let metrics = fetch_metrics(&node.metrics).await.unwrap_or_default();
-        for line in metrics
-            .lines()
-            .filter(|l| l.starts_with("istio_tcp_connections_opened_total"))
-        {
+        for line in metrics.lines().filter(|l| {
+            l.starts_with("istio_tcp_connections_opened_total")
+                || l.starts_with("istio_dns_requests_total")
+        }) {
             println!("{} ztunnel: {line}", node.name);
         }
     }

@@ -309,6 +309,16 @@ fn the_local_mesh_end_to_end() {
         !contains(&wire, b"secret-path-marker"),
         "the payload never appears on the wire"
     );
+    // In the mesh the name was resolved by ztunnel's DNS proxy (the hosts file lists no services).
+    let metrics_address = status["nodes"][0]["metrics"].as_str().unwrap().to_owned();
+    let metrics = mesh.ok(&["fetch", &format!("http://{metrics_address}/metrics")]);
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("istio_dns_requests_total")
+                && l.contains("request_query_type=\"a\"")),
+        "{metrics}"
+    );
 
     // Unlabel: plain again, still the same process.
     mesh.ok(&["label", "namespace", "shop", "istio.io/dataplane-mode-"]);

@@ -35,6 +35,9 @@ const TRUST_DOMAIN: &str = "cluster.local";
 const POD_RANGE: (u8, u8) = (10, 244);
 /// Service VIPs come from 10.96.0.0/16, Kubernetes' default service CIDR.
 const SERVICE_RANGE: (u8, u8) = (10, 96);
+/// The cluster DNS address pods are told to use (kube-dns' usual VIP); in-pod rules send their
+/// queries to ztunnel's DNS proxy, so nothing listens here.
+const CLUSTER_DNS: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 
 pub struct Options {
     pub state_dir: PathBuf,
@@ -150,7 +153,7 @@ impl Mesh {
                 &socket,
                 Backend::Iptables,
                 RuleOptions {
-                    dns_capture: false,
+                    dns_capture: true,
                     ipv6: false,
                     ..Default::default()
                 },
@@ -373,7 +376,7 @@ impl Mesh {
                 )?;
             }
         }
-        self.write_hosts_files()?;
+        self.write_resolver_files()?;
 
         // Processes of new pods start last: an ambient pod's first connection is captured.
         for key in started {
@@ -387,7 +390,7 @@ impl Mesh {
 
     fn free_vip(&self) -> IpAddr {
         let (a, b) = SERVICE_RANGE;
-        (10u16..u16::MAX)
+        (11u16..u16::MAX)
             .map(|n| IpAddr::V4(Ipv4Addr::new(a, b, (n >> 8) as u8, n as u8)))
             .find(|ip| !self.vips.values().any(|v| v == ip))
             .expect("65k VIPs")
@@ -441,23 +444,34 @@ impl Mesh {
         Ok(())
     }
 
-    /// Each pod's `/etc/hosts` (mounted by `ip netns exec`): services by their cluster names.
-    fn write_hosts_files(&self) -> anyhow::Result<()> {
+    /// Each pod's `/etc/resolv.conf` and `/etc/hosts` (mounted over /etc by `ip netns exec`).
+    ///
+    /// Pods in the mesh resolve through DNS as on a cluster: their queries to the cluster DNS
+    /// address are captured by the in-pod rules and answered by ztunnel's DNS proxy. Pods outside
+    /// the mesh have no DNS server to reach, so their hosts file lists the services instead.
+    fn write_resolver_files(&self) -> anyhow::Result<()> {
         for ((namespace, _), pod) in &self.pods {
             let mut hosts = String::from("127.0.0.1 localhost\n");
-            for ((service_namespace, service), vip) in &self.vips {
-                let full = format!("{service}.{service_namespace}.svc.cluster.local");
-                let mid = format!("{service}.{service_namespace}");
-                if service_namespace == namespace {
-                    hosts.push_str(&format!("{vip} {full} {mid} {service}\n"));
-                } else {
-                    hosts.push_str(&format!("{vip} {full} {mid}\n"));
+            if !pod.enrolled {
+                for ((service_namespace, service), vip) in &self.vips {
+                    let full = format!("{service}.{service_namespace}.svc.cluster.local");
+                    let mid = format!("{service}.{service_namespace}");
+                    if service_namespace == namespace {
+                        hosts.push_str(&format!("{vip} {full} {mid} {service}\n"));
+                    } else {
+                        hosts.push_str(&format!("{vip} {full} {mid}\n"));
+                    }
                 }
             }
+            let resolv = format!(
+                "search {namespace}.svc.cluster.local svc.cluster.local cluster.local\n\
+                 nameserver {CLUSTER_DNS}\noptions ndots:5\n"
+            );
             let dir = PathBuf::from(format!("/etc/netns/{}", pod.net.netns));
             std::fs::create_dir_all(&dir)?;
-            // Written in place: running processes have this very inode mounted over /etc/hosts.
+            // Written in place: running processes have these very inodes mounted over /etc.
             std::fs::write(dir.join("hosts"), hosts)?;
+            std::fs::write(dir.join("resolv.conf"), resolv)?;
         }
         Ok(())
     }
