@@ -1,9 +1,7 @@
 //! Test helpers (feature `testing`): a cluster in network namespaces.
 //!
-//! One "network" namespace holds a bridge; each node is a namespace on that bridge, routing to the
-//! others' pod ranges; each pod is a namespace behind a veth pair on its node, ptp style (pod
-//! `10.0.<node>.<n>/32`, gateway `10.0.<node>.1`), as a CNI sets them up. Nothing is created in
-//! the host namespace, names are unique per test, and everything is deleted on drop.
+//! [`Topology`] is the local mesh's network (nodes and pods as namespaces, pods `10.0.<node>.<n>`)
+//! with names unique per test, deleted on drop.
 //!
 //! [`Cluster`] puts in-process ztunnels on two such nodes, with Istio's in-pod rules installed in
 //! the enrolled pods and the pods handed over ZDS, as a node agent would.
@@ -33,8 +31,6 @@ pub struct Node {
     pub netns: String,
     /// The node's address on the inter-node bridge.
     pub address: Ipv4Addr,
-    index: u8,
-    pods: u8,
 }
 
 /// A pod namespace.
@@ -53,31 +49,14 @@ impl PodNet {
     }
 }
 
-/// The whole topology; dropping it deletes every namespace it made.
+/// The local mesh's topology ([`ambit_local::topology`]) with names unique per test, panicking on
+/// failure (a broken fixture is a test bug), and deleted on drop.
 pub struct Topology {
-    prefix: String,
-    /// The namespace holding the inter-node bridge `br0` (capture there to see the wire).
+    inner: Option<ambit_local::topology::Topology>,
+    /// The namespace holding the inter-node bridge `br0`.
     pub network: String,
     pub nodes: Vec<Node>,
     pub pods: Vec<PodNet>,
-}
-
-/// Runs `ip` with `args`, panicking with its stderr on failure: a broken fixture is a test bug.
-pub fn ip(args: &[&str]) {
-    run("ip", args);
-}
-
-fn run(program: &str, args: &[&str]) {
-    let out = Command::new(program)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("{program} {args:?}: {e} (is iproute2 installed? run as root)"));
-    assert!(
-        out.status.success(),
-        "{program} {}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 /// Runs a command inside a namespace and returns its stdout.
@@ -102,162 +81,38 @@ impl Topology {
             std::process::id() % 100_000,
             NEXT.fetch_add(1, Ordering::SeqCst)
         );
-        let network = format!("{prefix}-net");
-        ip(&["netns", "add", &network]);
-        let topology = Topology {
-            prefix,
-            network: network.clone(),
+        let inner = ambit_local::topology::Topology::create(&prefix, (10, 0))
+            .expect("create the test network (root and iproute2 needed)");
+        Topology {
+            network: inner.network.clone(),
+            inner: Some(inner),
             nodes: Vec::new(),
             pods: Vec::new(),
-        };
-        ip(&["-n", &network, "link", "set", "lo", "up"]);
-        ip(&["-n", &network, "link", "add", "br0", "type", "bridge"]);
-        ip(&["-n", &network, "link", "set", "br0", "up"]);
-        topology
+        }
     }
 
-    /// Adds a node; returns its index.
+    fn inner(&mut self) -> &mut ambit_local::topology::Topology {
+        self.inner.as_mut().expect("alive until dropped")
+    }
+
+    /// Adds a node (`10.0.<n>.0/24` for its pods); returns its index.
     pub fn add_node(&mut self) -> usize {
-        let index = self.nodes.len() as u8 + 1;
-        let netns = format!("{}-n{index}", self.prefix);
-        let address = Ipv4Addr::new(172, 16, 0, index);
-        ip(&["netns", "add", &netns]);
-        ip(&["-n", &netns, "link", "set", "lo", "up"]);
-        let bridge_port = format!("n{index}");
-        ip(&[
-            "link",
-            "add",
-            "eth0",
-            "netns",
-            &netns,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            &bridge_port,
-            "netns",
-            &self.network,
-        ]);
-        ip(&[
-            "-n",
-            &self.network,
-            "link",
-            "set",
-            &bridge_port,
-            "master",
-            "br0",
-            "up",
-        ]);
-        ip(&[
-            "-n",
-            &netns,
-            "addr",
-            "add",
-            &format!("{address}/24"),
-            "dev",
-            "eth0",
-        ]);
-        ip(&["-n", &netns, "link", "set", "eth0", "up"]);
-        netns_exec(&netns, &["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
-        // Every node routes to every other node's pod range, both ways.
-        for other in &self.nodes {
-            ip(&[
-                "-n",
-                &netns,
-                "route",
-                "add",
-                &format!("10.0.{}.0/24", other.index),
-                "via",
-                &other.address.to_string(),
-            ]);
-            ip(&[
-                "-n",
-                &other.netns,
-                "route",
-                "add",
-                &format!("10.0.{index}.0/24"),
-                "via",
-                &address.to_string(),
-            ]);
-        }
+        let name = format!("n{}", self.nodes.len() + 1);
+        let node = self.inner().add_node(&name).expect("add node");
         self.nodes.push(Node {
-            netns,
-            address,
-            index,
-            pods: 0,
+            netns: node.netns,
+            address: node.address,
         });
         self.nodes.len() - 1
     }
 
     /// Adds a pod on `node`; returns it.
     pub fn add_pod(&mut self, node: usize, name: &str) -> PodNet {
-        let node_info = &mut self.nodes[node];
-        node_info.pods += 1;
-        let host = node_info.pods + 1;
-        let pod_ip = Ipv4Addr::new(10, 0, node_info.index, host);
-        let gateway = Ipv4Addr::new(10, 0, node_info.index, 1);
-        let node_ns = node_info.netns.clone();
-        let netns = format!("{}-{name}", self.prefix);
-        let node_port = format!("p{host}");
-        ip(&["netns", "add", &netns]);
-        ip(&["-n", &netns, "link", "set", "lo", "up"]);
-        ip(&[
-            "link", "add", "eth0", "netns", &netns, "type", "veth", "peer", "name", &node_port,
-            "netns", &node_ns,
-        ]);
-        ip(&[
-            "-n",
-            &netns,
-            "addr",
-            "add",
-            &format!("{pod_ip}/32"),
-            "dev",
-            "eth0",
-        ]);
-        ip(&["-n", &netns, "link", "set", "eth0", "up"]);
-        ip(&[
-            "-n",
-            &netns,
-            "route",
-            "add",
-            &gateway.to_string(),
-            "dev",
-            "eth0",
-            "scope",
-            "link",
-        ]);
-        ip(&[
-            "-n",
-            &netns,
-            "route",
-            "add",
-            "default",
-            "via",
-            &gateway.to_string(),
-        ]);
-        ip(&[
-            "-n",
-            &node_ns,
-            "addr",
-            "add",
-            &format!("{gateway}/32"),
-            "dev",
-            &node_port,
-        ]);
-        ip(&["-n", &node_ns, "link", "set", &node_port, "up"]);
-        ip(&[
-            "-n",
-            &node_ns,
-            "route",
-            "add",
-            &format!("{pod_ip}/32"),
-            "dev",
-            &node_port,
-        ]);
+        let net = self.inner().add_pod(node, name).expect("add pod");
         let pod = PodNet {
             name: name.to_owned(),
-            netns,
-            ip: pod_ip,
+            netns: net.netns,
+            ip: net.ip,
             node,
         };
         self.pods.push(pod.clone());
@@ -273,14 +128,8 @@ impl Default for Topology {
 
 impl Drop for Topology {
     fn drop(&mut self) {
-        let names = self
-            .pods
-            .iter()
-            .map(|p| p.netns.clone())
-            .chain(self.nodes.iter().map(|n| n.netns.clone()))
-            .chain([self.network.clone()]);
-        for name in names {
-            let _ = Command::new("ip").args(["netns", "del", &name]).output();
+        if let Some(inner) = self.inner.take() {
+            inner.destroy();
         }
     }
 }
