@@ -42,7 +42,7 @@
 //! - `AMBIT_BENCH_CONNS`: connections held open for the memory figure (default 10000).
 //! - `AMBIT_BENCH_OPEN_CONCURRENCY`: connections opened at a time for it (default 64).
 //! - `AMBIT_BENCH_CLOSE`: `reset` (default) or `fin`: how the memory test's connections close
-//!   (see below).
+//!   (see above).
 //! - `AMBIT_BENCH_ONLY`: `memory`, `throughput` or `latency` to run just that group.
 //! - `AMBIT_BENCH_THREADS`: Tokio worker threads (default: the machine's cores).
 //! - `AMBIT_BENCH_VERBOSE`: set to print every run's figure (to stderr).
@@ -159,11 +159,11 @@ fn main() {
         return;
     }
     let config = Config::from_env();
-    // Each held tunnelled connection costs 4 fds here (app client, source ztunnel's accepted
-    // socket, destination ztunnel's upstream, app server), each direct one 2; the latency runs
-    // create their sockets ahead.
+    // Each tunnelled connection the memory test holds costs 2 fds here (the source ztunnel's
+    // accepted socket, the destination ztunnel's upstream) and 1 per 50 for pooled HBONE
+    // connections; its apps are in a child. The new-connection latency run makes its sockets ahead.
     let latency_sockets = (config.rate * (config.seconds + 1)) as usize;
-    let wanted = (6 * config.conns + latency_sockets + 4096) as u64;
+    let wanted = (2 * config.conns + config.conns / 50 + latency_sockets + 4096) as u64;
     let fd_limit = raise_fd_limit(wanted);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(config.threads)
