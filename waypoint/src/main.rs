@@ -1,12 +1,19 @@
-//! ambit-waypoint: the optional per-namespace L7 proxy: HBONE in, HTTP routing, retries,
-//! timeouts, L7 policy, telemetry and proxy-wasm filters, HBONE out.
-//!
-//! Not built yet: this binary only prints what it will be, so that nothing pretends to work.
+//! `ambit-waypoint`: runs the L7 waypoint proxy until interrupted.
 
-fn main() {
-    eprintln!(
-        "ambit-waypoint: the per-namespace L7 proxy (routing, retries, L7 policy, Wasm filters)."
-    );
-    eprintln!("usage: ambit-waypoint (not implemented yet; see ARCHITECTURE.md for the plan)");
-    std::process::exit(2);
+use ambit_waypoint::app::Waypoint;
+use ambit_waypoint::config::Config;
+use clap::Parser;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    let config = Config::parse();
+    let _waypoint = Waypoint::start(config, Default::default()).await?;
+    tokio::signal::ctrl_c().await?;
+    tracing::info!("interrupted; stopping");
+    Ok(())
 }

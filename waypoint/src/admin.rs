@@ -1,0 +1,62 @@
+//! The operator endpoints: Prometheus (`/metrics`, `/stats/prometheus`) on 15020 and readiness
+//! (`/healthz/ready`) on 15021, Istio's waypoint ports.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use http_body_util::Full;
+use hyper::body::{Bytes, Incoming};
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+
+use crate::metrics::Metrics;
+
+/// Which endpoints a listener serves.
+#[derive(Clone, Copy, Debug)]
+pub enum Endpoints {
+    Stats,
+    Readiness,
+}
+
+/// Serves `endpoints` on `listener` until the task is dropped.
+pub async fn serve(listener: TcpListener, endpoints: Endpoints, metrics: Arc<Metrics>) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |request: Request<Incoming>| {
+                let response = respond(endpoints, &metrics, request.uri().path());
+                async move { Ok::<_, Infallible>(response) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+fn respond(endpoints: Endpoints, metrics: &Metrics, path: &str) -> Response<Full<Bytes>> {
+    let (status, content_type, body) = match (endpoints, path) {
+        (Endpoints::Stats, "/metrics" | "/stats/prometheus") => (
+            StatusCode::OK,
+            "text/plain; version=0.0.4",
+            metrics.render(),
+        ),
+        (Endpoints::Readiness, "/healthz/ready") => {
+            (StatusCode::OK, "text/plain", "ready\n".to_owned())
+        }
+        _ => (
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            format!("no endpoint {path}\n"),
+        ),
+    };
+    Response::builder()
+        .status(status)
+        .header("content-type", content_type)
+        .body(Full::new(Bytes::from(body)))
+        .expect("static response parts are valid")
+}

@@ -1,0 +1,148 @@
+//! Assembles a running waypoint: certificates, state, the HBONE listener with its HTTP handler,
+//! and the operator endpoints. Used by the binary and, in process, by tests.
+
+use std::net::SocketAddr;
+use std::sync::atomic::AtomicUsize;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ambit_mesh::hbone::client::Client;
+use ambit_mesh::hbone::server::Server;
+use ambit_mesh::hbone::Settings;
+use ambit_mesh::identity::{CertificateAuthority, CertificateManager, Identity, ManagerSettings};
+use ambit_mesh::state::local::{self, LocalConfig};
+use ambit_mesh::state::StateStore;
+use anyhow::Context as _;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+
+use crate::admin::{self, Endpoints};
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::proxy::inbound::Inbound;
+use crate::proxy::{Context, ProxySettings};
+
+/// How often the local state file is checked for changes.
+const STATE_POLL: Duration = Duration::from_millis(500);
+
+/// Where a waypoint listens and how it behaves, once certificates and state are at hand.
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub identity: Identity,
+    pub network: String,
+    pub hbone_address: SocketAddr,
+    pub stats_address: SocketAddr,
+    pub readiness_address: SocketAddr,
+    pub proxy: ProxySettings,
+    pub hbone: Settings,
+}
+
+/// A started waypoint; dropping it stops everything it runs.
+pub struct Waypoint {
+    pub identity: Identity,
+    pub state: Arc<StateStore>,
+    pub certificates: Arc<CertificateManager>,
+    pub metrics: Arc<Metrics>,
+    pub hbone_address: SocketAddr,
+    pub stats_address: SocketAddr,
+    pub readiness_address: SocketAddr,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Drop for Waypoint {
+    fn drop(&mut self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
+impl Waypoint {
+    /// Validates `config`, loads the CA and the state file (watched for changes), and starts.
+    pub async fn start(config: Config, hbone: Settings) -> anyhow::Result<Self> {
+        config.validate()?;
+        let ca_dir = config.ca_dir.as_ref().expect("validated");
+        let ca = CertificateAuthority::load(ca_dir).context("loading the CA")?;
+        let certificates = Arc::new(CertificateManager::new(
+            Arc::new(ca),
+            ManagerSettings {
+                ttl: Duration::from_secs(config.secret_ttl_seconds),
+                ..Default::default()
+            },
+        ));
+        let state_path = config.local_xds_path.clone().expect("validated");
+        let state = Arc::new(StateStore::new(LocalConfig::load(&state_path)?));
+        let options = Options {
+            identity: config.identity()?,
+            network: config.network.clone(),
+            hbone_address: config.hbone_address,
+            stats_address: config.stats_address,
+            readiness_address: config.readiness_address,
+            proxy: config.proxy_settings(),
+            hbone,
+        };
+        let mut waypoint = Self::start_with(options, certificates, state.clone()).await?;
+        waypoint
+            .tasks
+            .push(tokio::spawn(local::watch(state_path, state, STATE_POLL)));
+        Ok(waypoint)
+    }
+
+    /// Starts with the given certificates and state (tests set the state directly).
+    pub async fn start_with(
+        options: Options,
+        certificates: Arc<CertificateManager>,
+        state: Arc<StateStore>,
+    ) -> anyhow::Result<Self> {
+        let metrics = Arc::new(Metrics::default());
+        let context = Arc::new(Context {
+            identity: options.identity.clone(),
+            state: state.clone(),
+            client: Client::new(certificates.clone(), options.hbone.clone()),
+            metrics: metrics.clone(),
+            network: options.network.clone(),
+            settings: options.proxy.clone(),
+            next_pick: AtomicUsize::new(0),
+        });
+        let hbone_listener = TcpListener::bind(options.hbone_address)
+            .await
+            .with_context(|| format!("binding HBONE on {}", options.hbone_address))?;
+        let hbone_address = hbone_listener.local_addr()?;
+        let server = Server::new(
+            options.identity.clone(),
+            certificates.clone(),
+            Arc::new(Inbound::new(context)),
+            options.hbone.clone(),
+        );
+        let mut tasks = vec![tokio::spawn(async move {
+            if let Err(err) = server.serve(hbone_listener).await {
+                tracing::error!(error = %err, "HBONE listener failed");
+            }
+        })];
+        let mut bind = async |address: SocketAddr, endpoints: Endpoints| {
+            let listener = TcpListener::bind(address)
+                .await
+                .with_context(|| format!("binding {endpoints:?} endpoints on {address}"))?;
+            let bound = listener.local_addr()?;
+            tasks.push(tokio::spawn(admin::serve(
+                listener,
+                endpoints,
+                metrics.clone(),
+            )));
+            anyhow::Ok(bound)
+        };
+        let stats_address = bind(options.stats_address, Endpoints::Stats).await?;
+        let readiness_address = bind(options.readiness_address, Endpoints::Readiness).await?;
+        tracing::info!(identity = %options.identity, %hbone_address, %stats_address, %readiness_address, "waypoint started");
+        Ok(Waypoint {
+            identity: options.identity,
+            state,
+            certificates,
+            metrics,
+            hbone_address,
+            stats_address,
+            readiness_address,
+            tasks,
+        })
+    }
+}

@@ -1,0 +1,247 @@
+//! Istio's HTTP metrics as a waypoint reports them (`reporter="waypoint"`):
+//! `istio_requests_total`, `istio_request_duration_milliseconds`, `istio_request_bytes` and
+//! `istio_response_bytes`, with Istio's label set in Istio's order, rendered for Prometheus on
+//! 15020.
+//!
+//! Each waypoint instance has its own recorder (not the process-global one), so several
+//! instances in one process, as in tests, keep separate counts.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use ambit_mesh::identity::Identity;
+use ambit_mesh::state::{Service, Workload};
+use metrics::{Key, Label, Level, Metadata, Recorder};
+use metrics_exporter_prometheus::{
+    Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
+};
+
+pub const REQUESTS: &str = "istio_requests_total";
+pub const DURATION: &str = "istio_request_duration_milliseconds";
+pub const REQUEST_BYTES: &str = "istio_request_bytes";
+pub const RESPONSE_BYTES: &str = "istio_response_bytes";
+
+/// Istio's default histogram buckets (`sidecar.istio.io/statsHistogramBuckets`), used for the
+/// duration (milliseconds) and for both byte histograms.
+pub const BUCKETS: [f64; 19] = [
+    0.5, 1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0, 30000.0,
+    60000.0, 300000.0, 600000.0, 1800000.0, 3600000.0,
+];
+
+/// Everything Istio labels one HTTP request with. Unknown values render as `unknown`.
+#[derive(Clone, Debug, Default)]
+pub struct RequestLabels {
+    /// The client workload, when the state knows it (found by its address, checked against the
+    /// HBONE peer's identity).
+    pub source: Option<Arc<Workload>>,
+    /// The HBONE peer's verified identity.
+    pub source_principal: Option<Identity>,
+    /// The endpoint the request went to (the last one tried).
+    pub destination: Option<Arc<Workload>>,
+    pub destination_principal: Option<Identity>,
+    /// The service the client addressed, if it addressed one.
+    pub destination_service: Option<Arc<Service>>,
+    /// `http` or `grpc`.
+    pub request_protocol: &'static str,
+    pub response_code: u16,
+    /// The `grpc-status` the response carried (empty for plain HTTP).
+    pub grpc_response_status: String,
+    /// Envoy's response flags (`-` when none; `UF,URX`, `UH`, `UT`, `NR`, `UC`).
+    pub response_flags: String,
+}
+
+/// A recorder and its Prometheus view.
+pub struct Metrics {
+    recorder: PrometheusRecorder,
+    handle: PrometheusHandle,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        // Without buckets the exporter renders histograms as summaries; Istio's are histograms.
+        let mut builder = PrometheusBuilder::new();
+        for name in [DURATION, REQUEST_BYTES, RESPONSE_BYTES] {
+            builder = builder
+                .set_buckets_for_metric(Matcher::Full(name.to_owned()), &BUCKETS)
+                .expect("the buckets are a non-empty constant");
+        }
+        let recorder = builder.build_recorder();
+        let handle = recorder.handle();
+        Metrics { recorder, handle }
+    }
+}
+
+static METADATA: Metadata<'static> =
+    Metadata::new(module_path!(), Level::INFO, Some(module_path!()));
+
+impl Metrics {
+    /// Prometheus text exposition of everything recorded.
+    pub fn render(&self) -> String {
+        self.handle.render()
+    }
+
+    /// One finished request: counted, timed, and its sizes (headers and body, as Envoy's
+    /// `request.total_size` / `response.total_size`) recorded.
+    pub fn request(
+        &self,
+        labels: &RequestLabels,
+        duration: Duration,
+        request_bytes: u64,
+        response_bytes: u64,
+    ) {
+        let labels = labels.to_labels();
+        let key = |name: &'static str| Key::from_parts(name, labels.clone());
+        self.recorder
+            .register_counter(&key(REQUESTS), &METADATA)
+            .increment(1);
+        self.recorder
+            .register_histogram(&key(DURATION), &METADATA)
+            .record(duration.as_secs_f64() * 1000.0);
+        self.recorder
+            .register_histogram(&key(REQUEST_BYTES), &METADATA)
+            .record(request_bytes as f64);
+        self.recorder
+            .register_histogram(&key(RESPONSE_BYTES), &METADATA)
+            .record(response_bytes as f64);
+    }
+}
+
+/// Istio's per-workload label values: workload, canonical service, canonical revision,
+/// namespace, app, version, cluster.
+fn workload_labels(workload: &Option<Arc<Workload>>) -> [String; 7] {
+    let Some(w) = workload else {
+        return std::array::from_fn(|_| "unknown".to_owned());
+    };
+    // As istiod fills them in: the workload name when the canonical name is unset, revision
+    // `latest`.
+    let name = if w.workload_name.is_empty() {
+        &w.name
+    } else {
+        &w.workload_name
+    };
+    let service = if w.canonical_name.is_empty() {
+        name
+    } else {
+        &w.canonical_name
+    };
+    let revision = if w.canonical_revision.is_empty() {
+        "latest"
+    } else {
+        &w.canonical_revision
+    };
+    [
+        or_unknown(name),
+        or_unknown(service),
+        revision.to_owned(),
+        or_unknown(&w.namespace),
+        or_unknown(service),
+        revision.to_owned(),
+        or_unknown(&w.cluster_id),
+    ]
+}
+
+fn or_unknown(value: &str) -> String {
+    if value.is_empty() {
+        "unknown".to_owned()
+    } else {
+        value.to_owned()
+    }
+}
+
+fn principal(identity: &Option<Identity>) -> String {
+    identity
+        .as_ref()
+        .map_or_else(|| "unknown".to_owned(), ToString::to_string)
+}
+
+impl RequestLabels {
+    /// Labels in the order Istio's waypoint stats use.
+    fn to_labels(&self) -> Vec<Label> {
+        let [s_workload, s_service, s_revision, s_namespace, s_app, s_version, s_cluster] =
+            workload_labels(&self.source);
+        let [d_workload, d_service, d_revision, d_namespace, d_app, d_version, d_cluster] =
+            workload_labels(&self.destination);
+        let (svc_host, svc_name, svc_namespace) = match &self.destination_service {
+            Some(s) => (
+                or_unknown(&s.hostname),
+                or_unknown(&s.name),
+                or_unknown(&s.namespace),
+            ),
+            None => ("unknown".into(), "unknown".into(), "unknown".into()),
+        };
+        let protocol = if self.request_protocol.is_empty() {
+            "http"
+        } else {
+            self.request_protocol
+        };
+        let flags = if self.response_flags.is_empty() {
+            "-".to_owned()
+        } else {
+            self.response_flags.clone()
+        };
+        let pairs: [(&'static str, String); 25] = [
+            ("reporter", "waypoint".to_owned()),
+            ("source_workload", s_workload),
+            ("source_canonical_service", s_service),
+            ("source_canonical_revision", s_revision),
+            ("source_workload_namespace", s_namespace),
+            ("source_principal", principal(&self.source_principal)),
+            ("source_app", s_app),
+            ("source_version", s_version),
+            ("source_cluster", s_cluster),
+            ("destination_workload", d_workload),
+            ("destination_workload_namespace", d_namespace),
+            (
+                "destination_principal",
+                principal(&self.destination_principal),
+            ),
+            ("destination_app", d_app),
+            ("destination_version", d_version),
+            ("destination_service", svc_host),
+            ("destination_canonical_service", d_service),
+            ("destination_canonical_revision", d_revision),
+            ("destination_service_name", svc_name),
+            ("destination_service_namespace", svc_namespace),
+            ("destination_cluster", d_cluster),
+            ("request_protocol", protocol.to_owned()),
+            ("response_code", self.response_code.to_string()),
+            ("grpc_response_status", self.grpc_response_status.clone()),
+            ("response_flags", flags),
+            ("connection_security_policy", "mutual_tls".to_owned()),
+        ];
+        pairs
+            .into_iter()
+            .map(|(key, value)| Label::new(key, value))
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_istio_names_labels_and_buckets() {
+        let metrics = Metrics::default();
+        let labels = RequestLabels {
+            response_code: 200,
+            request_protocol: "http",
+            ..Default::default()
+        };
+        metrics.request(&labels, Duration::from_millis(3), 10, 20);
+        let text = metrics.render();
+        assert!(
+            text.contains("istio_requests_total{reporter=\"waypoint\""),
+            "{text}"
+        );
+        assert!(text.contains("response_code=\"200\""), "{text}");
+        assert!(text.contains("response_flags=\"-\""), "{text}");
+        assert!(
+            text.contains("istio_request_duration_milliseconds_bucket{"),
+            "{text}"
+        );
+        assert!(text.contains("le=\"3600000\""), "{text}");
+        assert!(text.contains("istio_request_bytes_sum{"), "{text}");
+        assert!(text.contains("istio_response_bytes_count{"), "{text}");
+    }
+}
