@@ -7,6 +7,7 @@ pub mod hbone;
 pub mod identity;
 pub mod rbac;
 pub mod state;
+pub mod telemetry;
 pub mod tls;
 pub mod zds;
 

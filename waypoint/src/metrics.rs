@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use ambit_mesh::identity::Identity;
 use ambit_mesh::state::{Service, Workload};
+use ambit_mesh::telemetry::{or_unknown, WorkloadLabels};
 use metrics::{Key, Label, Level, Metadata, Recorder};
 use metrics_exporter_prometheus::{
     Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
@@ -106,48 +107,6 @@ impl Metrics {
     }
 }
 
-/// Istio's per-workload label values: workload, canonical service, canonical revision,
-/// namespace, app, version, cluster.
-fn workload_labels(workload: &Option<Arc<Workload>>) -> [String; 7] {
-    let Some(w) = workload else {
-        return std::array::from_fn(|_| "unknown".to_owned());
-    };
-    // As istiod fills them in: the workload name when the canonical name is unset, revision
-    // `latest`.
-    let name = if w.workload_name.is_empty() {
-        &w.name
-    } else {
-        &w.workload_name
-    };
-    let service = if w.canonical_name.is_empty() {
-        name
-    } else {
-        &w.canonical_name
-    };
-    let revision = if w.canonical_revision.is_empty() {
-        "latest"
-    } else {
-        &w.canonical_revision
-    };
-    [
-        or_unknown(name),
-        or_unknown(service),
-        revision.to_owned(),
-        or_unknown(&w.namespace),
-        or_unknown(service),
-        revision.to_owned(),
-        or_unknown(&w.cluster_id),
-    ]
-}
-
-fn or_unknown(value: &str) -> String {
-    if value.is_empty() {
-        "unknown".to_owned()
-    } else {
-        value.to_owned()
-    }
-}
-
 fn principal(identity: &Option<Identity>) -> String {
     identity
         .as_ref()
@@ -157,10 +116,24 @@ fn principal(identity: &Option<Identity>) -> String {
 impl RequestLabels {
     /// Labels in the order Istio's waypoint stats use.
     fn to_labels(&self) -> Vec<Label> {
-        let [s_workload, s_service, s_revision, s_namespace, s_app, s_version, s_cluster] =
-            workload_labels(&self.source);
-        let [d_workload, d_service, d_revision, d_namespace, d_app, d_version, d_cluster] =
-            workload_labels(&self.destination);
+        let WorkloadLabels {
+            workload: s_workload,
+            canonical_service: s_service,
+            canonical_revision: s_revision,
+            namespace: s_namespace,
+            app: s_app,
+            version: s_version,
+            cluster: s_cluster,
+        } = WorkloadLabels::of(self.source.as_deref());
+        let WorkloadLabels {
+            workload: d_workload,
+            canonical_service: d_service,
+            canonical_revision: d_revision,
+            namespace: d_namespace,
+            app: d_app,
+            version: d_version,
+            cluster: d_cluster,
+        } = WorkloadLabels::of(self.destination.as_deref());
         let (svc_host, svc_name, svc_namespace) = match &self.destination_service {
             Some(s) => (
                 or_unknown(&s.hostname),

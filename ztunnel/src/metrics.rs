@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use ambit_mesh::identity::Identity;
 use ambit_mesh::state::Workload;
+use ambit_mesh::telemetry::WorkloadLabels;
 use metrics::{Key, Label, Level, Metadata, Recorder};
 use metrics_exporter_prometheus::{
     Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
@@ -146,42 +147,14 @@ static DNS_METADATA: Metadata<'static> =
 impl DnsLabels {
     /// Labels in Istio's order.
     fn to_labels(&self) -> Vec<Label> {
-        // Same defaults as the TCP metrics' source labels: the workload name when the
-        // canonical name is unset, revision `latest`, as istiod fills them in.
-        let (service, revision) = match &self.source {
-            Some(w) => {
-                let name = if w.workload_name.is_empty() {
-                    &w.name
-                } else {
-                    &w.workload_name
-                };
-                let service = if w.canonical_name.is_empty() {
-                    name
-                } else {
-                    &w.canonical_name
-                };
-                let revision = if w.canonical_revision.is_empty() {
-                    "latest"
-                } else {
-                    &w.canonical_revision
-                };
-                (or_unknown(Some(service)), revision.to_owned())
-            }
-            None => ("unknown".to_owned(), "unknown".to_owned()),
-        };
+        let source = WorkloadLabels::of(self.source.as_deref());
+        let (service, revision) = (source.canonical_service, source.canonical_revision);
         vec![
             Label::new("request_query_type", self.query_type.to_lowercase()),
             Label::new("request_protocol", self.protocol),
             Label::new("source_canonical_service", service),
             Label::new("source_canonical_revision", revision),
         ]
-    }
-}
-
-fn or_unknown(value: Option<&str>) -> String {
-    match value {
-        Some(v) if !v.is_empty() => v.to_owned(),
-        _ => "unknown".to_owned(),
     }
 }
 
@@ -194,41 +167,24 @@ fn principal(identity: &Option<Identity>) -> String {
 impl TrafficLabels {
     /// Labels in Istio's order.
     fn to_labels(&self) -> Vec<Label> {
-        let workload = |w: &Option<Arc<Workload>>| -> [String; 7] {
-            match w {
-                Some(w) => {
-                    let name = if w.workload_name.is_empty() {
-                        &w.name
-                    } else {
-                        &w.workload_name
-                    };
-                    let service = if w.canonical_name.is_empty() {
-                        name
-                    } else {
-                        &w.canonical_name
-                    };
-                    let revision = if w.canonical_revision.is_empty() {
-                        "latest"
-                    } else {
-                        &w.canonical_revision
-                    };
-                    [
-                        name.clone(),
-                        service.clone(),
-                        revision.to_owned(),
-                        w.namespace.clone(),
-                        service.clone(),
-                        revision.to_owned(),
-                        or_unknown(Some(&w.cluster_id)),
-                    ]
-                }
-                None => std::array::from_fn(|_| "unknown".to_owned()),
-            }
-        };
-        let [s_workload, s_service, s_revision, s_namespace, s_app, s_version, s_cluster] =
-            workload(&self.source);
-        let [d_workload, d_service, d_revision, d_namespace, d_app, d_version, d_cluster] =
-            workload(&self.destination);
+        let WorkloadLabels {
+            workload: s_workload,
+            canonical_service: s_service,
+            canonical_revision: s_revision,
+            namespace: s_namespace,
+            app: s_app,
+            version: s_version,
+            cluster: s_cluster,
+        } = WorkloadLabels::of(self.source.as_deref());
+        let WorkloadLabels {
+            workload: d_workload,
+            canonical_service: d_service,
+            canonical_revision: d_revision,
+            namespace: d_namespace,
+            app: d_app,
+            version: d_version,
+            cluster: d_cluster,
+        } = WorkloadLabels::of(self.destination.as_deref());
         let (svc_host, svc_namespace, svc_name) = match &self.destination_service {
             Some((host, namespace, name)) => (host.clone(), namespace.clone(), name.clone()),
             None => (
