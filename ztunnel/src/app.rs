@@ -68,6 +68,7 @@ impl Ztunnel {
             network: config.network.clone(),
             metrics: metrics.clone(),
             connections: connections.clone(),
+            enforce_waypoint: config.enforce_waypoint,
         });
         let manager = WorkloadManager::new(context, config.inpod_uds.clone());
         let inpod = manager.status();

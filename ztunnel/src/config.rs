@@ -56,6 +56,18 @@ pub struct Config {
     /// Workload certificate lifetime, in seconds (Istio's SECRET_TTL).
     #[arg(long, env = "SECRET_TTL_SECONDS", default_value_t = 86400)]
     pub secret_ttl_seconds: u64,
+
+    /// Refuse (401) inbound HBONE that skipped a required waypoint: when the connection was
+    /// addressed to a service with a waypoint (`forwarded: host`), or directly to a pod with a
+    /// workload waypoint, the peer must be that waypoint. Istio leaves this to an
+    /// AuthorizationPolicy; `false` restores Istio's behaviour.
+    #[arg(
+        long,
+        env = "AMBIT_ENFORCE_WAYPOINT",
+        default_value_t = true,
+        action = clap::ArgAction::Set
+    )]
+    pub enforce_waypoint: bool,
 }
 
 /// Settings that cannot work together, or need what is not built yet.

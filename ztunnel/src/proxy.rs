@@ -6,6 +6,10 @@
 //! (service VIP, workload, or outside the mesh) → HBONE to the destination's 15008 as the pod, or
 //! plain TCP → splice. Inbound: accept (HBONE verified by mTLS, or plaintext) → authorize → connect
 //! to the app from inside the pod, with the client's address as source → splice.
+//!
+//! Waypoints: traffic addressed to a service with a waypoint (or directly to a pod with a
+//! workload waypoint) goes over HBONE to the waypoint instead, `:authority` still the original
+//! destination; inbound, such traffic must come from the waypoint (`AMBIT_ENFORCE_WAYPOINT`).
 
 pub mod connections;
 mod inbound;
@@ -16,7 +20,9 @@ use std::sync::Arc;
 
 use ambit_mesh::hbone;
 use ambit_mesh::identity::{CertificateManager, Identity, DEFAULT_TRUST_DOMAIN};
-use ambit_mesh::state::StateStore;
+use ambit_mesh::state::{
+    GatewayAddress, GatewayDestination, HealthStatus, Snapshot, StateStore, Workload,
+};
 use tokio::task::JoinHandle;
 
 use crate::netns::{NetnsError, PodNetns};
@@ -51,6 +57,9 @@ pub struct ProxyContext {
     pub metrics: Arc<crate::metrics::Metrics>,
     /// Live inbound connections, re-checked when policy changes.
     pub connections: Arc<connections::ConnectionTracker>,
+    /// Inbound HBONE that bypassed the destination's waypoint is refused (see
+    /// [`crate::config::Config::enforce_waypoint`]).
+    pub enforce_waypoint: bool,
 }
 
 /// What ZDS says about a pod when it is added.
@@ -220,4 +229,123 @@ fn pod_identity(context: &ProxyContext, info: &PodInfo) -> Result<Identity, Stri
         &info.service_account
     };
     Identity::new(DEFAULT_TRUST_DOMAIN, &info.namespace, service_account).map_err(|e| e.to_string())
+}
+
+/// A waypoint ([`GatewayAddress`]) resolved in one snapshot, for an outbound connection.
+#[derive(Debug)]
+pub(crate) struct Waypoint {
+    /// The waypoint pod that takes this connection.
+    pub workload: Arc<Workload>,
+    /// `<waypoint ip>:<hboneMtlsPort>`.
+    pub hbone_address: SocketAddr,
+    /// Who may answer there: the pod's identity, plus the waypoint service's SANs when the
+    /// waypoint is reached through its service.
+    pub identities: Vec<Identity>,
+}
+
+/// Finds the waypoint pod behind `gateway`: the workload at its address, or one of the healthy
+/// endpoints of the waypoint service it names by VIP or hostname (chosen by `pick`, to spread
+/// connections).
+pub(crate) fn resolve_waypoint(
+    snapshot: &Snapshot,
+    gateway: &GatewayAddress,
+    pick: usize,
+) -> Result<Waypoint, String> {
+    let key = match &gateway.destination {
+        GatewayDestination::Address(address) => {
+            if let Some(workload) = snapshot.workload_by_ip(&address.network, address.address) {
+                return waypoint_at(workload.clone(), Vec::new(), gateway);
+            }
+            // Istio usually gives the waypoint *service's* VIP here.
+            snapshot
+                .service_by_vip(&address.network, address.address)
+                .ok_or_else(|| format!("waypoint {address} is not a known workload or VIP"))?
+                .key()
+        }
+        GatewayDestination::Hostname(name) => format!("{}/{}", name.namespace, name.hostname),
+    };
+    let service = snapshot
+        .service(&key)
+        .ok_or_else(|| format!("waypoint service {key} is not known"))?;
+    let healthy: Vec<&Arc<Workload>> = snapshot
+        .endpoints(&key)
+        .iter()
+        .filter(|w| w.status == HealthStatus::Healthy && !w.workload_ips.is_empty())
+        .collect();
+    if healthy.is_empty() {
+        return Err(format!("waypoint service {key} has no healthy endpoint"));
+    }
+    let sans = service
+        .subject_alt_names
+        .iter()
+        .filter_map(|san| san.parse().ok())
+        .collect();
+    waypoint_at(healthy[pick % healthy.len()].clone(), sans, gateway)
+}
+
+fn waypoint_at(
+    workload: Arc<Workload>,
+    sans: Vec<Identity>,
+    gateway: &GatewayAddress,
+) -> Result<Waypoint, String> {
+    let ip = *workload
+        .workload_ips
+        .first()
+        .ok_or_else(|| format!("waypoint workload {} has no address", workload.uid))?;
+    let mut identities: Vec<Identity> = workload.identity().into_iter().collect();
+    identities.extend(sans);
+    Ok(Waypoint {
+        hbone_address: SocketAddr::new(ip, gateway.hbone_mtls_port),
+        workload,
+        identities,
+    })
+}
+
+/// Every identity `gateway` may present, whichever of its pods took the connection (the inbound
+/// check accepts any of them). Empty when the waypoint is unknown: nothing then passes.
+pub(crate) fn waypoint_identities(snapshot: &Snapshot, gateway: &GatewayAddress) -> Vec<Identity> {
+    let key = match &gateway.destination {
+        GatewayDestination::Address(address) => {
+            if let Some(workload) = snapshot.workload_by_ip(&address.network, address.address) {
+                return workload.identity().into_iter().collect();
+            }
+            match snapshot.service_by_vip(&address.network, address.address) {
+                Some(service) => service.key(),
+                None => return Vec::new(),
+            }
+        }
+        GatewayDestination::Hostname(name) => format!("{}/{}", name.namespace, name.hostname),
+    };
+    let sans = snapshot
+        .service(&key)
+        .into_iter()
+        .flat_map(|s| s.subject_alt_names.iter())
+        .filter_map(|san| san.parse().ok());
+    snapshot
+        .endpoints(&key)
+        .iter()
+        .filter_map(|w| w.identity().ok())
+        .chain(sans)
+        .collect()
+}
+
+/// Whether `gateway` designates `workload` itself (a waypoint's own traffic, or traffic to the
+/// waypoint's own service, never loops through the waypoint).
+pub(crate) fn is_waypoint(
+    snapshot: &Snapshot,
+    gateway: &GatewayAddress,
+    workload: &Workload,
+) -> bool {
+    match &gateway.destination {
+        GatewayDestination::Address(address) => {
+            (workload.network == address.network
+                && workload.workload_ips.contains(&address.address))
+                || snapshot
+                    .service_by_vip(&address.network, address.address)
+                    .is_some_and(|service| workload.services.contains_key(&service.key()))
+        }
+        GatewayDestination::Hostname(name) => workload
+            .services
+            .contains_key(&format!("{}/{}", name.namespace, name.hostname)),
+    }
 }

@@ -152,9 +152,44 @@ pub struct Cluster {
     pub sleep: PodNet,
     pub echo: PodNet,
     pub plain: PodNet,
+    /// With [`Cluster::start_with_waypoint`]: a never-enrolled pod on node 2 named in the state
+    /// as workload `waypoint` (identity `default/waypoint`) and as the `echo` service's waypoint.
+    /// Nothing runs in it: the test starts the waypoint there.
+    pub waypoint: Option<PodNet>,
 }
 
-fn state_yaml(sleep: &PodNet, echo: &PodNet, plain: &PodNet, policies: &str) -> String {
+fn state_yaml(
+    sleep: &PodNet,
+    echo: &PodNet,
+    plain: &PodNet,
+    waypoint: Option<&PodNet>,
+    policies: &str,
+) -> String {
+    let (waypoint_workload, service_waypoint) = match waypoint {
+        Some(pod) => (
+            format!(
+                r#"
+- uid: cluster1//v1/Pod/default/waypoint
+  name: waypoint
+  namespace: default
+  serviceAccount: waypoint
+  workloadIps: ["{ip}"]
+  protocol: HBONE
+  node: node-2
+  canonicalName: waypoint
+  services: {{}}"#,
+                ip = pod.ip
+            ),
+            format!(
+                r#"
+  waypoint:
+    destination: "/{ip}"
+    hboneMtlsPort: 15008"#,
+                ip = pod.ip
+            ),
+        ),
+        None => Default::default(),
+    };
     format!(
         r#"
 workloads:
@@ -184,13 +219,13 @@ workloads:
   workloadIps: ["{plain}"]
   protocol: TCP
   node: node-2
-  services: {{}}
+  services: {{}}{waypoint_workload}
 services:
 - name: echo
   namespace: default
   hostname: echo.default.svc.cluster.local
   vips: ["/{VIP}"]
-  ports: {{80: 8080}}
+  ports: {{80: 8080}}{service_waypoint}
 {policies}"#,
         sleep = sleep.ip,
         echo = echo.ip,
@@ -215,12 +250,19 @@ pub struct ClusterOptions {
 
 impl Cluster {
     pub async fn start() -> Cluster {
-        Self::start_inner(None, &ClusterOptions::default()).await
+        Self::start_inner(None, &ClusterOptions::default(), None).await
     }
 
     /// Like [`start`](Self::start), with `options`.
     pub async fn start_with(options: ClusterOptions) -> Cluster {
-        Self::start_inner(None, &options).await
+        Self::start_inner(None, &options, None).await
+    }
+
+    /// Like [`start`](Self::start), plus a pod `waypoint` on node 2 that the state names as the
+    /// `echo` service's waypoint (see [`Cluster::waypoint`]); both ztunnels run with
+    /// `enforce_waypoint` as given.
+    pub async fn start_with_waypoint(enforce_waypoint: bool) -> Cluster {
+        Self::start_inner(None, &ClusterOptions::default(), Some(enforce_waypoint)).await
     }
 
     /// Like [`start`](Self::start), except that node `node`'s ztunnel connects to `socket`, where
@@ -228,12 +270,13 @@ impl Cluster {
     /// [`ZdsConnection`] never would). That node's pods are not handed over, and `agents` and
     /// `servers` hold only the other node's.
     pub async fn start_with_agent_at(node: usize, socket: &Path) -> Cluster {
-        Self::start_inner(Some((node, socket)), &ClusterOptions::default()).await
+        Self::start_inner(Some((node, socket)), &ClusterOptions::default(), None).await
     }
 
     async fn start_inner(
         custom_agent: Option<(usize, &Path)>,
         cluster_options: &ClusterOptions,
+        waypoint_enforcement: Option<bool>,
     ) -> Cluster {
         let mut topology = Topology::new();
         let n1 = topology.add_node();
@@ -241,6 +284,12 @@ impl Cluster {
         let sleep = topology.add_pod(n1, "sleep");
         let echo = topology.add_pod(n2, "echo");
         let plain = topology.add_pod(n2, "plain");
+        let waypoint = waypoint_enforcement.map(|_| topology.add_pod(n2, "waypoint"));
+        let config = |dir: &Path, state: &Path, socket: &Path| {
+            let mut config = config(dir, state, socket);
+            config.enforce_waypoint = waypoint_enforcement.unwrap_or(config.enforce_waypoint);
+            config
+        };
 
         let dir = std::env::temp_dir().join(format!("ambit-inpod-{}", topology.network));
         let _ = std::fs::remove_dir_all(&dir);
@@ -250,7 +299,11 @@ impl Cluster {
             .save(&dir.join("cacerts"))
             .unwrap();
         let state_path = dir.join("state.yaml");
-        std::fs::write(&state_path, state_yaml(&sleep, &echo, &plain, "")).unwrap();
+        std::fs::write(
+            &state_path,
+            state_yaml(&sleep, &echo, &plain, waypoint.as_ref(), ""),
+        )
+        .unwrap();
 
         for pod in [&sleep, &echo] {
             let options = RuleOptions {
@@ -302,11 +355,18 @@ impl Cluster {
             sleep,
             echo,
             plain,
+            waypoint,
         }
     }
 
     pub fn set_policies(&self, policies: &str) {
-        let text = state_yaml(&self.sleep, &self.echo, &self.plain, policies);
+        let text = state_yaml(
+            &self.sleep,
+            &self.echo,
+            &self.plain,
+            self.waypoint.as_ref(),
+            policies,
+        );
         let temp = self.dir.join("state.yaml.tmp");
         std::fs::write(&temp, text).unwrap();
         std::fs::rename(temp, &self.state_path).unwrap();
@@ -352,6 +412,7 @@ pub fn config(dir: &Path, state: &Path, socket: &Path) -> Config {
         stats_address: any,
         readiness_address: any,
         secret_ttl_seconds: 3600,
+        enforce_waypoint: true,
     }
 }
 

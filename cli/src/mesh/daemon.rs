@@ -172,6 +172,7 @@ impl Mesh {
                 stats_address: any,
                 readiness_address: any,
                 secret_ttl_seconds: 86400,
+                enforce_waypoint: true,
             };
             let ztunnel = Ztunnel::start(config, Default::default()).await?;
             agent.wait_for_ztunnel(Duration::from_secs(10)).await?;

@@ -1,5 +1,15 @@
 //! Inbound: HBONE on 15008 (peer verified by mTLS) and plaintext on 15006 (REDIRECTed, no
 //! identity), each authorized against the pod's policies before the app is connected.
+//!
+//! Waypoint enforcement (`AMBIT_ENFORCE_WAYPOINT`, on by default; Istio has no such check and
+//! relies on an AuthorizationPolicy): an HBONE connection must come from the waypoint that its
+//! addressing calls for, else 401. The addressing is read the way the source ztunnel decided
+//! it: a `forwarded: host` naming a service this pod backs means service-addressed, so that
+//! service's waypoint (if any) is required; otherwise the connection was addressed to the pod,
+//! so the pod's own waypoint (if any) is required. Limits: the `forwarded` host is the client's
+//! word, so a client can claim a service without a waypoint to skip a pod's workload waypoint;
+//! plaintext inbound (out-of-mesh clients, no identity) is not checked, as Istio's out-of-mesh
+//! clients bypass waypoints too.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -39,6 +49,7 @@ impl ConnectHandler for HboneInbound {
     ) -> BoxFuture<'_, Result<Box<dyn Upstream>, Rejection>> {
         Box::pin(async move {
             let client = request.peer_addr;
+            check_waypoint(&self.pod, &request)?;
             let connection = authorize(
                 &self.pod,
                 Some(&request.peer_identity),
@@ -119,6 +130,47 @@ fn inbound_labels(
         mutual_tls,
         response_flags: "-",
     }
+}
+
+/// Refuses (401) a tunnel that bypassed the waypoint its addressing requires (module docs).
+fn check_waypoint(pod: &Pod, request: &ConnectRequest) -> Result<(), Rejection> {
+    if !pod.context.enforce_waypoint {
+        return Ok(());
+    }
+    let snapshot = pod.context.state.load();
+    // An unknown pod is refused by `authorize`, with a better reason.
+    let Some(workload) = snapshot.workload(&pod.uid) else {
+        return Ok(());
+    };
+    let service = request.headers.forwarded_host.as_deref().and_then(|host| {
+        workload
+            .services
+            .keys()
+            .find(|key| key.split_once('/').is_some_and(|(_, h)| h == host))
+            .and_then(|key| snapshot.service(key))
+    });
+    let (gateway, addressed) = match service {
+        Some(service) => (
+            service.waypoint.as_ref(),
+            format!("service {}", service.hostname),
+        ),
+        None => (workload.waypoint.as_ref(), format!("pod {}", pod.uid)),
+    };
+    let Some(gateway) = gateway else {
+        return Ok(());
+    };
+    // The waypoint's own pod receives its traffic directly.
+    if super::is_waypoint(&snapshot, gateway, workload) {
+        return Ok(());
+    }
+    let allowed = super::waypoint_identities(&snapshot, gateway);
+    if allowed.contains(&request.peer_identity) {
+        return Ok(());
+    }
+    Err(Rejection::Unauthorized(format!(
+        "{addressed} has a waypoint; {} bypassed it",
+        request.peer_identity
+    )))
 }
 
 /// Checks that `target` is this pod and that policy lets `peer` reach it; returns what the

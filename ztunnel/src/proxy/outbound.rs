@@ -1,4 +1,11 @@
 //! Outbound: connections the pod's app made, REDIRECTed to 15001 inside the pod.
+//!
+//! Waypoints follow Istio's rule that the original addressing decides: a connection to a
+//! service VIP goes through the *service's* waypoint (never the endpoint's workload waypoint);
+//! a connection to a pod IP goes through the *pod's* waypoint. Either way it is HBONE to
+//! `<waypoint ip>:<hboneMtlsPort>`, `:authority` the original VIP:port or pod ip:port, the
+//! waypoint's identity expected. Which waypoints serve which kind of traffic
+//! (`istio.io/waypoint-for`) is decided by the control plane when it fills in `waypoint`.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -6,10 +13,10 @@ use std::sync::Arc;
 use ambit_mesh::hbone::client::TunnelRequest;
 use ambit_mesh::hbone::{ConnectHeaders, HBONE_PORT};
 use ambit_mesh::identity::Identity;
-use ambit_mesh::state::{Destination, Protocol, Service, Workload};
+use ambit_mesh::state::{Destination, GatewayAddress, Protocol, Service, Snapshot, Workload};
 use tokio::net::{TcpListener, TcpStream};
 
-use super::Pod;
+use super::{is_waypoint, resolve_waypoint, Pod};
 use crate::metrics::{Reporter, TrafficLabels};
 use crate::netns::original_destination;
 use ambit_mesh::copy::splice;
@@ -91,15 +98,50 @@ fn route(pod: &Pod, client: SocketAddr, destination: SocketAddr) -> Route {
         ..Default::default()
     };
     let source = snapshot.workload(&pod.uid).cloned();
-    match snapshot.resolve(network, destination, rand::random::<u32>() as usize) {
+    let pick = rand::random::<u32>() as usize;
+    // A waypoint's own connections (it is not captured in Istio, but may be enrolled here)
+    // must never loop back into it.
+    let bypass = |gateway: &GatewayAddress| {
+        source
+            .as_deref()
+            .is_some_and(|source| is_waypoint(&snapshot, gateway, source))
+    };
+    match snapshot.resolve(network, destination, pick) {
         Destination::Service {
             service,
             endpoint,
             target_port,
-        } => hbone_or_plain(pod, source, &endpoint, target_port, Some(&service), headers),
-        Destination::Workload { workload, port } => {
-            hbone_or_plain(pod, source, &workload, port, None, headers)
-        }
+        } => match &service.waypoint {
+            // "The service is itself the waypoint": its endpoints are waypoint pods.
+            Some(gateway) if !bypass(gateway) && !is_waypoint(&snapshot, gateway, &endpoint) => {
+                via_waypoint(
+                    pod,
+                    &snapshot,
+                    source,
+                    gateway,
+                    destination,
+                    Some(&service),
+                    headers,
+                    pick,
+                )
+            }
+            _ => hbone_or_plain(pod, source, &endpoint, target_port, Some(&service), headers),
+        },
+        Destination::Workload { workload, port } => match &workload.waypoint {
+            Some(gateway) if !bypass(gateway) && !is_waypoint(&snapshot, gateway, &workload) => {
+                via_waypoint(
+                    pod,
+                    &snapshot,
+                    source,
+                    gateway,
+                    destination,
+                    None,
+                    headers,
+                    pick,
+                )
+            }
+            _ => hbone_or_plain(pod, source, &workload, port, None, headers),
+        },
         Destination::NoEndpoint { service } => Route::Refuse(format!(
             "service {} has no healthy endpoint for port {}",
             service.hostname,
@@ -118,6 +160,51 @@ fn route(pod: &Pod, client: SocketAddr, destination: SocketAddr) -> Route {
                 response_flags: "-",
             },
         },
+    }
+}
+
+/// HBONE to the waypoint for `original` (a service VIP:port when `service` is set, else a pod
+/// ip:port). Metrics name the waypoint as the destination workload and principal (the peer this
+/// ztunnel actually talks to) and the service as `destination_service`, as Istio's ztunnel does.
+#[allow(clippy::too_many_arguments)]
+fn via_waypoint(
+    pod: &Pod,
+    snapshot: &Snapshot,
+    source: Option<Arc<Workload>>,
+    gateway: &GatewayAddress,
+    original: SocketAddr,
+    service: Option<&Service>,
+    mut headers: ConnectHeaders,
+    pick: usize,
+) -> Route {
+    let waypoint = match resolve_waypoint(snapshot, gateway, pick) {
+        Ok(waypoint) => waypoint,
+        // Fail closed: sending directly would skip the L7 policy the waypoint exists for.
+        Err(reason) => return Route::Refuse(reason),
+    };
+    if let Some(service) = service {
+        headers.forwarded_host = Some(service.hostname.clone());
+    }
+    let labels = TrafficLabels {
+        reporter: Reporter::Source,
+        source,
+        source_principal: Some(pod.identity.clone()),
+        destination: Some(waypoint.workload.clone()),
+        destination_principal: waypoint.identities.first().cloned(),
+        destination_service: service
+            .map(|s| (s.hostname.clone(), s.namespace.clone(), s.name.clone())),
+        mutual_tls: true,
+        response_flags: "-",
+    };
+    Route::Hbone {
+        request: Box::new(TunnelRequest {
+            source: pod.identity.clone(),
+            destination_identities: waypoint.identities,
+            hbone_address: waypoint.hbone_address,
+            target: original,
+            headers,
+        }),
+        labels,
     }
 }
 
