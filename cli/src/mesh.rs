@@ -103,6 +103,9 @@ enum MeshCommand {
         #[arg(long)]
         nodes: u8,
     },
+    /// A waypoint pod's process (started by the daemon for each `istio-waypoint` Gateway).
+    #[command(hide = true)]
+    Waypoint(Box<ambit_waypoint::config::Config>),
     /// The built-in `ambit/echo` image.
     #[command(hide = true)]
     EchoServer {
@@ -115,7 +118,10 @@ enum MeshCommand {
 
 impl MeshArgs {
     pub fn is_daemon(&self) -> bool {
-        matches!(self.command, MeshCommand::Daemon { .. })
+        matches!(
+            self.command,
+            MeshCommand::Daemon { .. } | MeshCommand::Waypoint(_)
+        )
     }
 }
 
@@ -153,6 +159,11 @@ pub fn run(args: MeshArgs) -> anyhow::Result<()> {
             nodes,
         })),
         MeshCommand::EchoServer { name, ports } => runtime.block_on(echo::serve(&ports, &name)),
+        MeshCommand::Waypoint(config) => runtime.block_on(async {
+            let _waypoint =
+                ambit_waypoint::app::Waypoint::start(*config, Default::default()).await?;
+            std::future::pending::<anyhow::Result<()>>().await
+        }),
         MeshCommand::Fetch { url } => {
             println!("{}", runtime.block_on(echo::fetch(&url))?);
             Ok(())

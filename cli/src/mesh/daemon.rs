@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use ambit_cni::agent::{self, EnrolledPod, NodeAgent, PodMeta};
 use ambit_cni::rules::{Backend, RuleOptions};
-use ambit_local::control::{ClusterState, RunningPod};
+use ambit_local::control::{ClusterState, RunningPod, WAYPOINT_GATEWAY_CLASS};
 use ambit_local::manifest::{self, Kind, Pod, TargetPort};
 use ambit_local::services;
 use ambit_local::topology::{self, PodNet, Topology};
@@ -59,6 +59,8 @@ struct PodRuntime {
     enrolled: bool,
     reason: Option<String>,
     processes: Vec<Child>,
+    /// A waypoint (an `istio-waypoint` Gateway's pod) rather than a manifest's pod.
+    waypoint: bool,
 }
 
 struct Mesh {
@@ -242,11 +244,23 @@ impl Mesh {
         let wanted: Vec<(String, String)> = desired.iter().map(key_of).collect();
 
         // Pods that are gone.
+        let waypoints: Vec<(String, String)> = self
+            .cluster
+            .gateways()
+            .filter(|g| g.spec.gateway_class_name == WAYPOINT_GATEWAY_CLASS)
+            .map(|g| (g.metadata.namespace.clone(), g.metadata.name.clone()))
+            .collect();
         let gone: Vec<_> = self
             .pods
-            .keys()
-            .filter(|key| !wanted.contains(key))
-            .cloned()
+            .iter()
+            .filter(|(key, pod)| {
+                if pod.waypoint {
+                    !waypoints.contains(key)
+                } else {
+                    !wanted.contains(key)
+                }
+            })
+            .map(|(key, _)| key.clone())
             .collect();
         for key in gone {
             let mut pod = self.pods.remove(&key).expect("listed above");
@@ -294,9 +308,39 @@ impl Mesh {
                     enrolled: false,
                     reason: None,
                     processes: Vec::new(),
+                    waypoint: false,
                 },
             );
             started.push(key);
+        }
+
+        // Each waypoint Gateway runs as a pod named after it, with its own identity (service
+        // account = the Gateway's name, as Istio deploys waypoints); never enrolled.
+        let mut started_waypoints = Vec::new();
+        for key in waypoints {
+            if self.pods.contains_key(&key) {
+                continue;
+            }
+            let (namespace, name) = &key;
+            self.next_node = (self.next_node + 1) % self.nodes.len();
+            let node = self.next_node;
+            let net = self
+                .topology
+                .add_pod(node, &format!("{namespace}-{name}"))?;
+            self.pods.insert(
+                key.clone(),
+                PodRuntime {
+                    net,
+                    node,
+                    uid: format!("Kubernetes//Pod/{namespace}/{name}"),
+                    identity: format!("spiffe://{TRUST_DOMAIN}/ns/{namespace}/sa/{name}"),
+                    enrolled: false,
+                    reason: Some("a waypoint: it terminates HBONE itself".into()),
+                    processes: Vec::new(),
+                    waypoint: true,
+                },
+            );
+            started_waypoints.push(key);
         }
 
         // Service VIPs.
@@ -384,6 +428,10 @@ impl Mesh {
             let pod = desired.iter().find(|p| key_of(p) == key).expect("desired");
             let processes = self.start_processes(pod)?;
             self.pods.get_mut(&key).expect("created").processes = processes;
+        }
+        for key in started_waypoints {
+            let process = self.start_waypoint(&key)?;
+            self.pods.get_mut(&key).expect("created").processes = vec![process];
         }
         self.record_pids()?;
         Ok(())
@@ -542,6 +590,32 @@ impl Mesh {
             children.push(child);
         }
         Ok(children)
+    }
+
+    /// Runs `ambit mesh waypoint` inside the waypoint's pod, reading the same state file as the
+    /// ztunnels and certificates from the mesh's CA.
+    fn start_waypoint(&self, key: &(String, String)) -> anyhow::Result<Child> {
+        let (namespace, name) = key;
+        let runtime = &self.pods[key];
+        let dir = &self.options.state_dir;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join(format!("logs/pods/{namespace}_{name}.log")))?;
+        std::process::Command::new("ip")
+            .args(["netns", "exec", &runtime.net.netns])
+            .arg(std::env::current_exe()?)
+            .args(["mesh", "waypoint"])
+            .env("LOCAL_XDS_PATH", &self.state_path)
+            .env("AMBIT_CA_DIR", dir.join("cacerts"))
+            .env("POD_NAMESPACE", namespace)
+            .env("SERVICE_ACCOUNT", name)
+            .env("TRUST_DOMAIN", TRUST_DOMAIN)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting waypoint {namespace}/{name}"))
     }
 
     fn record_pids(&self) -> anyhow::Result<()> {

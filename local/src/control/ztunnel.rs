@@ -11,15 +11,22 @@
 //!   does not serve that service port);
 //! - its `authorizationPolicies` list the converted selector policies of its namespace and the
 //!   root namespace that select it, then the PeerAuthentication-derived ones;
-//! - waypoints are not set yet: `istio.io/use-waypoint` is kept on the objects for the waypoint
-//!   runner, and `targetRefs` policies wait for it.
+//! - a running waypoint (a Gateway of class `istio-waypoint`, run by the runner as a pod named
+//!   after it, service account = its name, as Istio deploys them) is an HBONE workload; a Service
+//!   labelled `istio.io/use-waypoint: <gateway>` (or in a namespace so labelled; `none` opts out;
+//!   `istio.io/use-waypoint-namespace` names another namespace) gets that waypoint's address,
+//!   when the Gateway's `istio.io/waypoint-for` is `service` (the default) or `all`;
+//! - `targetRefs` policies are the waypoint's, not ztunnel's.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
 use ambit_mesh::rbac::Authorization;
 use ambit_mesh::state::local::LocalConfig;
-use ambit_mesh::state::{HealthStatus, NetworkAddress, PortMap, Protocol, Service, Workload};
+use ambit_mesh::state::{
+    GatewayAddress, GatewayDestination, HealthStatus, NetworkAddress, PortMap, Protocol, Service,
+    Workload,
+};
 
 use super::authz::{self, convert_authorization_policy};
 use super::{ClusterState, ROOT_NAMESPACE};
@@ -189,7 +196,11 @@ pub fn ztunnel_config(
             continue;
         }
         let Some(pod) = state.pod(&rp.namespace, &rp.name) else {
-            tracing::debug!(pod = %format!("{}/{}", rp.namespace, rp.name), "running pod not in the state; skipped");
+            if is_waypoint(state, &rp.namespace, &rp.name) {
+                workloads.push(waypoint_workload(rp, trust_domain));
+            } else {
+                tracing::debug!(pod = %format!("{}/{}", rp.namespace, rp.name), "running pod not in the state; skipped");
+            }
             continue;
         };
         if pod.spec.host_network {
@@ -255,7 +266,7 @@ pub fn ztunnel_config(
                     .collect(),
                 ports,
                 subject_alt_names: Vec::new(),
-                waypoint: None,
+                waypoint: service_waypoint(state, svc, running),
             }
         })
         .collect();
@@ -265,4 +276,81 @@ pub fn ztunnel_config(
         services,
         policies: policies.list,
     }
+}
+
+/// Istio's labels for waypoint use.
+const USE_WAYPOINT: &str = "istio.io/use-waypoint";
+const USE_WAYPOINT_NAMESPACE: &str = "istio.io/use-waypoint-namespace";
+const WAYPOINT_FOR: &str = "istio.io/waypoint-for";
+
+fn is_waypoint(state: &ClusterState, namespace: &str, name: &str) -> bool {
+    state
+        .gateway(namespace, name)
+        .is_some_and(|g| g.spec.gateway_class_name == super::WAYPOINT_GATEWAY_CLASS)
+}
+
+/// A waypoint as ztunnel sees it: an HBONE workload with the waypoint's own identity.
+fn waypoint_workload(rp: &RunningPod, trust_domain: &str) -> Workload {
+    Workload {
+        uid: format!("{CLUSTER_ID}//Pod/{}/{}", rp.namespace, rp.name),
+        name: rp.name.clone(),
+        namespace: rp.namespace.clone(),
+        service_account: rp.name.clone(),
+        trust_domain: trust_domain.to_owned(),
+        workload_ips: vec![rp.ip],
+        protocol: Protocol::Hbone,
+        node: rp.node.clone(),
+        network: String::new(),
+        waypoint: None,
+        services: BTreeMap::new(),
+        authorization_policies: Vec::new(),
+        canonical_name: rp.name.clone(),
+        canonical_revision: "latest".into(),
+        workload_name: rp.name.clone(),
+        cluster_id: CLUSTER_ID.to_owned(),
+        status: HealthStatus::Healthy,
+    }
+}
+
+/// The waypoint a Service's traffic goes through, if it uses one that is running.
+fn service_waypoint(
+    state: &ClusterState,
+    svc: &crate::manifest::Service,
+    running: &[RunningPod],
+) -> Option<GatewayAddress> {
+    let namespace = &svc.metadata.namespace;
+    let namespace_labels = state.namespace_labels(namespace);
+    let label = |key: &str| {
+        svc.metadata
+            .labels
+            .get(key)
+            .or_else(|| namespace_labels.and_then(|l| l.get(key)))
+    };
+    let name = label(USE_WAYPOINT).filter(|n| n.as_str() != "none")?;
+    let waypoint_namespace = label(USE_WAYPOINT_NAMESPACE).unwrap_or(namespace);
+    let gateway = state.gateway(waypoint_namespace, name)?;
+    if gateway.spec.gateway_class_name != super::WAYPOINT_GATEWAY_CLASS {
+        return None;
+    }
+    let serves_services = matches!(
+        gateway
+            .metadata
+            .labels
+            .get(WAYPOINT_FOR)
+            .map(String::as_str),
+        None | Some("service") | Some("all")
+    );
+    if !serves_services || svc.metadata.name == *name && waypoint_namespace == namespace {
+        return None;
+    }
+    let pod = running
+        .iter()
+        .find(|rp| rp.namespace == *waypoint_namespace && rp.name == *name)?;
+    Some(GatewayAddress {
+        destination: GatewayDestination::Address(NetworkAddress {
+            network: String::new(),
+            address: pod.ip,
+        }),
+        hbone_mtls_port: ambit_mesh::hbone::HBONE_PORT,
+    })
 }
