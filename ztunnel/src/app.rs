@@ -60,7 +60,7 @@ impl Ztunnel {
         let state_path = config.local_xds_path.clone().expect("validated");
         let state = Arc::new(StateStore::new(LocalConfig::load(&state_path)?));
         let metrics = Arc::new(Metrics::default());
-        let connections = Arc::new(ConnectionTracker::default());
+        let connections = Arc::new(ConnectionTracker::new(state.clone()));
         let context = Arc::new(ProxyContext {
             state: state.clone(),
             certificates: certificates.clone(),
@@ -81,7 +81,7 @@ impl Ztunnel {
         let mut tasks = vec![
             tokio::spawn(local::watch(state_path, state.clone(), STATE_POLL)),
             tokio::spawn(manager.run()),
-            tokio::spawn(connections.watch(state.clone())),
+            tokio::spawn(connections.watch()),
         ];
         let mut bind =
             async |address: SocketAddr, endpoints: Endpoints| -> anyhow::Result<SocketAddr> {

@@ -202,6 +202,15 @@ async fn direct_tunnel(
     cluster: &Cluster,
     service_addressed: bool,
 ) -> Result<ambit_mesh::hbone::client::Tunnel, ambit_mesh::hbone::client::ClientError> {
+    direct_tunnel_to(cluster, service_addressed, 8080).await
+}
+
+/// [`direct_tunnel`] to any port of echo.
+async fn direct_tunnel_to(
+    cluster: &Cluster,
+    service_addressed: bool,
+    port: u16,
+) -> Result<ambit_mesh::hbone::client::Tunnel, ambit_mesh::hbone::client::ClientError> {
     let ca = CertificateAuthority::load(&cluster.dir.join("cacerts")).unwrap();
     let certificates = Arc::new(CertificateManager::new(
         Arc::new(ca),
@@ -218,7 +227,7 @@ async fn direct_tunnel(
         source: Identity::new("cluster.local", "default", "sleep").unwrap(),
         destination_identities: vec![Identity::new("cluster.local", "default", "echo").unwrap()],
         hbone_address: SocketAddr::new(echo, HBONE_PORT),
-        target: SocketAddr::new(echo, 8080),
+        target: SocketAddr::new(echo, port),
         headers: ConnectHeaders {
             forwarded_for: Some(SocketAddr::new(IpAddr::V4(cluster.sleep.ip), 40000)),
             forwarded_host: service_addressed.then(|| HOST.to_owned()),
@@ -324,4 +333,23 @@ async fn a_tunnel_skipping_the_waypoint_is_allowed_when_not_enforced() {
         response.contains(&format!("peer={} ", cluster.sleep.ip)),
         "{response}"
     );
+}
+
+#[tokio::test]
+async fn a_tunnel_to_ztunnels_own_ports_is_refused() {
+    // A CONNECT to the pod's 15001 would come back through the pod's own outbound listener and
+    // loop: ztunnel's ports are never destinations.
+    let cluster = Cluster::start_with_waypoint(false).await;
+    http_server(&cluster.echo, 8080).await;
+    for port in [15001, 15006, 15008, 15053] {
+        let err = direct_tunnel_to(&cluster, false, port).await.err();
+        let status = err.as_ref().and_then(|e| e.status());
+        assert_eq!(
+            status,
+            Some(hyper::StatusCode::BAD_REQUEST),
+            "CONNECT to echo:{port}: {err:?}"
+        );
+    }
+    let tunnel = direct_tunnel_to(&cluster, false, 8080).await.unwrap();
+    assert!(get_over(tunnel).await.starts_with("HTTP/1.1 200"));
 }

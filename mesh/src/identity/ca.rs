@@ -358,7 +358,7 @@ fn to_pem(certs: &[CertificateDer<'_>]) -> String {
 
 fn write_file(path: &Path, contents: &str, mode: u32) -> Result<(), CaError> {
     use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
     let err = |source| CaError::Write {
         path: path.to_owned(),
         source,
@@ -369,6 +369,10 @@ fn write_file(path: &Path, contents: &str, mode: u32) -> Result<(), CaError> {
         .truncate(true)
         .mode(mode)
         .open(path)
+        .map_err(err)?;
+    // `mode` applies only when the file is created: an existing key file keeps loose permissions
+    // unless they are set again.
+    file.set_permissions(std::fs::Permissions::from_mode(mode))
         .map_err(err)?;
     file.write_all(contents.as_bytes()).map_err(err)
 }

@@ -22,8 +22,8 @@ struct Tracked {
 }
 
 /// Every live inbound connection on the node.
-#[derive(Default)]
 pub struct ConnectionTracker {
+    state: Arc<StateStore>,
     next_id: AtomicU64,
     live: Mutex<HashMap<u64, Tracked>>,
 }
@@ -43,8 +43,21 @@ pub fn authorize(
 }
 
 impl ConnectionTracker {
+    /// Tracks connections against the policy in `state`.
+    pub fn new(state: Arc<StateStore>) -> Self {
+        ConnectionTracker {
+            state,
+            next_id: AtomicU64::new(0),
+            live: Mutex::new(HashMap::new()),
+        }
+    }
+
     /// Wraps an upstream so the connection can be closed by a later policy change; the entry is
     /// removed when the wrapper is dropped.
+    ///
+    /// The connection was authorized before its upstream was connected; a change that landed
+    /// meanwhile was re-checked without it. So it is checked once more here, after it is
+    /// registered: whatever changes from now on, some check sees it.
     pub fn track<T>(
         self: &Arc<Self>,
         pod_uid: &str,
@@ -53,6 +66,8 @@ impl ConnectionTracker {
     ) -> Revocable<T> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let cancel = CancellationToken::new();
+        let allowed_now = authorize(&self.state.load(), pod_uid, &connection)
+            .is_some_and(|decision| decision.allowed);
         self.live.lock().expect("tracker lock").insert(
             id,
             Tracked {
@@ -61,6 +76,9 @@ impl ConnectionTracker {
                 cancel: cancel.clone(),
             },
         );
+        if !allowed_now {
+            cancel.cancel();
+        }
         Revocable {
             inner: upstream,
             revoked: Box::pin(cancel.cancelled_owned()),
@@ -85,13 +103,17 @@ impl ConnectionTracker {
         let live = self.live.lock().expect("tracker lock");
         let mut closed = 0;
         for tracked in live.values() {
-            let Some(decision) = authorize(snapshot, &tracked.pod_uid, &tracked.connection) else {
-                continue;
-            };
-            if !decision.allowed && !tracked.cancel.is_cancelled() {
+            // A pod that left the state no longer admits anyone, as new connections find.
+            let decision = authorize(snapshot, &tracked.pod_uid, &tracked.connection);
+            let allowed = decision.as_ref().is_some_and(|d| d.allowed);
+            if !allowed && !tracked.cancel.is_cancelled() {
+                let reason = decision.map_or_else(
+                    || "the pod left the mesh state".to_owned(),
+                    |d| d.to_string(),
+                );
                 tracing::info!(
                     target: "access",
-                    pod = %tracked.pod_uid, connection = %tracked.connection, %decision,
+                    pod = %tracked.pod_uid, connection = %tracked.connection, %reason,
                     "policy changed; closing a connection it no longer allows"
                 );
                 tracked.cancel.cancel();
@@ -102,10 +124,10 @@ impl ConnectionTracker {
     }
 
     /// Re-checks live connections after every state change, until the store is gone.
-    pub async fn watch(self: Arc<Self>, state: Arc<StateStore>) {
-        let mut changes = state.subscribe();
+    pub async fn watch(self: Arc<Self>) {
+        let mut changes = self.state.subscribe();
         while changes.changed().await.is_ok() {
-            self.recheck(&state.load());
+            self.recheck(&self.state.load());
         }
     }
 }

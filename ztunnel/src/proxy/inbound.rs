@@ -173,6 +173,14 @@ fn check_waypoint(pod: &Pod, request: &ConnectRequest) -> Result<(), Rejection> 
     )))
 }
 
+/// The ports ztunnel listens on inside every pod.
+const PROXY_PORTS: [u16; 4] = [
+    super::OUTBOUND_PORT,
+    super::INBOUND_PLAINTEXT_PORT,
+    super::HBONE_PORT,
+    crate::dns::DNS_PORT,
+];
+
 /// Checks that `target` is this pod and that policy lets `peer` reach it; returns what the
 /// decision was made on, so the connection can be re-checked when policy changes.
 fn authorize(
@@ -188,6 +196,15 @@ fn authorize(
             pod.uid
         )));
     };
+    // ztunnel's own listeners in the pod are not destinations: a tunnel to them would loop
+    // through the pod's proxy again, without end.
+    if PROXY_PORTS.contains(&target.port()) {
+        return Err(Rejection::BadRequest(format!(
+            "port {} of pod {} is ztunnel's own",
+            target.port(),
+            pod.uid
+        )));
+    }
     if !workload.workload_ips.contains(&target.ip()) {
         return Err(Rejection::BadRequest(format!(
             "{} is not an address of pod {}",
