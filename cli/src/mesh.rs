@@ -56,6 +56,9 @@ enum MeshCommand {
         /// After `up`, call the demo service from the demo client and show identities and metrics.
         #[arg(long)]
         demo: bool,
+        /// How the node agents install Istio's in-pod redirect rules.
+        #[arg(long, value_enum, default_value_t = Rules::Iptables)]
+        rules: Rules,
     },
     /// Apply manifests to the running mesh.
     Apply {
@@ -102,6 +105,8 @@ enum MeshCommand {
     Daemon {
         #[arg(long)]
         nodes: u8,
+        #[arg(long, value_enum)]
+        rules: Rules,
     },
     /// A waypoint pod's process (started by the daemon for each `istio-waypoint` Gateway).
     #[command(hide = true)]
@@ -122,6 +127,29 @@ impl MeshArgs {
             self.command,
             MeshCommand::Daemon { .. } | MeshCommand::Waypoint(_)
         )
+    }
+}
+
+/// The in-pod rules backend (Istio's istio-cni has the same two).
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum Rules {
+    Iptables,
+    Nftables,
+}
+
+impl Rules {
+    fn backend(self) -> ambit_cni::rules::Backend {
+        match self {
+            Rules::Iptables => ambit_cni::rules::Backend::Iptables,
+            Rules::Nftables => ambit_cni::rules::Backend::Nftables,
+        }
+    }
+
+    fn flag(self) -> &'static str {
+        match self {
+            Rules::Iptables => "iptables",
+            Rules::Nftables => "nftables",
+        }
     }
 }
 
@@ -153,10 +181,11 @@ pub fn run(args: MeshArgs) -> anyhow::Result<()> {
         .build()?;
     let state_dir = args.state_dir.clone();
     match args.command {
-        MeshCommand::Daemon { nodes } => runtime.block_on(daemon::run(daemon::Options {
+        MeshCommand::Daemon { nodes, rules } => runtime.block_on(daemon::run(daemon::Options {
             state_dir,
             prefix: args.prefix,
             nodes,
+            rules: rules.backend(),
         })),
         MeshCommand::EchoServer { name, ports } => runtime.block_on(echo::serve(&ports, &name)),
         MeshCommand::Waypoint(config) => runtime.block_on(async {
@@ -168,7 +197,12 @@ pub fn run(args: MeshArgs) -> anyhow::Result<()> {
             println!("{}", runtime.block_on(echo::fetch(&url))?);
             Ok(())
         }
-        MeshCommand::Up { files, nodes, demo } => {
+        MeshCommand::Up {
+            files,
+            nodes,
+            demo,
+            rules,
+        } => {
             let manifests = if files.is_empty() {
                 vec![(
                     "deploy/examples/demo.yaml (bundled)".to_owned(),
@@ -177,7 +211,7 @@ pub fn run(args: MeshArgs) -> anyhow::Result<()> {
             } else {
                 read_manifests(&files)?
             };
-            runtime.block_on(up(&state_dir, &args.prefix, nodes, manifests, demo))
+            runtime.block_on(up(&state_dir, &args.prefix, nodes, rules, manifests, demo))
         }
         MeshCommand::Apply { files } => {
             let (message, _) = runtime.block_on(request(
@@ -281,6 +315,7 @@ async fn up(
     state_dir: &Path,
     prefix: &str,
     nodes: u8,
+    rules: Rules,
     manifests: Vec<(String, String)>,
     demo: bool,
 ) -> anyhow::Result<()> {
@@ -303,6 +338,7 @@ async fn up(
         .args(["mesh", "--state-dir"])
         .arg(state_dir)
         .args(["--prefix", prefix, "daemon", "--nodes", &nodes.to_string()])
+        .args(["--rules", rules.flag()])
         .stdin(std::process::Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log);

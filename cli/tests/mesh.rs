@@ -498,3 +498,48 @@ fn a_waypoint_gateway_carries_the_traffic_of_services_that_use_it() {
     mesh.ok(&["down"]);
     assert!(netns_left(&mesh.prefix).is_empty());
 }
+
+#[test]
+fn the_nftables_rules_backend_carries_the_mesh_too() {
+    let mesh = Mesh::new("n");
+    let manifests = mesh.write("n.yaml", WAYPOINT_MESH);
+    mesh.ok(&[
+        "up",
+        "--rules",
+        "nftables",
+        "-f",
+        manifests.to_str().unwrap(),
+    ]);
+    let status = mesh.status();
+    let client = pod(&status, "app", "client");
+    let client_ip = client["ip"].as_str().unwrap().to_owned();
+    let ruleset = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            client["netns"].as_str().unwrap(),
+            "nft",
+            "list",
+            "ruleset",
+        ])
+        .output()
+        .unwrap();
+    let ruleset = String::from_utf8_lossy(&ruleset.stdout);
+    assert!(ruleset.contains("istio-ambient-nat"), "{ruleset}");
+    let out = mesh.fetch("client", "app", "http://server.app.svc.cluster.local/");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success() && text.contains(&format!("peer={client_ip}:")),
+        "{out:?}"
+    );
+    let metrics_address = status["nodes"][0]["metrics"].as_str().unwrap().to_owned();
+    let metrics = mesh.ok(&["fetch", &format!("http://{metrics_address}/metrics")]);
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("istio_tcp_connections_opened_total")
+                && l.contains("connection_security_policy=\"mutual_tls\"")),
+        "{metrics}"
+    );
+    mesh.ok(&["down"]);
+}

@@ -43,6 +43,8 @@ pub struct Options {
     pub state_dir: PathBuf,
     pub prefix: String,
     pub nodes: u8,
+    /// How the node agents install the in-pod rules.
+    pub rules: Backend,
 }
 
 struct NodeRuntime {
@@ -153,7 +155,7 @@ impl Mesh {
             let socket = dir.join(format!("zds/{name}.sock"));
             let agent = NodeAgent::start(
                 &socket,
-                Backend::Iptables,
+                options.rules,
                 RuleOptions {
                     dns_capture: true,
                     ipv6: false,
