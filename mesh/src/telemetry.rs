@@ -1,6 +1,7 @@
 //! Istio's telemetry conventions shared by ztunnel and the waypoint: how a workload becomes the
 //! `*_workload`, `*_canonical_service`, ... label values of Istio's standard metrics.
 
+use crate::identity::Identity;
 use crate::state::Workload;
 
 /// What Istio's metrics say about one side of a connection or request. Missing values are
@@ -23,6 +24,11 @@ pub fn or_unknown(value: &str) -> String {
     } else {
         value.to_owned()
     }
+}
+
+/// A `*_principal` label value: the SPIFFE id, or `unknown` without one (plaintext).
+pub fn principal(identity: Option<&Identity>) -> String {
+    identity.map_or_else(|| "unknown".to_owned(), ToString::to_string)
 }
 
 impl WorkloadLabels {

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use ambit_mesh::identity::Identity;
 use ambit_mesh::state::{Service, Workload};
-use ambit_mesh::telemetry::{or_unknown, WorkloadLabels};
+use ambit_mesh::telemetry::{or_unknown, principal, WorkloadLabels};
 use metrics::{Key, Label, Level, Metadata, Recorder};
 use metrics_exporter_prometheus::{
     Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
@@ -107,33 +107,11 @@ impl Metrics {
     }
 }
 
-fn principal(identity: &Option<Identity>) -> String {
-    identity
-        .as_ref()
-        .map_or_else(|| "unknown".to_owned(), ToString::to_string)
-}
-
 impl RequestLabels {
     /// Labels in the order Istio's waypoint stats use.
     fn to_labels(&self) -> Vec<Label> {
-        let WorkloadLabels {
-            workload: s_workload,
-            canonical_service: s_service,
-            canonical_revision: s_revision,
-            namespace: s_namespace,
-            app: s_app,
-            version: s_version,
-            cluster: s_cluster,
-        } = WorkloadLabels::of(self.source.as_deref());
-        let WorkloadLabels {
-            workload: d_workload,
-            canonical_service: d_service,
-            canonical_revision: d_revision,
-            namespace: d_namespace,
-            app: d_app,
-            version: d_version,
-            cluster: d_cluster,
-        } = WorkloadLabels::of(self.destination.as_deref());
+        let s = WorkloadLabels::of(self.source.as_deref());
+        let d = WorkloadLabels::of(self.destination.as_deref());
         let (svc_host, svc_name, svc_namespace) = match &self.destination_service {
             Some(s) => (
                 or_unknown(&s.hostname),
@@ -154,28 +132,31 @@ impl RequestLabels {
         };
         let pairs: [(&'static str, String); 25] = [
             ("reporter", "waypoint".to_owned()),
-            ("source_workload", s_workload),
-            ("source_canonical_service", s_service),
-            ("source_canonical_revision", s_revision),
-            ("source_workload_namespace", s_namespace),
-            ("source_principal", principal(&self.source_principal)),
-            ("source_app", s_app),
-            ("source_version", s_version),
-            ("source_cluster", s_cluster),
-            ("destination_workload", d_workload),
-            ("destination_workload_namespace", d_namespace),
+            ("source_workload", s.workload),
+            ("source_canonical_service", s.canonical_service),
+            ("source_canonical_revision", s.canonical_revision),
+            ("source_workload_namespace", s.namespace),
+            (
+                "source_principal",
+                principal(self.source_principal.as_ref()),
+            ),
+            ("source_app", s.app),
+            ("source_version", s.version),
+            ("source_cluster", s.cluster),
+            ("destination_workload", d.workload),
+            ("destination_workload_namespace", d.namespace),
             (
                 "destination_principal",
-                principal(&self.destination_principal),
+                principal(self.destination_principal.as_ref()),
             ),
-            ("destination_app", d_app),
-            ("destination_version", d_version),
+            ("destination_app", d.app),
+            ("destination_version", d.version),
             ("destination_service", svc_host),
-            ("destination_canonical_service", d_service),
-            ("destination_canonical_revision", d_revision),
+            ("destination_canonical_service", d.canonical_service),
+            ("destination_canonical_revision", d.canonical_revision),
             ("destination_service_name", svc_name),
             ("destination_service_namespace", svc_namespace),
-            ("destination_cluster", d_cluster),
+            ("destination_cluster", d.cluster),
             ("request_protocol", protocol.to_owned()),
             ("response_code", self.response_code.to_string()),
             ("grpc_response_status", self.grpc_response_status.clone()),
