@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ambit_mesh::hbone;
-use ambit_mesh::identity::{CertificateAuthority, CertificateManager, ManagerSettings};
+use ambit_mesh::identity::CertificateManager;
 use ambit_mesh::state::local::{self, LocalConfig};
 use ambit_mesh::state::StateStore;
 use anyhow::Context;
@@ -49,14 +49,9 @@ impl Ztunnel {
     pub async fn start(config: Config, hbone_settings: hbone::Settings) -> anyhow::Result<Self> {
         config.validate()?;
         let ca_dir = config.ca_dir.as_ref().expect("validated");
-        let ca = CertificateAuthority::load(ca_dir).context("loading the CA")?;
-        let certificates = Arc::new(CertificateManager::new(
-            Arc::new(ca),
-            ManagerSettings {
-                ttl: Duration::from_secs(config.secret_ttl_seconds),
-                ..Default::default()
-            },
-        ));
+        let ttl = Duration::from_secs(config.secret_ttl_seconds);
+        let certificates =
+            Arc::new(CertificateManager::with_local_ca(ca_dir, ttl).context("loading the CA")?);
         let state_path = config.local_xds_path.clone().expect("validated");
         let state = Arc::new(StateStore::new(LocalConfig::load(&state_path)?));
         let metrics = Arc::new(Metrics::default());

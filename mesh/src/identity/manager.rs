@@ -95,6 +95,19 @@ impl CertificateManager {
         }
     }
 
+    /// A manager signing with the built-in CA loaded from an Istio `cacerts` directory, asking
+    /// for certificates valid for `ttl` (what ztunnel and the waypoint run with locally).
+    pub fn with_local_ca(ca_dir: &std::path::Path, ttl: Duration) -> Result<Self, CaError> {
+        let ca = CertificateAuthority::load(ca_dir)?;
+        Ok(Self::new(
+            Arc::new(ca),
+            ManagerSettings {
+                ttl,
+                ..Default::default()
+            },
+        ))
+    }
+
     /// The current certificate for `identity`, waiting for the first one if needed.
     ///
     /// Must be called within a Tokio runtime: the first call for an identity starts its refresher.
