@@ -33,13 +33,10 @@ use std::time::{Duration, Instant};
 use ambit_mesh::hbone::client::{Client, TunnelRequest};
 use ambit_mesh::hbone::{ConnectHeaders, Settings};
 use ambit_mesh::identity::{CertificateManager, Identity};
+use ambit_mesh::testing::bench::{env_size, process_cpu_time, size, GIB, KIB, MIB};
 use ambit_mesh::testing::{self, TcpForwarder};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-
-const KIB: u64 = 1024;
-const MIB: u64 = 1024 * KIB;
-const GIB: u64 = 1024 * MIB;
 
 /// Streams in the concurrent throughput measurements.
 const PARALLEL: usize = 8;
@@ -100,28 +97,6 @@ impl Config {
             settings,
         }
     }
-}
-
-/// A size from the environment: a number with an optional K, M or G (binary) suffix.
-fn env_size(name: &str) -> Option<u64> {
-    let value = std::env::var(name).ok()?;
-    let text = value.trim();
-    let (digits, unit) = match text.char_indices().last() {
-        Some((i, c)) if c.is_ascii_alphabetic() => (&text[..i], c.to_ascii_uppercase()),
-        _ => (text, ' '),
-    };
-    let multiplier = match unit {
-        ' ' => 1,
-        'K' => KIB,
-        'M' => MIB,
-        'G' => GIB,
-        _ => panic!("{name}={value}: unknown size suffix (use K, M or G)"),
-    };
-    let number: u64 = digits
-        .trim()
-        .parse()
-        .unwrap_or_else(|_| panic!("{name}={value} is not a size"));
-    Some(number * multiplier)
 }
 
 fn main() {
@@ -479,21 +454,6 @@ impl Figure {
     }
 }
 
-/// CPU time used so far by every live thread of this process (Linux: the scheduler's own
-/// nanosecond accounting in `/proc/self/task/*/schedstat`); `None` elsewhere.
-fn process_cpu_time() -> Option<Duration> {
-    let mut total = 0u64;
-    for task in std::fs::read_dir("/proc/self/task").ok()? {
-        let path = task.ok()?.path().join("schedstat");
-        // A thread may exit between listing and reading; it then no longer counts.
-        let Ok(text) = std::fs::read_to_string(path) else {
-            continue;
-        };
-        total += text.split_whitespace().next()?.parse::<u64>().ok()?;
-    }
-    Some(Duration::from_nanos(total))
-}
-
 /// `spiffe://cluster.local/ns/bench/sa/client-<i>`.
 fn source(i: usize) -> Identity {
     testing::identity("bench", &format!("client-{i}"))
@@ -576,15 +536,6 @@ async fn ping_server() -> SocketAddr {
         }
     });
     addr
-}
-
-fn size(bytes: u64) -> String {
-    match bytes {
-        b if b >= GIB && b % GIB == 0 => format!("{} GiB", b / GIB),
-        b if b >= MIB && b % MIB == 0 => format!("{} MiB", b / MIB),
-        b if b >= KIB && b % KIB == 0 => format!("{} KiB", b / KIB),
-        b => format!("{b} B"),
-    }
 }
 
 fn throughput_line(name: &str, plain: Figure, hbone: Figure) {

@@ -1,6 +1,8 @@
 //! Test helpers (feature `testing`): identities, a throwaway CA and certificate manager, a TCP echo
 //! server, and an HBONE server that forwards accepted tunnels to their target over plain TCP.
 
+pub mod bench;
+
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;

@@ -54,16 +54,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ambit_mesh::hbone::Settings;
+use ambit_mesh::testing::bench::{env_size, process_cpu_time, size, KIB, MIB};
 use ambit_ztunnel::netns::PodNetns;
 use ambit_ztunnel::testing::{Cluster, VIP};
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::task::JoinSet;
-
-const KIB: u64 = 1024;
-const MIB: u64 = 1024 * KIB;
-const GIB: u64 = 1024 * MIB;
 
 /// Connections in the concurrent throughput measurement.
 const PARALLEL: usize = 8;
@@ -129,28 +126,6 @@ impl Config {
     fn runs_group(&self, group: &str) -> bool {
         self.only.as_deref().is_none_or(|only| only == group)
     }
-}
-
-/// A size from the environment: a number with an optional K, M or G (binary) suffix.
-fn env_size(name: &str) -> Option<u64> {
-    let value = std::env::var(name).ok()?;
-    let text = value.trim();
-    let (digits, unit) = match text.char_indices().last() {
-        Some((i, c)) if c.is_ascii_alphabetic() => (&text[..i], c.to_ascii_uppercase()),
-        _ => (text, ' '),
-    };
-    let multiplier = match unit {
-        ' ' => 1,
-        'K' => KIB,
-        'M' => MIB,
-        'G' => GIB,
-        _ => panic!("{name}={value}: unknown size suffix (use K, M or G)"),
-    };
-    let number: u64 = digits
-        .trim()
-        .parse()
-        .unwrap_or_else(|_| panic!("{name}={value} is not a size"));
-    Some(number * multiplier)
 }
 
 fn main() {
@@ -1310,21 +1285,6 @@ fn minor_faults() -> Option<u64> {
     after_name.split_whitespace().nth(7)?.parse().ok()
 }
 
-/// CPU time used so far by every live thread of this process (the scheduler's nanosecond
-/// accounting in `/proc/self/task/*/schedstat`).
-fn process_cpu_time() -> Option<Duration> {
-    let mut total = 0u64;
-    for task in std::fs::read_dir("/proc/self/task").ok()? {
-        let path = task.ok()?.path().join("schedstat");
-        // A thread may exit between listing and reading; it then no longer counts.
-        let Ok(text) = std::fs::read_to_string(path) else {
-            continue;
-        };
-        total += text.split_whitespace().next()?.parse::<u64>().ok()?;
-    }
-    Some(Duration::from_nanos(total))
-}
-
 /// `1234 MB/s (9.87 Gbit/s)` from GB per second.
 fn rate(gb_per_second: f64) -> String {
     format!(
@@ -1497,15 +1457,6 @@ fn latency_lines(name: &str, direct: &Latencies, ambit: &Latencies, capture: Opt
 }
 
 // --- Formatting ---
-
-fn size(bytes: u64) -> String {
-    match bytes {
-        b if b >= GIB && b % GIB == 0 => format!("{} GiB", b / GIB),
-        b if b >= MIB && b % MIB == 0 => format!("{} MiB", b / MIB),
-        b if b >= KIB && b % KIB == 0 => format!("{} KiB", b / KIB),
-        b => format!("{b} B"),
-    }
-}
 
 fn mib(bytes: i64) -> String {
     format!("{:.1} MiB", bytes as f64 / MIB as f64)
