@@ -12,6 +12,7 @@ use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ambit_cni::rules::{self, Backend, RuleOptions};
@@ -416,9 +417,9 @@ pub fn config(dir: &Path, state: &Path, socket: &Path) -> Config {
     }
 }
 
-/// An app server inside `pod`: answers each connection with the peer address it sees, then
-/// echoes until the client half-closes.
-pub async fn app_server(pod: &PodNet, port: u16) {
+/// A listening socket bound inside `pod` as its app's would be (unmarked), with the namespace
+/// handle to keep while it serves.
+pub async fn app_listener(pod: &PodNet, port: u16) -> (tokio::net::TcpListener, PodNetns) {
     let netns = PodNetns::new(pod.open().into()).unwrap();
     let listener = netns
         .run(move || {
@@ -428,10 +429,20 @@ pub async fn app_server(pod: &PodNet, port: u16) {
         })
         .await
         .unwrap();
-    let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+    (tokio::net::TcpListener::from_std(listener).unwrap(), netns)
+}
+
+/// An app server inside `pod`: answers each connection with the peer address it sees, then
+/// echoes until the client half-closes. Returns how many connections its one listening socket
+/// has accepted (the same socket throughout: the app is never restarted).
+pub async fn app_server(pod: &PodNet, port: u16) -> Arc<AtomicUsize> {
+    let (listener, netns) = app_listener(pod, port).await;
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let counter = accepted.clone();
     tokio::spawn(async move {
         let _netns = netns;
         while let Ok((mut socket, peer)) = listener.accept().await {
+            counter.fetch_add(1, Ordering::SeqCst);
             tokio::spawn(async move {
                 let _ = socket
                     .write_all(format!("peer={}\n", peer.ip()).as_bytes())
@@ -442,6 +453,7 @@ pub async fn app_server(pod: &PodNet, port: u16) {
             });
         }
     });
+    accepted
 }
 
 /// Connects from inside `pod` as its app would (an unmarked socket).

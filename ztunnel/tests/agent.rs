@@ -5,7 +5,7 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -15,8 +15,9 @@ use ambit_mesh::identity::CertificateAuthority;
 use ambit_mesh::zds::ZdsError;
 use ambit_ztunnel::app::Ztunnel;
 use ambit_ztunnel::netns::PodNetns;
-use ambit_ztunnel::testing::{app_call, config, http_get, netns_exec, uid, PodNet, Topology};
-use tokio::io::AsyncWriteExt;
+use ambit_ztunnel::testing::{
+    app_call, app_server, config, http_get, netns_exec, uid, PodNet, Topology,
+};
 
 /// Two nodes, `sleep` on node 1 and `echo` on node 2, each node with its agent and ztunnel.
 /// Nothing is enrolled at the start.
@@ -138,37 +139,6 @@ fn enrolled_pod(pod: &PodNet) -> EnrolledPod {
     }
 }
 
-/// The echo app: one listening socket, bound once inside the pod; answers each connection with
-/// the peer address it sees, then echoes. Returns how many connections that socket accepted.
-async fn echo_app(pod: &PodNet, port: u16) -> Arc<AtomicUsize> {
-    let netns = PodNetns::new(pod.open().into()).unwrap();
-    let listener = netns
-        .run(move || {
-            let listener = std::net::TcpListener::bind(("0.0.0.0", port)).unwrap();
-            listener.set_nonblocking(true).unwrap();
-            listener
-        })
-        .await
-        .unwrap();
-    let listener = tokio::net::TcpListener::from_std(listener).unwrap();
-    let accepted = Arc::new(AtomicUsize::new(0));
-    let counter = accepted.clone();
-    tokio::spawn(async move {
-        while let Ok((mut socket, peer)) = listener.accept().await {
-            counter.fetch_add(1, Ordering::SeqCst);
-            tokio::spawn(async move {
-                let _ = socket
-                    .write_all(format!("peer={}\n", peer.ip()).as_bytes())
-                    .await;
-                let (mut read, mut write) = socket.split();
-                let _ = tokio::io::copy(&mut read, &mut write).await;
-                let _ = write.shutdown().await;
-            });
-        }
-    });
-    accepted
-}
-
 /// One request from sleep to echo; checks the answer and that echo saw sleep's own address.
 async fn call(mesh: &Mesh, payload: &str) {
     let reply = app_call(&mesh.sleep, mesh.echo_address(), payload.as_bytes())
@@ -235,7 +205,7 @@ async fn running_pods_join_leave_and_survive_a_ztunnel_restart() {
     // survive it, as in Istio: the pod netns had no conntrack until the rules arrived, so the
     // next packet of such a connection looks new to the nat table and is redirected to ztunnel,
     // which knows no such connection and resets it. Only new connections are meshed.)
-    let accepted = echo_app(&mesh.echo, 8080).await;
+    let accepted = app_server(&mesh.echo, 8080).await;
     let mut calls = 0;
     call(&mesh, "plain-before").await;
     calls += 1;
@@ -419,7 +389,7 @@ async fn a_pod_ztunnel_refuses_is_rolled_back() {
 async fn without_ztunnel_enrollment_times_out_and_leaves_the_pod_alone() {
     let node = SingleNode::new();
     node.agent.set_ztunnel_timeout(Duration::from_millis(300));
-    let accepted = echo_app(&node.pod, 8080).await;
+    let accepted = app_server(&node.pod, 8080).await;
 
     let err = node
         .agent

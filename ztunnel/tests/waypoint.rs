@@ -16,7 +16,7 @@ use ambit_mesh::identity::{
 use ambit_waypoint::app::Waypoint;
 use ambit_waypoint::metrics::Metrics;
 use ambit_ztunnel::netns::PodNetns;
-use ambit_ztunnel::testing::{app_connect, http_get, Cluster, PodNet, VIP};
+use ambit_ztunnel::testing::{app_connect, app_listener, http_get, Cluster, PodNet, VIP};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 
 const HOST: &str = "echo.default.svc.cluster.local";
@@ -87,16 +87,7 @@ fn start_waypoint(cluster: &Cluster) -> WaypointPod {
 /// request with `peer=<source ip> host=<host header>`, keeping connections alive; records the
 /// source address of each request.
 async fn http_server(pod: &PodNet, port: u16) -> Arc<Mutex<Vec<IpAddr>>> {
-    let netns = PodNetns::new(pod.open().into()).unwrap();
-    let listener = netns
-        .run(move || {
-            let listener = std::net::TcpListener::bind(("0.0.0.0", port)).unwrap();
-            listener.set_nonblocking(true).unwrap();
-            listener
-        })
-        .await
-        .unwrap();
-    let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+    let (listener, netns) = app_listener(pod, port).await;
     let seen = Arc::new(Mutex::new(Vec::new()));
     let record = seen.clone();
     tokio::spawn(async move {
