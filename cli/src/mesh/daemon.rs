@@ -286,33 +286,12 @@ impl Mesh {
             }
             let (namespace, name) = &key;
             let node = match &pod.spec.node_name {
-                Some(node) => self.nodes.iter().position(|n| &n.name == node).with_context(|| {
-                    format!("pod {namespace}/{name}: spec.nodeName {node} is not a node of this mesh")
-                })?,
-                None => {
-                    self.next_node = (self.next_node + 1) % self.nodes.len();
-                    self.next_node
-                }
+                Some(node) => Some(self.nodes.iter().position(|n| &n.name == node).with_context(
+                    || format!("pod {namespace}/{name}: spec.nodeName {node} is not a node of this mesh"),
+                )?),
+                None => None,
             };
-            let net = self
-                .topology
-                .add_pod(node, &format!("{namespace}-{name}"))?;
-            self.pods.insert(
-                key.clone(),
-                PodRuntime {
-                    net,
-                    node,
-                    uid: format!("Kubernetes//Pod/{namespace}/{name}"),
-                    identity: format!(
-                        "spiffe://{TRUST_DOMAIN}/ns/{namespace}/sa/{}",
-                        pod.spec.service_account_name
-                    ),
-                    enrolled: false,
-                    reason: None,
-                    processes: Vec::new(),
-                    waypoint: false,
-                },
-            );
+            self.add_pod_net(&key, node, &pod.spec.service_account_name, false)?;
             started.push(key);
         }
 
@@ -323,25 +302,8 @@ impl Mesh {
             if self.pods.contains_key(&key) {
                 continue;
             }
-            let (namespace, name) = &key;
-            self.next_node = (self.next_node + 1) % self.nodes.len();
-            let node = self.next_node;
-            let net = self
-                .topology
-                .add_pod(node, &format!("{namespace}-{name}"))?;
-            self.pods.insert(
-                key.clone(),
-                PodRuntime {
-                    net,
-                    node,
-                    uid: format!("Kubernetes//Pod/{namespace}/{name}"),
-                    identity: format!("spiffe://{TRUST_DOMAIN}/ns/{namespace}/sa/{name}"),
-                    enrolled: false,
-                    reason: Some("a waypoint: it terminates HBONE itself".into()),
-                    processes: Vec::new(),
-                    waypoint: true,
-                },
-            );
+            let service_account = key.1.clone();
+            self.add_pod_net(&key, None, &service_account, true)?;
             started_waypoints.push(key);
         }
 
@@ -436,6 +398,39 @@ impl Mesh {
             self.pods.get_mut(&key).expect("created").processes = vec![process];
         }
         self.record_pids()?;
+        Ok(())
+    }
+
+    /// Gives a new pod (or waypoint) its namespace and address on `node`, or on the next node in
+    /// turn, and records it, not yet running and not enrolled.
+    fn add_pod_net(
+        &mut self,
+        key: &(String, String),
+        node: Option<usize>,
+        service_account: &str,
+        waypoint: bool,
+    ) -> anyhow::Result<()> {
+        let (namespace, name) = key;
+        let node = node.unwrap_or_else(|| {
+            self.next_node = (self.next_node + 1) % self.nodes.len();
+            self.next_node
+        });
+        let net = self
+            .topology
+            .add_pod(node, &format!("{namespace}-{name}"))?;
+        self.pods.insert(
+            key.clone(),
+            PodRuntime {
+                net,
+                node,
+                uid: format!("Kubernetes//Pod/{namespace}/{name}"),
+                identity: format!("spiffe://{TRUST_DOMAIN}/ns/{namespace}/sa/{service_account}"),
+                enrolled: false,
+                reason: waypoint.then(|| "a waypoint: it terminates HBONE itself".to_owned()),
+                processes: Vec::new(),
+                waypoint,
+            },
+        );
         Ok(())
     }
 
