@@ -303,6 +303,52 @@ impl ClusterState {
             .collect()
     }
 
+    /// What the waypoint `namespace/name` enforces at L7: the HTTPRoutes attached (by a Service
+    /// `parentRef`) to a Service bound to it with `istio.io/use-waypoint`, and the
+    /// AuthorizationPolicies whose `targetRefs` name its Gateway, the `istio-waypoint`
+    /// GatewayClass (from the root namespace), or one of those Services. In object order.
+    pub fn waypoint_l7_objects(&self, namespace: &str, name: &str) -> Vec<ObjectRef> {
+        let bound: BTreeSet<(String, String)> = self
+            .services()
+            .filter(|s| {
+                ztunnel::service_waypoint_ref(self, s)
+                    .is_some_and(|(ns, n)| ns == namespace && n == name)
+            })
+            .map(|s| (s.metadata.namespace.clone(), s.metadata.name.clone()))
+            .collect();
+        let routes = self.http_routes().filter(|r| {
+            r.spec.parent_refs.iter().any(|p| {
+                (p.group.is_empty() || p.group == "core")
+                    && p.kind == "Service"
+                    && bound.contains(&(
+                        p.namespace
+                            .clone()
+                            .unwrap_or_else(|| r.metadata.namespace.clone()),
+                        p.name.clone(),
+                    ))
+            })
+        });
+        let policies = self.authorization_policies().filter(|p| {
+            let ns = &p.metadata.namespace;
+            p.spec.target_refs.iter().any(|t| match t.kind.as_str() {
+                "Gateway" => ns == namespace && t.name == name,
+                "GatewayClass" => ns == ROOT_NAMESPACE && t.name == WAYPOINT_GATEWAY_CLASS,
+                "Service" => bound.contains(&(ns.clone(), t.name.clone())),
+                _ => false,
+            })
+        });
+        routes
+            .map(|r| ObjectRef::new(Kind::HttpRoute, &r.metadata.namespace, &r.metadata.name))
+            .chain(policies.map(|p| {
+                ObjectRef::new(
+                    Kind::AuthorizationPolicy,
+                    &p.metadata.namespace,
+                    &p.metadata.name,
+                )
+            }))
+            .collect()
+    }
+
     /// The Services that send to `pod`.
     pub fn services_for_pod<'a>(&'a self, pod: &'a Pod) -> impl Iterator<Item = &'a Service> + 'a {
         self.services().filter(move |s| s.selects(pod))

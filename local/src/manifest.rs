@@ -29,7 +29,10 @@ use serde_yaml::Value;
 use decode::{FieldError, Fields, Node};
 
 pub use gateway::{
-    Gateway, GatewaySpec, HttpRoute, HttpRouteSpec, Listener, ParentRef, GATEWAY_API_GROUP,
+    parse_duration, BackendRef, Fraction, Gateway, GatewaySpec, HeaderModifier, HttpBackendRef,
+    HttpRoute, HttpRouteFilter, HttpRouteMatch, HttpRouteRetry, HttpRouteRule, HttpRouteSpec,
+    HttpRouteTimeouts, Listener, ParentRef, PathMatch, PathMatchType, PathModifier, RequestMirror,
+    RequestRedirect, UrlRewrite, ValueMatch, ValueMatchType, GATEWAY_API_GROUP,
 };
 pub use istio::{
     AuthorizationAction, AuthorizationPolicy, AuthorizationPolicySpec, AuthorizationRule,

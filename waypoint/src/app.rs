@@ -2,7 +2,6 @@
 //! and the operator endpoints. Used by the binary and, in process, by tests.
 
 use std::net::SocketAddr;
-use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,12 +17,16 @@ use tokio::task::JoinHandle;
 
 use crate::admin::{self, Endpoints};
 use crate::config::Config;
+use crate::l7::{self, L7Config, L7Store, WaypointName};
 use crate::metrics::Metrics;
 use crate::proxy::inbound::Inbound;
+use crate::proxy::upstream::Upstreams;
 use crate::proxy::{Context, ProxySettings};
 
 /// How often the local state file is checked for changes.
 const STATE_POLL: Duration = Duration::from_millis(500);
+/// How often the L7 configuration file is checked for changes.
+pub const L7_POLL: Duration = Duration::from_millis(500);
 
 /// Where a waypoint listens and how it behaves, once certificates and state are at hand.
 #[derive(Clone, Debug)]
@@ -35,6 +38,10 @@ pub struct Options {
     pub readiness_address: SocketAddr,
     pub proxy: ProxySettings,
     pub hbone: Settings,
+    /// The waypoint's Gateway, for policy `targetRefs`.
+    pub name: WaypointName,
+    /// The L7 configuration file, watched for changes; `None`: no routes, no L7 policy.
+    pub l7_path: Option<std::path::PathBuf>,
 }
 
 /// A started waypoint; dropping it stops everything it runs.
@@ -43,6 +50,8 @@ pub struct Waypoint {
     pub state: Arc<StateStore>,
     pub certificates: Arc<CertificateManager>,
     pub metrics: Arc<Metrics>,
+    /// Routes and policies in force.
+    pub l7: Arc<L7Store>,
     pub hbone_address: SocketAddr,
     pub stats_address: SocketAddr,
     pub readiness_address: SocketAddr,
@@ -75,6 +84,8 @@ impl Waypoint {
             readiness_address: config.readiness_address,
             proxy: config.proxy_settings(),
             hbone,
+            name: config.waypoint_name(),
+            l7_path: config.waypoint_config.clone(),
         };
         let mut waypoint = Self::start_with(options, certificates, state.clone()).await?;
         waypoint
@@ -83,21 +94,27 @@ impl Waypoint {
         Ok(waypoint)
     }
 
-    /// Starts with the given certificates and state (tests set the state directly).
+    /// Starts with the given certificates and state (tests set the state directly). The L7
+    /// configuration file, when given, must load: a waypoint never starts on a broken one.
     pub async fn start_with(
         options: Options,
         certificates: Arc<CertificateManager>,
         state: Arc<StateStore>,
     ) -> anyhow::Result<Self> {
         let metrics = Arc::new(Metrics::default());
+        let l7 = Arc::new(match &options.l7_path {
+            Some(path) => L7Store::new(L7Config::load(path, &options.name)?),
+            None => L7Store::default(),
+        });
         let context = Arc::new(Context {
             identity: options.identity.clone(),
             state: state.clone(),
+            l7: l7.clone(),
             client: Client::new(certificates.clone(), options.hbone.clone()),
             metrics: metrics.clone(),
             network: options.network.clone(),
             settings: options.proxy.clone(),
-            next_pick: AtomicUsize::new(0),
+            upstreams: Upstreams::new(options.proxy.clone()),
         });
         let hbone_listener = TcpListener::bind(options.hbone_address)
             .await
@@ -114,6 +131,14 @@ impl Waypoint {
                 tracing::error!(error = %err, "HBONE listener failed");
             }
         })];
+        if let Some(path) = options.l7_path.clone() {
+            tasks.push(tokio::spawn(l7::watch(
+                path,
+                options.name.clone(),
+                l7.clone(),
+                L7_POLL,
+            )));
+        }
         let mut bind = async |address: SocketAddr, endpoints: Endpoints| {
             let listener = TcpListener::bind(address)
                 .await
@@ -134,6 +159,7 @@ impl Waypoint {
             state,
             certificates,
             metrics,
+            l7,
             hbone_address,
             stats_address,
             readiness_address,

@@ -8,6 +8,7 @@ use std::time::Duration;
 use ambit_mesh::identity::{Identity, IdentityError};
 use clap::Parser;
 
+use crate::l7::WaypointName;
 use crate::proxy::ProxySettings;
 
 /// The L7 waypoint proxy of the Ambit mesh (Istio ambient compatible).
@@ -18,6 +19,17 @@ pub struct Config {
     /// reloaded when it changes.
     #[arg(long, env = "LOCAL_XDS_PATH")]
     pub local_xds_path: Option<PathBuf>,
+
+    /// HTTPRoutes and AuthorizationPolicies (with `targetRefs`) for this waypoint: a
+    /// multi-document YAML file of Kubernetes objects, reloaded when it changes. Without it the
+    /// waypoint applies Istio's default route and no L7 policy.
+    #[arg(long, env = "AMBIT_WAYPOINT_CONFIG")]
+    pub waypoint_config: Option<PathBuf>,
+
+    /// The waypoint's Gateway, which AuthorizationPolicies name in `targetRefs` (default: the
+    /// service account, as istiod names a waypoint's service account after its Gateway).
+    #[arg(long, env = "AMBIT_GATEWAY_NAME")]
+    pub gateway_name: Option<String>,
 
     /// Istio `cacerts` directory for the built-in CA (ca-cert.pem, ca-key.pem, root-cert.pem,
     /// cert-chain.pem).
@@ -90,6 +102,17 @@ impl Config {
     /// `spiffe://<trust domain>/ns/<namespace>/sa/<service account>`.
     pub fn identity(&self) -> Result<Identity, IdentityError> {
         Identity::new(&self.trust_domain, &self.namespace, &self.service_account)
+    }
+
+    /// This waypoint's Gateway, for policy `targetRefs`.
+    pub fn waypoint_name(&self) -> WaypointName {
+        WaypointName {
+            namespace: self.namespace.clone(),
+            gateway: self
+                .gateway_name
+                .clone()
+                .unwrap_or_else(|| self.service_account.clone()),
+        }
     }
 
     pub fn proxy_settings(&self) -> ProxySettings {

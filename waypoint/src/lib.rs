@@ -1,12 +1,15 @@
 //! ambit-waypoint: the optional L7 proxy of the mesh. It accepts HBONE on 15008, serves HTTP
-//! (HTTP/1.1 or HTTP/2) inside each tunnel, picks an endpoint of the addressed service, forwards
-//! each request over HBONE to that endpoint's `podIP:15008` with Istio's default retry policy, and
-//! records Istio's HTTP metrics with `reporter="waypoint"`.
+//! (HTTP/1.1 or HTTP/2) inside each tunnel, enforces L7 AuthorizationPolicy, routes each request
+//! by the HTTPRoutes of the addressed Service (matches, redirects, rewrites, header changes,
+//! mirrors, weighted backends, timeouts, retries), forwards it over HBONE to an endpoint's
+//! `podIP:15008` on a kept-alive connection (outlier endpoints ejected), and records Istio's HTTP
+//! metrics with `reporter="waypoint"`. Routes and policies come from [`l7`].
 //!
-//! Not built yet: HTTPRoute, L7 AuthorizationPolicy, Wasm filters, xDS.
+//! Not built yet: Wasm filters (the hook point is in [`proxy::pipeline`]), xDS.
 
 pub mod admin;
 pub mod app;
 pub mod config;
+pub mod l7;
 pub mod metrics;
 pub mod proxy;

@@ -1,12 +1,16 @@
-//! The waypoint's data path: HBONE in ([`inbound`]: an HTTP server inside each tunnel), endpoint
-//! choice, retries and HBONE out ([`forward`]), with streamed bodies measured for telemetry
-//! ([`body`]).
+//! The waypoint's data path: HBONE in ([`inbound`]: an HTTP server inside each tunnel), the
+//! per-request phase sequence ([`pipeline`]: authorize → route → request filters → Wasm hook →
+//! forward → response filters → telemetry), the route filters ([`filters`]), forwarding with
+//! retries and timeouts ([`forward`]), endpoints, outlier ejection and pooled upstream
+//! connections ([`upstream`]), and bodies measured or buffered for replay ([`body`]).
 
 pub mod body;
+pub mod filters;
 pub mod forward;
 pub mod inbound;
+pub mod pipeline;
+pub mod upstream;
 
-use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,18 +18,31 @@ use ambit_mesh::hbone::client::Client;
 use ambit_mesh::identity::Identity;
 use ambit_mesh::state::StateStore;
 
+use crate::l7::L7Store;
 use crate::metrics::Metrics;
 
-/// Routing behaviour that is Istio's default route until HTTPRoute support exists.
+/// Behaviour that is not configured per route: Istio's defaults unless said otherwise.
 #[derive(Clone, Debug)]
 pub struct ProxySettings {
-    /// Whole-request timeout (until response headers); `None` is Istio's default (no timeout).
+    /// Whole-request timeout (until response headers) when the route sets none; `None` is
+    /// Istio's default (no timeout).
     pub request_timeout: Option<Duration>,
-    /// Retries after the first attempt (Istio's default: 2), on connect failure and refused
-    /// streams, each to a different endpoint when the service has one.
+    /// Retries after the first attempt under Istio's default policy (2), on connect failure and
+    /// refused streams, each to a different endpoint when the service has one.
     pub retries: u32,
-    /// Wait before the first retry, doubled for each further one (Envoy's default: 25 ms).
+    /// Base interval between retries (Envoy's default: 25 ms), with exponential backoff and
+    /// full jitter.
     pub retry_backoff: Duration,
+    /// Largest request body kept in memory so that it can be sent again (retries, mirrors).
+    pub body_buffer_limit: usize,
+    /// Consecutive 5xx or connect failures that eject an endpoint (Envoy's default: 5).
+    pub outlier_consecutive_errors: u32,
+    /// How long an ejection lasts the first time; longer with each ejection (Envoy's 30 s).
+    pub outlier_base_ejection: Duration,
+    /// Idle upstream HTTP/1.1 connections kept per endpoint.
+    pub pool_max_idle: usize,
+    /// How long an idle upstream connection is kept.
+    pub pool_idle_timeout: Duration,
 }
 
 impl Default for ProxySettings {
@@ -34,6 +51,11 @@ impl Default for ProxySettings {
             request_timeout: None,
             retries: 2,
             retry_backoff: Duration::from_millis(25),
+            body_buffer_limit: 64 * 1024,
+            outlier_consecutive_errors: 5,
+            outlier_base_ejection: Duration::from_secs(30),
+            pool_max_idle: 32,
+            pool_idle_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -43,12 +65,14 @@ pub struct Context {
     /// The waypoint's own identity: served on 15008, presented to endpoints.
     pub identity: Identity,
     pub state: Arc<StateStore>,
+    /// Routes and policies in force.
+    pub l7: Arc<L7Store>,
     /// Pooled HBONE connections towards endpoints.
     pub client: Client,
     pub metrics: Arc<Metrics>,
     /// The network addresses resolve in.
     pub network: String,
     pub settings: ProxySettings,
-    /// Round-robin position over a service's healthy endpoints.
-    pub next_pick: AtomicUsize,
+    /// Endpoint choice, outlier ejection and idle upstream connections.
+    pub upstreams: upstream::Upstreams,
 }

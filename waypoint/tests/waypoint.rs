@@ -199,6 +199,8 @@ async fn mesh(net: u8, up: [(bool, bool); 2], proxy: ProxySettings) -> Mesh {
             readiness_address: local(0),
             proxy,
             hbone: Settings::default(),
+            name: Default::default(),
+            l7_path: None,
         },
         certificates.clone(),
         Arc::new(state(net)),

@@ -1,20 +1,24 @@
-//! Assembles a running ztunnel: certificates, state source, in-pod workload manager and the
-//! operator endpoints. Used by the binary and, in process, by tests.
+//! Assembles a running ztunnel: certificates (built-in CA or the Istio CA), state source (the
+//! local file or istiod's delta ADS), in-pod workload manager and the operator endpoints. Used by
+//! the binary and, in process, by tests.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use ambit_mesh::hbone;
-use ambit_mesh::identity::CertificateManager;
+use ambit_mesh::identity::{CertificateManager, ManagerSettings};
 use ambit_mesh::state::local::{self, LocalConfig};
 use ambit_mesh::state::StateStore;
+use ambit_xds::{
+    AdsClient, AdsSettings, CaClient, CaClientSettings, ControlPlane, ControlPlaneConfig, NodeInfo,
+};
 use anyhow::Context;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
 use crate::admin::{self, AdminState, Endpoints};
-use crate::config::Config;
+use crate::config::{Config, IstioEnv};
 use crate::inpod::{InpodStatus, WorkloadManager};
 use crate::metrics::Metrics;
 use crate::proxy::connections::ConnectionTracker;
@@ -46,14 +50,73 @@ impl Drop for Ztunnel {
 impl Ztunnel {
     /// Validates `config`, loads certificates and state, binds the endpoints and starts serving.
     /// Fails only on configuration errors: a missing node agent is retried in the background.
+    /// Istio's control-plane settings come from the environment ([`IstioEnv`]).
     pub async fn start(config: Config, hbone_settings: hbone::Settings) -> anyhow::Result<Self> {
+        let istio = IstioEnv::from_env().context("reading Istio's environment variables")?;
+        Self::start_with(config, istio, hbone_settings).await
+    }
+
+    /// [`start`](Self::start) with the control-plane settings given rather than read from the
+    /// environment (in-process tests).
+    pub async fn start_with(
+        config: Config,
+        istio: IstioEnv,
+        hbone_settings: hbone::Settings,
+    ) -> anyhow::Result<Self> {
         config.validate()?;
-        let ca_dir = config.ca_dir.as_ref().expect("validated");
+        istio.validate(&config)?;
         let ttl = Duration::from_secs(config.secret_ttl_seconds);
-        let certificates =
-            Arc::new(CertificateManager::with_local_ca(ca_dir, ttl).context("loading the CA")?);
-        let state_path = config.local_xds_path.clone().expect("validated");
-        let state = Arc::new(StateStore::new(LocalConfig::load(&state_path)?));
+        let control_plane = |address: &str, root: &std::path::Path| {
+            ControlPlane::new(ControlPlaneConfig {
+                address: address.to_owned(),
+                root_cert: Some(root.to_owned()),
+                token_path: Some(istio.auth_token.clone()),
+                cluster_id: istio.cluster_id(&config),
+            })
+        };
+        let certificates = match &config.ca_dir {
+            Some(ca_dir) => {
+                Arc::new(CertificateManager::with_local_ca(ca_dir, ttl).context("loading the CA")?)
+            }
+            None => {
+                let plane =
+                    control_plane(&config.ca_address, &istio.ca_root_ca).context("CA_ADDRESS")?;
+                let mut client = CaClient::new(plane, CaClientSettings::default());
+                // Istio's CA ends its chains with the root; the mounted root is only a fallback.
+                if istio.ca_root_ca.exists() {
+                    client = client
+                        .with_fallback_roots(&istio.ca_root_ca)
+                        .context("CA_ROOT_CA")?;
+                }
+                let settings = ManagerSettings {
+                    ttl,
+                    ..Default::default()
+                };
+                Arc::new(CertificateManager::new(Arc::new(client), settings))
+            }
+        };
+        let (state, state_task, state_ready) = match &config.local_xds_path {
+            Some(state_path) => {
+                let state = Arc::new(StateStore::new(LocalConfig::load(state_path)?));
+                let watch = local::watch(state_path.clone(), state.clone(), STATE_POLL);
+                (state, tokio::spawn(watch), None)
+            }
+            None => {
+                let plane = control_plane(&config.xds_address, &istio.xds_root_ca)
+                    .context("XDS_ADDRESS")?;
+                let node = NodeInfo {
+                    ip: istio.instance_ip.clone(),
+                    pod_name: istio.pod_name.clone(),
+                    pod_namespace: istio.pod_namespace.clone(),
+                    node_name: config.node_name.clone(),
+                    cluster_id: istio.cluster_id(&config),
+                };
+                let state = Arc::new(StateStore::default());
+                let client = AdsClient::new(plane, node, AdsSettings::default(), state.clone());
+                let ready = client.readiness();
+                (state, tokio::spawn(client.run()), Some(ready))
+            }
+        };
         let metrics = Arc::new(Metrics::default());
         let connections = Arc::new(ConnectionTracker::new(state.clone()));
         let context = Arc::new(ProxyContext {
@@ -73,11 +136,18 @@ impl Ztunnel {
             inpod: inpod.clone(),
             metrics: metrics.clone(),
         });
-        let mut tasks = vec![
-            tokio::spawn(local::watch(state_path, state.clone(), STATE_POLL)),
-            tokio::spawn(manager.run()),
-            tokio::spawn(connections.watch()),
-        ];
+        // With istiod, pods are taken over ZDS only once the first xDS state is in: a pod proxied
+        // against an empty state would pass everything through unencrypted. Readiness (the ZDS
+        // snapshot) therefore also waits for xDS, as Istio's ztunnel's does.
+        let inpod_task = tokio::spawn(async move {
+            if let Some(mut ready) = state_ready {
+                if ready.wait_for(|ready| *ready).await.is_err() {
+                    return;
+                }
+            }
+            manager.run().await
+        });
+        let mut tasks = vec![state_task, inpod_task, tokio::spawn(connections.watch())];
         let mut bind =
             async |address: SocketAddr, endpoints: Endpoints| -> anyhow::Result<SocketAddr> {
                 let listener = TcpListener::bind(address)

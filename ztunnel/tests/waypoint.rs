@@ -44,6 +44,8 @@ fn start_waypoint(cluster: &Cluster) -> WaypointPod {
     let local = |port| SocketAddr::from(([127, 0, 0, 1], port));
     let config = ambit_waypoint::config::Config {
         local_xds_path: Some(cluster.state_path.clone()),
+        waypoint_config: None,
+        gateway_name: None,
         ca_dir: Some(cluster.dir.join("cacerts")),
         namespace: "default".into(),
         service_account: "waypoint".into(),

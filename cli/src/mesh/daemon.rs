@@ -5,7 +5,9 @@
 //! and their namespaces removed; new pods get a namespace and an address; services get VIPs; the
 //! ztunnel state is rewritten; pods whose enrollment changed are enrolled (rules, then ZDS) or
 //! released, with their processes untouched; new pods' processes start last, so an ambient pod's
-//! first packet is already captured.
+//! first packet is already captured. Each waypoint's L7 configuration (the HTTPRoutes and
+//! AuthorizationPolicies it enforces, as the user wrote them) is rewritten on every change; the
+//! waypoint reloads it when it changes, as ztunnels do the state file.
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -17,7 +19,7 @@ use std::time::Duration;
 use ambit_cni::agent::{self, EnrolledPod, NodeAgent, PodMeta};
 use ambit_cni::rules::{Backend, RuleOptions};
 use ambit_local::control::{ClusterState, RunningPod, WAYPOINT_GATEWAY_CLASS};
-use ambit_local::manifest::{self, Kind, Pod, TargetPort};
+use ambit_local::manifest::{self, Kind, ObjectRef, Pod, TargetPort};
 use ambit_local::services;
 use ambit_local::topology::{self, PodNet, Topology};
 use ambit_mesh::identity::CertificateAuthority;
@@ -74,6 +76,9 @@ struct Mesh {
     vips: BTreeMap<(String, String), IpAddr>,
     state_path: PathBuf,
     next_node: usize,
+    /// The HTTPRoute and AuthorizationPolicy documents as applied (namespace filled in), for the
+    /// waypoints' L7 configuration files.
+    l7_documents: BTreeMap<ObjectRef, serde_yaml::Value>,
 }
 
 /// Removes what a previous mesh with this state dir and prefix left: its processes, namespaces,
@@ -196,6 +201,7 @@ impl Mesh {
             vips: BTreeMap::new(),
             state_path,
             next_node: 0,
+            l7_documents: BTreeMap::new(),
         })
     }
 
@@ -216,7 +222,12 @@ impl Mesh {
             Request::Status => return Ok(String::new()),
             Request::Apply { manifests } => {
                 let objects = parse(&manifests)?;
-                self.cluster.apply(&objects)?.to_string()
+                let changes = self.cluster.apply(&objects)?.to_string();
+                for (source, text) in &manifests {
+                    self.l7_documents
+                        .extend(l7_documents(text).with_context(|| source.clone())?);
+                }
+                changes
             }
             Request::Delete { manifests } => {
                 let objects = parse(&manifests)?;
@@ -386,6 +397,7 @@ impl Mesh {
             }
         }
         self.write_resolver_files()?;
+        self.write_waypoint_configs()?;
 
         // Processes of new pods start last: an ambient pod's first connection is captured.
         for key in started {
@@ -469,6 +481,45 @@ impl Mesh {
             node.ztunnel.state.replace(snapshot);
         }
         self.write_service_rules(&config)
+    }
+
+    /// Where waypoint `namespace/name` reads its HTTPRoutes and AuthorizationPolicies.
+    fn waypoint_config_path(&self, (namespace, name): &(String, String)) -> PathBuf {
+        self.options
+            .state_dir
+            .join(format!("waypoints/{namespace}_{name}.yaml"))
+    }
+
+    /// istiod's part for waypoints: each one's L7 configuration file holds the routes and
+    /// policies that apply to it now (documents of deleted objects are dropped). Files are
+    /// replaced by rename, so a waypoint never reads half a file.
+    fn write_waypoint_configs(&mut self) -> anyhow::Result<()> {
+        let cluster = &self.cluster;
+        self.l7_documents.retain(|r, _| cluster.get(r).is_some());
+        std::fs::create_dir_all(self.options.state_dir.join("waypoints"))?;
+        let waypoints: Vec<(String, String)> = self
+            .pods
+            .iter()
+            .filter(|(_, pod)| pod.waypoint)
+            .map(|(key, _)| key.clone())
+            .collect();
+        for key in waypoints {
+            let mut text = String::new();
+            for object in self.cluster.waypoint_l7_objects(&key.0, &key.1) {
+                if let Some(document) = self.l7_documents.get(&object) {
+                    text.push_str("---\n");
+                    text.push_str(&serde_yaml::to_string(document)?);
+                }
+            }
+            let path = self.waypoint_config_path(&key);
+            if std::fs::read_to_string(&path).ok().as_deref() == Some(text.as_str()) {
+                continue;
+            }
+            let tmp = path.with_extension("yaml.tmp");
+            std::fs::write(&tmp, text)?;
+            std::fs::rename(&tmp, &path)?;
+        }
+        Ok(())
     }
 
     /// kube-proxy's part: VIPs reachable from pods outside the mesh, DNATed on their node.
@@ -590,7 +641,7 @@ impl Mesh {
     }
 
     /// Runs `ambit mesh waypoint` inside the waypoint's pod, reading the same state file as the
-    /// ztunnels and certificates from the mesh's CA.
+    /// ztunnels, its own L7 configuration file, and certificates from the mesh's CA.
     fn start_waypoint(&self, key: &(String, String)) -> anyhow::Result<Child> {
         let (namespace, name) = key;
         let runtime = &self.pods[key];
@@ -604,6 +655,8 @@ impl Mesh {
             .arg(std::env::current_exe()?)
             .args(["mesh", "waypoint"])
             .env("LOCAL_XDS_PATH", &self.state_path)
+            .env("AMBIT_WAYPOINT_CONFIG", self.waypoint_config_path(key))
+            .env("AMBIT_GATEWAY_NAME", name)
             .env("AMBIT_CA_DIR", dir.join("cacerts"))
             .env("POD_NAMESPACE", namespace)
             .env("SERVICE_ACCOUNT", name)
@@ -707,6 +760,47 @@ impl Mesh {
         self.nodes.clear();
         clean_leftovers(&self.options.state_dir, &self.options.prefix);
     }
+}
+
+/// The HTTPRoute and AuthorizationPolicy documents of a manifest (which has parsed already), by
+/// object, with `metadata.namespace` filled in as `kubectl apply` would (`default`), so a
+/// waypoint reading them alone puts them in the same namespace.
+fn l7_documents(text: &str) -> anyhow::Result<Vec<(ObjectRef, serde_yaml::Value)>> {
+    use serde::Deserialize;
+    use serde_yaml::Value;
+    fn collect(value: Value, out: &mut Vec<(ObjectRef, Value)>) {
+        let kind = match value.get("kind").and_then(Value::as_str) {
+            Some("List") => {
+                if let Some(Value::Sequence(items)) = value.get("items") {
+                    for item in items.clone() {
+                        collect(item, out);
+                    }
+                }
+                return;
+            }
+            Some("HTTPRoute") => Kind::HttpRoute,
+            Some("AuthorizationPolicy") => Kind::AuthorizationPolicy,
+            _ => return,
+        };
+        let mut value = value;
+        let Some(Value::Mapping(meta)) = value.get_mut("metadata") else {
+            return;
+        };
+        let namespace = match meta.get("namespace").and_then(Value::as_str) {
+            Some(ns) if !ns.is_empty() => ns.to_owned(),
+            _ => manifest::DEFAULT_NAMESPACE.to_owned(),
+        };
+        meta.insert("namespace".into(), Value::String(namespace.clone()));
+        let Some(name) = meta.get("name").and_then(Value::as_str).map(str::to_owned) else {
+            return;
+        };
+        out.push((ObjectRef::new(kind, &namespace, &name), value));
+    }
+    let mut out = Vec::new();
+    for document in serde_yaml::Deserializer::from_str(text) {
+        collect(Value::deserialize(document)?, &mut out);
+    }
+    Ok(out)
 }
 
 fn parse(manifests: &[(String, String)]) -> anyhow::Result<Vec<manifest::Object>> {

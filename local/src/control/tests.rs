@@ -1376,3 +1376,87 @@ fn port_level_strict_under_permissive() {
         .authorization_policies
         .contains(&"demo/converted_peer_authentication_echo-admin".to_owned()));
 }
+
+// ---------------------------------------------------------------------------------------------
+// what each waypoint enforces at L7
+
+#[test]
+fn waypoint_l7_objects_follow_use_waypoint_bindings_and_target_refs() {
+    let state = applied(
+        r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: shop}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: waypoint, namespace: shop}
+spec:
+  gatewayClassName: istio-waypoint
+  listeners: [{name: mesh, port: 15008, protocol: HBONE}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: cart, namespace: shop, labels: {istio.io/use-waypoint: waypoint}}
+spec: {selector: {app: cart}, ports: [{port: 80}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: other, namespace: shop}
+spec: {selector: {app: other}, ports: [{port: 80}]}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: cart-route, namespace: shop}
+spec:
+  parentRefs: [{group: "", kind: Service, name: cart}]
+  rules: [{backendRefs: [{name: cart, port: 80}]}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: other-route, namespace: shop}
+spec:
+  parentRefs: [{group: "", kind: Service, name: other}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: on-gateway, namespace: shop}
+spec:
+  targetRefs: [{kind: Gateway, group: gateway.networking.k8s.io, name: waypoint}]
+  rules: [{}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: on-cart, namespace: shop}
+spec:
+  targetRefs: [{kind: Service, group: "", name: cart}]
+  action: DENY
+  rules: [{to: [{operation: {paths: ["/admin"]}}]}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: on-other, namespace: shop}
+spec:
+  targetRefs: [{kind: Service, group: "", name: other}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: for-ztunnel, namespace: shop}
+spec: {}
+"#,
+    );
+    let names: Vec<String> = state
+        .waypoint_l7_objects("shop", "waypoint")
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "HTTPRoute shop/cart-route",
+            "AuthorizationPolicy shop/on-cart",
+            "AuthorizationPolicy shop/on-gateway",
+        ]
+    );
+    assert!(state.waypoint_l7_objects("shop", "nope").is_empty());
+}

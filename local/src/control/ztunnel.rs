@@ -318,6 +318,26 @@ fn service_waypoint(
     svc: &crate::manifest::Service,
     running: &[RunningPod],
 ) -> Option<GatewayAddress> {
+    let (waypoint_namespace, name) = service_waypoint_ref(state, svc)?;
+    let pod = running
+        .iter()
+        .find(|rp| rp.namespace == waypoint_namespace && rp.name == name)?;
+    Some(GatewayAddress {
+        destination: GatewayDestination::Address(NetworkAddress {
+            network: String::new(),
+            address: pod.ip,
+        }),
+        hbone_mtls_port: ambit_mesh::hbone::HBONE_PORT,
+    })
+}
+
+/// The waypoint Gateway (namespace, name) a Service is bound to by `istio.io/use-waypoint` (on
+/// the Service, else its namespace), when that Gateway exists, is a waypoint and serves
+/// service traffic; running or not.
+pub(super) fn service_waypoint_ref(
+    state: &ClusterState,
+    svc: &crate::manifest::Service,
+) -> Option<(String, String)> {
     let namespace = &svc.metadata.namespace;
     let namespace_labels = state.namespace_labels(namespace);
     let label = |key: &str| {
@@ -343,14 +363,5 @@ fn service_waypoint(
     if !serves_services || svc.metadata.name == *name && waypoint_namespace == namespace {
         return None;
     }
-    let pod = running
-        .iter()
-        .find(|rp| rp.namespace == *waypoint_namespace && rp.name == *name)?;
-    Some(GatewayAddress {
-        destination: GatewayDestination::Address(NetworkAddress {
-            network: String::new(),
-            address: pod.ip,
-        }),
-        hbone_mtls_port: ambit_mesh::hbone::HBONE_PORT,
-    })
+    Some((waypoint_namespace.clone(), name.clone()))
 }

@@ -1,13 +1,22 @@
 //! Gateway API resources (`gateway.networking.k8s.io/v1`, also `v1beta1`): Gateway (waypoints are
-//! Gateways of class `istio-waypoint`) and HTTPRoute. The parts that decide attachment (class,
-//! listeners, parentRefs, hostnames) are typed; route rules stay JSON until the waypoint reads
-//! them.
+//! Gateways of class `istio-waypoint`) and HTTPRoute. Everything the waypoint acts on is typed and
+//! validated here the way the Gateway API CRDs (their CEL rules) and istiod validate it: route
+//! rules with their matches, filters, weighted backends, timeouts and retry policy
+//! ([`route`](self::route)).
+
+mod route;
 
 use std::collections::BTreeSet;
 
 use super::decode::{FieldError, Node, Result};
+
 use super::names;
 use super::Metadata;
+pub use route::{
+    parse_duration, BackendRef, Fraction, HeaderModifier, HttpBackendRef, HttpRouteFilter,
+    HttpRouteMatch, HttpRouteRetry, HttpRouteRule, HttpRouteTimeouts, PathMatch, PathMatchType,
+    PathModifier, RequestMirror, RequestRedirect, UrlRewrite, ValueMatch, ValueMatchType,
+};
 
 /// The Gateway API group.
 pub const GATEWAY_API_GROUP: &str = "gateway.networking.k8s.io";
@@ -52,8 +61,9 @@ pub struct HttpRoute {
 pub struct HttpRouteSpec {
     pub parent_refs: Vec<ParentRef>,
     pub hostnames: Vec<String>,
-    /// `rules[]` as written; the waypoint interprets them.
-    pub rules: Vec<serde_json::Value>,
+    /// `rules[]`; a route without rules gets Gateway API's default one (all traffic to the
+    /// parent), which the waypoint applies.
+    pub rules: Vec<HttpRouteRule>,
 }
 
 /// A route's `parentRefs[]` entry, with Gateway API defaults filled in.
@@ -136,11 +146,7 @@ pub(super) fn http_route_spec(node: &Node<'_>) -> Result<HttpRouteSpec> {
     let parent_refs = f.list_of("parentRefs", parent_ref)?;
     let hostnames = f.string_list("hostnames")?;
     let rules_node = f.get("rules");
-    let rules = f.list_of("rules", |n| {
-        // Rules are opaque here, but each must at least be a mapping.
-        n.fields()?;
-        n.json()
-    })?;
+    let rules = f.list_of("rules", route::rule)?;
     if let Some(n) = rules_node {
         if rules.len() > 16 {
             return Err(n.error(format!("at most 16 rules, found {}", rules.len())));

@@ -494,10 +494,12 @@ spec:
     assert!(parent.is_service());
     assert_eq!(parent.port, Some(9080));
     assert_eq!(route.spec.hostnames, vec!["reviews"]);
+    assert_eq!(route.spec.rules[0].backend_refs[1].weight, 10);
     assert_eq!(
-        route.spec.rules[0]["backendRefs"][1]["weight"],
-        serde_json::json!(10)
+        route.spec.rules[0].backend_refs[1].backend.name,
+        "reviews-v2"
     );
+    assert_eq!(route.spec.rules[0].backend_refs[1].backend.port, 9080);
     // Defaults: a parentRef without group/kind is a Gateway.
     let Object::HttpRoute(r) = one(
         "apiVersion: gateway.networking.k8s.io/v1beta1\nkind: HTTPRoute\nmetadata: {name: r}\nspec: {parentRefs: [{name: gw}]}\n",

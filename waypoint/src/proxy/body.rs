@@ -145,3 +145,142 @@ impl Body for ObservedBody {
         self.inner.size_hint()
     }
 }
+
+/// A request body that may be sent more than once: kept in memory when it is small enough,
+/// otherwise streamed (once).
+pub enum ReplayBody {
+    Buffered {
+        chunks: Vec<Bytes>,
+        trailers: Option<http::HeaderMap>,
+    },
+    /// Streamed; `None` once an attempt took it.
+    Streaming(Option<BoxBody>),
+}
+
+impl ReplayBody {
+    /// Reads up to `limit` bytes of `body` into memory; a longer body is streamed, the part
+    /// already read first.
+    pub async fn buffer(mut body: BoxBody, limit: usize) -> Result<Self, hyper::Error> {
+        if body.is_end_stream() {
+            return Ok(ReplayBody::Buffered {
+                chunks: Vec::new(),
+                trailers: None,
+            });
+        }
+        if body.size_hint().lower() > limit as u64 {
+            return Ok(ReplayBody::Streaming(Some(body)));
+        }
+        let mut chunks = Vec::new();
+        let mut size = 0;
+        loop {
+            match body.frame().await {
+                None => {
+                    return Ok(ReplayBody::Buffered {
+                        chunks,
+                        trailers: None,
+                    })
+                }
+                Some(frame) => match frame?.into_data() {
+                    Ok(data) => {
+                        size += data.len();
+                        chunks.push(data);
+                        if size > limit {
+                            let prefix = chunks.into_iter().map(Frame::data).collect();
+                            return Ok(ReplayBody::Streaming(Some(
+                                PrefixedBody {
+                                    prefix,
+                                    rest: Some(body),
+                                }
+                                .boxed_unsync(),
+                            )));
+                        }
+                    }
+                    Err(frame) => {
+                        // Trailers end the body.
+                        return Ok(ReplayBody::Buffered {
+                            chunks,
+                            trailers: frame.into_trailers().ok(),
+                        });
+                    }
+                },
+            }
+        }
+    }
+
+    /// Whether another attempt can still send the body.
+    pub fn replayable(&self) -> bool {
+        match self {
+            ReplayBody::Buffered { .. } => true,
+            ReplayBody::Streaming(body) => body.is_some(),
+        }
+    }
+
+    /// Whether the body can be copied (mirrors need their own copy).
+    pub fn is_buffered(&self) -> bool {
+        matches!(self, ReplayBody::Buffered { .. })
+    }
+
+    /// The body for one attempt: a copy when buffered, the stream itself (once) otherwise.
+    pub fn take(&mut self) -> Option<BoxBody> {
+        match self {
+            ReplayBody::Buffered { chunks, trailers } => {
+                let mut prefix: std::collections::VecDeque<Frame<Bytes>> =
+                    chunks.iter().cloned().map(Frame::data).collect();
+                if let Some(t) = trailers {
+                    prefix.push_back(Frame::trailers(t.clone()));
+                }
+                Some(PrefixedBody { prefix, rest: None }.boxed_unsync())
+            }
+            ReplayBody::Streaming(body) => body.take(),
+        }
+    }
+}
+
+/// Frames already read, then whatever remains of the original body.
+struct PrefixedBody {
+    prefix: std::collections::VecDeque<Frame<Bytes>>,
+    rest: Option<BoxBody>,
+}
+
+impl Body for PrefixedBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        if let Some(frame) = self.prefix.pop_front() {
+            return Poll::Ready(Some(Ok(frame)));
+        }
+        match self.rest.as_mut() {
+            Some(rest) => Pin::new(rest).poll_frame(cx),
+            None => Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.prefix.is_empty() && self.rest.as_ref().is_none_or(|r| r.is_end_stream())
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        let buffered: u64 = self
+            .prefix
+            .iter()
+            .filter_map(|f| f.data_ref())
+            .map(|d| d.len() as u64)
+            .sum();
+        match &self.rest {
+            None => SizeHint::with_exact(buffered),
+            Some(rest) => {
+                let h = rest.size_hint();
+                let mut hint = SizeHint::new();
+                hint.set_lower(h.lower() + buffered);
+                if let Some(upper) = h.upper() {
+                    hint.set_upper(upper + buffered);
+                }
+                hint
+            }
+        }
+    }
+}

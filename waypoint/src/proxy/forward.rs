@@ -1,41 +1,37 @@
-//! Forwarding one request: pick an endpoint of the addressed service (round robin over healthy
-//! endpoints), open an HBONE tunnel to its `podIP:15008` as the waypoint, send the request over
-//! HTTP/1.1 inside it and stream the response back.
+//! Forwarding one request: attempts at endpoints of the chosen backend with Istio's retry
+//! semantics, each attempt bounded by the per-try timeout, and mirrors sent on the side.
 //!
-//! Istio's default route applies: 2 retries when the endpoint cannot be reached (connect
-//! failure, refused tunnel), each to an endpoint not tried yet when there is one, and no timeout
-//! unless one is configured. Failures are answered the way Envoy answers them (503 `UF,URX`,
-//! 503 `UH`, 504 `UT`, ...), with the same response flags in the metrics.
+//! Retries follow Istio: the default policy (2 retries on connect failure and refused tunnels,
+//! and on gRPC `unavailable`/`cancelled`) always applies; a route's `retry` (GEP-1731) sets the
+//! number of retries and the base backoff, and adds its `codes`, resets before the response
+//! headers and per-try timeouts. Each retry goes to an endpoint not tried yet when there is one,
+//! after an exponential backoff with full jitter (Envoy's: `rand(0, base × 2^(n-1))`, capped at
+//! ten times the base). A request body that was streamed (too large to keep) cannot be sent
+//! twice, so once an attempt has taken it no retry happens. Failures are answered the way Envoy
+//! answers them (503 `UF,URX`, 503 `UH`, 503 `UC`, 504 `UT`), with the same response flags.
 
-use std::convert::Infallible;
-use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::collections::hash_map::RandomState;
+use std::hash::BuildHasher;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::Duration;
 
-use ambit_mesh::hbone::client::{ClientError, TunnelRequest};
-use ambit_mesh::hbone::server::Upstream;
-use ambit_mesh::hbone::{ConnectHeaders, HBONE_PORT};
-use ambit_mesh::state::{Destination, Protocol, Service, Snapshot, Workload};
+use ambit_mesh::state::{Snapshot, Workload};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::request::Parts;
 use http::{Request, Response, StatusCode, Uri, Version};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use hyper_util::rt::TokioIo;
-use tokio::net::TcpStream;
 
-use super::body::{full, header_bytes, BoxBody, Completion, CountingBody, ObservedBody};
+use super::body::{BoxBody, ReplayBody};
+use super::filters::RequestHead;
 use super::inbound::TunnelInfo;
+use super::pipeline::LocalReply;
+use super::upstream::{Failure, Target};
 use super::Context;
+use crate::l7::routes::{Backend, Mirror, RetryPolicy};
 use crate::metrics::RequestLabels;
 
-/// How many picks may be spent looking for an endpoint not tried yet (Envoy's
-/// `host_selection_retry_max_attempts`, as Istio sets it).
-const HOST_SELECTION_ATTEMPTS: usize = 5;
-
 /// Connection-specific headers that never cross a proxy (RFC 9110 §7.6.1).
-const HOP_BY_HOP: [&str; 8] = [
+pub const HOP_BY_HOP: [&str; 8] = [
     "connection",
     "keep-alive",
     "proxy-connection",
@@ -46,303 +42,315 @@ const HOP_BY_HOP: [&str; 8] = [
     "upgrade",
 ];
 
-/// A reply the waypoint makes itself.
-#[derive(Debug)]
-struct LocalReply {
-    status: StatusCode,
-    flags: &'static str,
-    body: String,
+/// gRPC statuses in Istio's default `retry_on`: `cancelled` (1) and `unavailable` (14).
+const GRPC_RETRIED: [&str; 2] = ["1", "14"];
+
+/// How one request is to be forwarded, as routing decided it.
+pub struct Plan {
+    pub target: Target,
+    /// The route's retry policy; `None`: Istio's default.
+    pub retry: Option<RetryPolicy>,
+    /// Bound on each attempt (`timeouts.backendRequest`).
+    pub per_try_timeout: Option<Duration>,
+    /// The request asks for a protocol upgrade (WebSocket): one attempt on a connection of its
+    /// own, kept for the upgraded stream.
+    pub upgrade: bool,
 }
 
-impl LocalReply {
-    fn new(status: StatusCode, flags: &'static str, body: impl Into<String>) -> Self {
-        LocalReply {
-            status,
-            flags,
-            body: body.into(),
-        }
+/// A uniformly random number, from the standard library's per-process random hash keys.
+pub fn random() -> u64 {
+    RandomState::new().hash_one(std::time::Instant::now())
+}
+
+/// The wait before retry `n` (1-based): full jitter over an exponentially growing interval.
+fn backoff(base: Duration, n: u32) -> Duration {
+    let ceiling = (base * 2u32.saturating_pow(n.saturating_sub(1))).min(base * 10);
+    let nanos = ceiling.as_nanos().max(1) as u64;
+    Duration::from_nanos(random() % nanos)
+}
+
+/// Resolves a route's backend to the Service in the state: by its cluster hostname, else by
+/// name and namespace (a state whose hostnames use another domain).
+pub fn backend_target(snapshot: &Snapshot, backend: &Backend) -> Option<Target> {
+    let (ns, name) = (&backend.namespace, &backend.name);
+    let key = format!(
+        "{ns}/{name}.{ns}.svc.{}",
+        ambit_local::control::DOMAIN_SUFFIX
+    );
+    let service = snapshot.service(&key).cloned().or_else(|| {
+        snapshot
+            .services()
+            .find(|s| &s.namespace == ns && &s.name == name)
+            .cloned()
+    })?;
+    Some(Target::Service {
+        service,
+        port: backend.port,
+    })
+}
+
+/// Picks one of a rule's backends by weight. `None`: every weight is 0.
+pub fn weighted(backends: &[Backend]) -> Option<&Backend> {
+    let total: u64 = backends.iter().map(|b| u64::from(b.weight)).sum();
+    if total == 0 {
+        return None;
     }
-}
-
-/// Serves one request from a tunnel: forwards it and records its metrics when the response ends.
-pub async fn serve(
-    context: Arc<Context>,
-    tunnel: Arc<TunnelInfo>,
-    request: Request<Incoming>,
-) -> Result<Response<ObservedBody>, Infallible> {
-    let start = Instant::now();
-    let grpc = is_grpc(request.headers());
-    let mut labels = RequestLabels {
-        source: tunnel.source.clone(),
-        source_principal: Some(tunnel.connect.peer_identity.clone()),
-        request_protocol: if grpc { "grpc" } else { "http" },
-        ..Default::default()
-    };
-    let request_bytes = Arc::new(AtomicU64::new(header_bytes(request.headers())));
-    let (parts, body) = request.into_parts();
-    let body = CountingBody::new(body.boxed_unsync(), request_bytes.clone()).boxed_unsync();
-    let attempt = forward(&context, &tunnel, parts, body, &mut labels);
-    let result = match context.settings.request_timeout {
-        Some(timeout) => tokio::time::timeout(timeout, attempt)
-            .await
-            .unwrap_or_else(|_| {
-                Err(LocalReply::new(
-                    StatusCode::GATEWAY_TIMEOUT,
-                    "UT",
-                    "upstream request timeout",
-                ))
-            }),
-        None => attempt.await,
-    };
-    let (mut response, flags) = match result {
-        Ok(response) => (response.map(BodyExt::boxed_unsync), "-"),
-        Err(reply) => {
-            tracing::debug!(target = %tunnel.connect.target, status = %reply.status, flags = reply.flags, "local reply");
-            let response = Response::builder()
-                .status(reply.status)
-                .header(header::CONTENT_TYPE, "text/plain")
-                .body(full(reply.body))
-                .expect("static response parts are valid");
-            (response, reply.flags)
+    let mut point = random() % total;
+    for backend in backends {
+        let w = u64::from(backend.weight);
+        if point < w {
+            return Some(backend);
         }
-    };
-    strip_hop_by_hop(response.headers_mut());
-    labels.response_code = response.status().as_u16();
-    labels.response_flags = flags.to_owned();
-    if grpc {
-        labels.grpc_response_status = response
-            .headers()
-            .get("grpc-status")
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or_default()
-            .to_owned();
+        point -= w;
     }
-    let response_header_bytes = header_bytes(response.headers());
-    let completion = Completion {
-        metrics: context.metrics.clone(),
-        labels,
-        start,
-        request_bytes,
-    };
-    Ok(response.map(|body| ObservedBody::new(body, response_header_bytes, completion)))
+    None
 }
 
-/// The endpoint chosen for one attempt.
-struct Endpoint {
-    service: Option<Arc<Service>>,
-    workload: Arc<Workload>,
-    port: u16,
+/// What one attempt came to.
+enum Attempt {
+    Response(Response<Incoming>),
+    Failed(Failure),
+    TimedOut,
 }
 
-/// Tries endpoints until one takes the request; the response is streamed, not buffered.
-async fn forward(
+/// Sends the request, retrying as the policy allows; returns the response (streamed, not
+/// buffered) with Envoy's response flags, or the waypoint's own reply.
+pub async fn forward(
     context: &Context,
     tunnel: &TunnelInfo,
-    parts: Parts,
-    body: BoxBody,
+    plan: &Plan,
+    head: &RequestHead,
+    body: &mut ReplayBody,
     labels: &mut RequestLabels,
-) -> Result<Response<Incoming>, LocalReply> {
+) -> Result<(Response<Incoming>, &'static str), LocalReply> {
     let snapshot = context.state.load();
-    let target = tunnel.connect.target;
-    let base = context.next_pick.fetch_add(1, Ordering::Relaxed);
-    let attempts = 1 + context.settings.retries;
+    let configured = plan.retry.is_some();
+    let (retries, base_backoff) = match &plan.retry {
+        Some(r) => (r.attempts, r.backoff),
+        None => (context.settings.retries, context.settings.retry_backoff),
+    };
+    let attempts = if plan.upgrade { 1 } else { 1 + retries };
+    let base = context.upstreams.next_base();
     let mut tried: Vec<Arc<Workload>> = Vec::new();
-    let mut last_error = String::new();
+    let mut last = LocalReply::new(StatusCode::SERVICE_UNAVAILABLE, "UH", "no healthy upstream");
+    let mut connect_failures = 0;
     for attempt in 0..attempts {
         if attempt > 0 {
-            let backoff = context.settings.retry_backoff * 2u32.saturating_pow(attempt - 1);
-            tokio::time::sleep(backoff).await;
+            tokio::time::sleep(backoff(base_backoff, attempt)).await;
         }
-        let endpoint = pick(
-            &snapshot,
-            &context.network,
-            target,
-            base + attempt as usize,
-            &tried,
-        )?;
+        let more = attempt + 1 < attempts;
+        let Some(endpoint) =
+            context
+                .upstreams
+                .pick(&snapshot, &plan.target, base + attempt as usize, &tried)
+        else {
+            return Err(LocalReply::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "UH",
+                "no healthy upstream",
+            ));
+        };
         labels.destination_principal = endpoint.workload.identity().ok();
         labels.destination = Some(endpoint.workload.clone());
         labels.destination_service = endpoint.service.clone();
-        match open(context, tunnel, &endpoint).await {
-            Ok(io) => return send(io, parts, body).await,
-            Err((error, retryable)) => {
-                tracing::debug!(%target, endpoint = %endpoint.workload.uid, attempt, %error, "upstream connect failed");
-                last_error = error;
+        if !body.replayable() {
+            // A streamed body went with an earlier attempt.
+            break;
+        }
+        let sent = async {
+            match context
+                .upstreams
+                .send(context, tunnel, &endpoint, head, body, plan.upgrade)
+                .await
+            {
+                Ok(response) => Attempt::Response(response),
+                Err(failure) => Attempt::Failed(failure),
+            }
+        };
+        let outcome = match plan.per_try_timeout {
+            Some(limit) => tokio::time::timeout(limit, sent)
+                .await
+                .unwrap_or(Attempt::TimedOut),
+            None => sent.await,
+        };
+        let replay = more && body.replayable();
+        match outcome {
+            Attempt::Response(response) => {
+                let status = response.status();
+                context
+                    .upstreams
+                    .record(&endpoint.workload, status.is_server_error());
+                let retriable = retriable_response(&response, plan.retry.as_ref());
+                if retriable && replay {
+                    tracing::debug!(endpoint = %endpoint.workload.uid, %status, attempt, "retriable response; retrying");
+                    tried.push(endpoint.workload);
+                    continue;
+                }
+                let flags = if retriable && attempt > 0 { "URX" } else { "-" };
+                return Ok((response, flags));
+            }
+            Attempt::Failed(Failure::Connect { message, retryable }) => {
+                tracing::debug!(endpoint = %endpoint.workload.uid, attempt, error = %message, "upstream connect failed");
+                context.upstreams.record(&endpoint.workload, true);
+                connect_failures += 1;
+                last = LocalReply::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "UF",
+                    format!("upstream connect error or disconnect/reset before headers. reset reason: connection failure, transport failure reason: {message}"),
+                );
                 if !retryable {
                     break;
                 }
                 tried.push(endpoint.workload);
             }
-        }
-    }
-    let (flags, retried) = if attempts > 1 {
-        ("UF,URX", "retried and the latest ")
-    } else {
-        ("UF", "")
-    };
-    Err(LocalReply::new(
-        StatusCode::SERVICE_UNAVAILABLE,
-        flags,
-        format!("upstream connect error or disconnect/reset before headers. {retried}reset reason: connection failure, transport failure reason: {last_error}"),
-    ))
-}
-
-/// Resolves the original destination to an endpoint, preferring one not tried yet.
-fn pick(
-    snapshot: &Snapshot,
-    network: &str,
-    target: SocketAddr,
-    base: usize,
-    tried: &[Arc<Workload>],
-) -> Result<Endpoint, LocalReply> {
-    let mut chosen = None;
-    for offset in 0..HOST_SELECTION_ATTEMPTS {
-        let endpoint = match snapshot.resolve(network, target, base.wrapping_add(offset)) {
-            Destination::Service {
-                service,
-                endpoint,
-                target_port,
-            } => Endpoint {
-                service: Some(service),
-                workload: endpoint,
-                port: target_port,
-            },
-            // Pod-addressed traffic goes to that pod: policy only, no load balancing.
-            Destination::Workload { workload, port } => {
-                return Ok(Endpoint {
-                    service: None,
-                    workload,
-                    port,
-                })
-            }
-            Destination::NoEndpoint { .. } => {
-                return Err(LocalReply::new(
+            Attempt::Failed(Failure::Reset(reason)) => {
+                tracing::debug!(endpoint = %endpoint.workload.uid, attempt, %reason, "upstream reset before response headers");
+                context.upstreams.record(&endpoint.workload, true);
+                last = LocalReply::new(
                     StatusCode::SERVICE_UNAVAILABLE,
-                    "UH",
-                    "no healthy upstream",
-                ))
+                    "UC",
+                    format!("upstream connect error or disconnect/reset before headers. reset reason: connection termination ({reason})"),
+                );
+                if !(configured && replay) {
+                    return Err(last);
+                }
+                tried.push(endpoint.workload);
             }
-            Destination::Passthrough => {
-                return Err(LocalReply::new(StatusCode::NOT_FOUND, "NR", ""));
+            Attempt::TimedOut => {
+                tracing::debug!(endpoint = %endpoint.workload.uid, attempt, "per-try timeout");
+                context.upstreams.record(&endpoint.workload, true);
+                last = LocalReply::new(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "UT",
+                    "upstream request timeout",
+                );
+                if !(configured && replay) {
+                    return Err(last);
+                }
+                tried.push(endpoint.workload);
+            }
+        }
+    }
+    if last.flags == "UF" && connect_failures > 1 {
+        // Envoy's wording when the retries ran out.
+        last.flags = "UF,URX";
+        last.body = last
+            .body
+            .replacen("reset reason:", "retried and the latest reset reason:", 1);
+    } else if attempts > 1 && last.flags == "UT" {
+        last.flags = "UT,URX";
+    }
+    Err(last)
+}
+
+/// Whether a response is one the policy retries: a listed code under a route's policy, or a
+/// gRPC `unavailable`/`cancelled` under any (trailers-only responses carry it in the headers).
+fn retriable_response(response: &Response<Incoming>, policy: Option<&RetryPolicy>) -> bool {
+    let status = response.status().as_u16();
+    policy.is_some_and(|p| p.codes.contains(&status))
+        || response
+            .headers()
+            .get("grpc-status")
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|s| GRPC_RETRIED.contains(&s))
+}
+
+/// Sends copies of the request to each mirror's backend, in the background; their responses are
+/// read and dropped. Envoy's convention marks the copy: `-shadow` is appended to the host.
+pub fn mirror(
+    context: &Arc<Context>,
+    tunnel: &Arc<TunnelInfo>,
+    mirrors: &[Mirror],
+    head: &RequestHead,
+    body: &ReplayBody,
+) {
+    for m in mirrors {
+        if let Some(f) = m.fraction {
+            if random() % u64::from(f.denominator.max(1)) >= u64::from(f.numerator) {
+                continue;
+            }
+        }
+        let mut copy = match body {
+            ReplayBody::Buffered { chunks, trailers } => ReplayBody::Buffered {
+                chunks: chunks.clone(),
+                trailers: trailers.clone(),
+            },
+            ReplayBody::Streaming(_) => {
+                tracing::debug!(backend = %m.backend.name, "request body too large to mirror; mirror skipped");
+                continue;
             }
         };
-        let fresh = !tried.iter().any(|w| w.uid == endpoint.workload.uid);
-        chosen = Some(endpoint);
-        if fresh {
-            break;
-        }
-    }
-    Ok(chosen.expect("at least one pick was made"))
-}
-
-/// Opens the byte stream to an endpoint: HBONE to `podIP:15008` when it is in the mesh, plain
-/// TCP otherwise. Errors say whether another attempt may help.
-async fn open(
-    context: &Context,
-    tunnel: &TunnelInfo,
-    endpoint: &Endpoint,
-) -> Result<Box<dyn Upstream>, (String, bool)> {
-    let Some(&ip) = endpoint.workload.workload_ips.first() else {
-        return Err((
-            format!("workload {} has no address", endpoint.workload.uid),
-            true,
-        ));
-    };
-    let target = SocketAddr::new(ip, endpoint.port);
-    if endpoint.workload.protocol == Protocol::Tcp {
-        return match TcpStream::connect(target).await {
-            Ok(stream) => {
-                let _ = stream.set_nodelay(true);
-                Ok(Box::new(stream))
-            }
-            Err(err) => Err((format!("{target}: {err}"), true)),
+        let snapshot = context.state.load();
+        let Some(target) = backend_target(&snapshot, &m.backend) else {
+            tracing::debug!(backend = %m.backend.name, "mirror backend is not a known service");
+            continue;
         };
-    }
-    let identity = endpoint
-        .workload
-        .identity()
-        .map_err(|e| (e.to_string(), true))?;
-    let request = TunnelRequest {
-        source: context.identity.clone(),
-        destination_identities: vec![identity],
-        hbone_address: SocketAddr::new(ip, HBONE_PORT),
-        target,
-        headers: ConnectHeaders {
-            forwarded_for: tunnel
-                .connect
-                .headers
-                .forwarded_for
-                .or(Some(tunnel.connect.peer_addr)),
-            forwarded_host: endpoint.service.as_ref().map(|s| s.hostname.clone()),
-            baggage: None,
-            traceparent: tunnel.connect.headers.traceparent.clone(),
-        },
-    };
-    match context.client.connect(&request).await {
-        Ok(stream) => Ok(Box::new(stream)),
-        Err(err) => {
-            let retryable = !matches!(
-                err,
-                ClientError::Certificate { .. }
-                    | ClientError::Config { .. }
-                    | ClientError::BadRequest(_)
-            );
-            Err((err.to_string(), retryable))
+        let mut head = head.clone();
+        let host = head.authority();
+        let (name, port) = match host.rsplit_once(':') {
+            Some((h, p)) if p.bytes().all(|b| b.is_ascii_digit()) => {
+                (h.to_owned(), format!(":{p}"))
+            }
+            _ => (host.clone(), String::new()),
+        };
+        if let Ok(v) = HeaderValue::from_str(&format!("{name}-shadow{port}")) {
+            head.headers.insert(header::HOST, v);
+            if let Ok(uri) = Uri::builder()
+                .path_and_query(head.uri.path_and_query().map_or("/", |p| p.as_str()))
+                .build()
+            {
+                head.uri = uri;
+            }
         }
+        let (context, tunnel) = (context.clone(), tunnel.clone());
+        tokio::spawn(async move {
+            let snapshot = context.state.load();
+            let base = context.upstreams.next_base();
+            let Some(endpoint) = context.upstreams.pick(&snapshot, &target, base, &[]) else {
+                return;
+            };
+            match context
+                .upstreams
+                .send(&context, &tunnel, &endpoint, &head, &mut copy, false)
+                .await
+            {
+                Ok(response) => {
+                    let _ = response.into_body().collect().await;
+                }
+                Err(failure) => tracing::debug!(?failure, "mirrored request failed"),
+            }
+        });
     }
 }
 
-/// Sends the request over HTTP/1.1 on `io` and returns the response as soon as its headers
-/// arrive; the connection lives on until the body is read.
-async fn send(
-    io: Box<dyn Upstream>,
-    parts: Parts,
-    body: BoxBody,
-) -> Result<Response<Incoming>, LocalReply> {
-    let reset = |reason: String| {
-        LocalReply::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "UC",
-            format!("upstream connect error or disconnect/reset before headers. reset reason: connection termination ({reason})"),
-        )
-    };
-    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(io))
-        .await
-        .map_err(|e| reset(e.to_string()))?;
-    tokio::spawn(async move {
-        if let Err(err) = connection.await {
-            tracing::debug!(error = %err, "upstream HTTP/1.1 connection ended with an error");
-        }
-    });
-    let request = upstream_request(parts, body);
-    sender
-        .send_request(request)
-        .await
-        .map_err(|e| reset(e.to_string()))
-}
-
-/// The request as an HTTP/1.1 origin-form request, whatever version it arrived in.
-fn upstream_request(mut parts: Parts, body: BoxBody) -> Request<BoxBody> {
-    if !parts.headers.contains_key(header::HOST) {
-        if let Some(authority) = parts.uri.authority() {
+/// The request as an HTTP/1.1 origin-form request, whatever version it arrived in; an upgrade
+/// request keeps its `connection: upgrade` and `upgrade` headers.
+pub fn upstream_request(head: &RequestHead, body: BoxBody, upgrade: bool) -> Request<BoxBody> {
+    let mut headers = head.headers.clone();
+    if !headers.contains_key(header::HOST) {
+        if let Some(authority) = head.uri.authority() {
             if let Ok(host) = HeaderValue::from_str(authority.as_str()) {
-                parts.headers.insert(header::HOST, host);
+                headers.insert(header::HOST, host);
             }
         }
     }
-    strip_hop_by_hop(&mut parts.headers);
-    let path = parts
-        .uri
-        .path_and_query()
-        .map_or("/", |p| p.as_str())
-        .to_owned();
-    parts.uri = path.parse().unwrap_or_else(|_| Uri::from_static("/"));
-    parts.version = Version::HTTP_11;
-    Request::from_parts(parts, body)
+    let upgrade_to = headers.get(header::UPGRADE).cloned();
+    strip_hop_by_hop(&mut headers);
+    if let (true, Some(protocol)) = (upgrade, upgrade_to) {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        headers.insert(header::UPGRADE, protocol);
+    }
+    let path = head.uri.path_and_query().map_or("/", |p| p.as_str());
+    let mut request = Request::new(body);
+    *request.method_mut() = head.method.clone();
+    *request.uri_mut() = path.parse().unwrap_or_else(|_| Uri::from_static("/"));
+    *request.version_mut() = Version::HTTP_11;
+    *request.headers_mut() = headers;
+    request
 }
 
 /// Removes connection-specific headers, including those the `connection` header names.
-fn strip_hop_by_hop(headers: &mut HeaderMap) {
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -358,16 +366,10 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
-fn is_grpc(headers: &HeaderMap) -> bool {
-    headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("application/grpc"))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::proxy::body::full;
 
     #[test]
     fn upstream_request_is_origin_form_http11_with_host() {
@@ -381,7 +383,12 @@ mod tests {
             .body(())
             .unwrap()
             .into_parts();
-        let request = upstream_request(parts, full(""));
+        let head = RequestHead {
+            method: parts.method,
+            uri: parts.uri,
+            headers: parts.headers,
+        };
+        let request = upstream_request(&head, full(""), false);
         assert_eq!(request.version(), Version::HTTP_11);
         assert_eq!(request.uri(), "/a/b?c=d");
         assert_eq!(request.headers()["host"], "echo.default:80");
@@ -389,5 +396,22 @@ mod tests {
         for gone in ["connection", "x-private", "te", "keep-alive"] {
             assert!(!request.headers().contains_key(gone), "{gone}");
         }
+    }
+
+    #[test]
+    fn weights_and_backoff() {
+        let b = |name: &str, weight| Backend {
+            namespace: "default".into(),
+            name: name.into(),
+            port: 80,
+            weight,
+        };
+        assert!(weighted(&[b("a", 0), b("b", 0)]).is_none());
+        assert_eq!(weighted(&[b("a", 0), b("b", 3)]).unwrap().name, "b");
+        let base = Duration::from_millis(25);
+        for n in 1..8 {
+            assert!(backoff(base, n) < base * 10);
+        }
+        assert!(backoff(base, 1) < base);
     }
 }

@@ -1,8 +1,7 @@
 //! HBONE in: each accepted `CONNECT` becomes an HTTP connection. The handler hands the HBONE
 //! server one end of an in-memory pipe to splice the tunnel to, and serves HTTP/1.1 or HTTP/2
-//! (told apart by the HTTP/2 preface) on the other end; every request goes to [`forward`].
-//!
-//! [`forward`]: super::forward
+//! (told apart by the HTTP/2 preface) on the other end; every request goes through the
+//! [`pipeline`](super::pipeline).
 
 use std::sync::Arc;
 
@@ -15,7 +14,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use tokio::io::DuplexStream;
 
-use super::{forward, Context};
+use super::{pipeline, Context};
 
 /// Bytes buffered in each direction of the pipe between the tunnel and the HTTP server.
 const PIPE_BUFFER: usize = 64 * 1024;
@@ -81,12 +80,16 @@ fn source_workload(
 /// HTTP/1.1) or a stream reset (on HTTP/2); either ends only this tunnel.
 async fn serve_http(context: Arc<Context>, tunnel: Arc<TunnelInfo>, io: DuplexStream) {
     let service = hyper::service::service_fn(move |request: Request<Incoming>| {
-        forward::serve(context.clone(), tunnel.clone(), request)
+        pipeline::serve(context.clone(), tunnel.clone(), request)
     });
     let mut builder = auto::Builder::new(TokioExecutor::new());
     // A client may half-close once its request is sent and still expect the response.
     builder.http1().half_close(true);
-    if let Err(err) = builder.serve_connection(TokioIo::new(io), service).await {
+    // With upgrades: a WebSocket handshake answered 101 turns the connection into a byte stream.
+    if let Err(err) = builder
+        .serve_connection_with_upgrades(TokioIo::new(io), service)
+        .await
+    {
         tracing::debug!(error = %err, "HTTP connection inside a tunnel ended with an error");
     }
 }

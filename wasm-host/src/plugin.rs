@@ -1,0 +1,447 @@
+//! A loaded plugin: its compiled module and `InstancePre`, its configuration, and a small pool of
+//! VMs that requests spread over. A VM that fails is dropped and a fresh one started for the next
+//! request (with backoff if starting fails too); the failure touches only the requests that were
+//! using it. Ticks, queue notifications and calls made from the root context run as tasks.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use tokio::sync::Notify;
+use wasmtime::{InstancePre, Module};
+
+use crate::abi::{AbiError, AbiVersion, LogLevel};
+use crate::context::{HostState, OutgoingCall, StreamData, StreamInfo};
+use crate::http_call::{HttpCallResponse, HttpCaller, NoUpstreams};
+use crate::runtime::{Limits, Runtime, RuntimeInner};
+use crate::shared::QueueOwner;
+use crate::stream::HttpStream;
+use crate::vm::{Vm, VmFailure};
+
+/// What the waypoint does with a request when the plugin fails (Istio's `failStrategy`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum FailStrategy {
+    /// Answer 500: the filter's check cannot be skipped (Istio's default).
+    #[default]
+    FailClose,
+    /// Skip the filter for that request.
+    FailOpen,
+}
+
+/// A plugin's configuration, as a WasmPlugin gives it.
+#[derive(Clone, Debug)]
+pub struct PluginConfig {
+    /// `metadata.name` (or `pluginName`): in logs and `plugin_name`.
+    pub name: String,
+    /// `pluginName`: the root id the module's SDK dispatches on.
+    pub root_id: String,
+    /// Plugins with the same VM id share data and queues.
+    pub vm_id: String,
+    /// `pluginConfig` as JSON, handed to `proxy_on_configure`.
+    pub configuration: Vec<u8>,
+    pub vm_configuration: Vec<u8>,
+    /// `vmConfig.env`, the module's WASI environment.
+    pub environment: Vec<(String, String)>,
+    pub fail_strategy: FailStrategy,
+    /// Guest log messages below this level are dropped (`proxy_get_log_level` answers it).
+    pub log_level: LogLevel,
+    pub node_id: String,
+    /// `node.metadata.*` (Istio: NAME, NAMESPACE, WORKLOAD_NAME, CLUSTER_ID, ...).
+    pub node_metadata: BTreeMap<String, String>,
+}
+
+impl PluginConfig {
+    pub fn new(name: impl Into<String>) -> Self {
+        let name = name.into();
+        PluginConfig {
+            root_id: name.clone(),
+            name,
+            vm_id: String::new(),
+            configuration: Vec::new(),
+            vm_configuration: Vec::new(),
+            environment: Vec::new(),
+            fail_strategy: FailStrategy::default(),
+            log_level: LogLevel::Info,
+            node_id: String::new(),
+            node_metadata: BTreeMap::new(),
+        }
+    }
+}
+
+/// Receives every message a plugin logs (the test harness captures them).
+pub type LogSink = Arc<dyn Fn(LogLevel, &str) + Send + Sync>;
+
+/// How a plugin reaches the outside world.
+#[derive(Clone)]
+pub struct PluginHooks {
+    pub http: Arc<dyn HttpCaller>,
+    pub log: Option<LogSink>,
+}
+
+impl Default for PluginHooks {
+    fn default() -> Self {
+        PluginHooks {
+            http: Arc::new(NoUpstreams),
+            log: None,
+        }
+    }
+}
+
+/// Why a plugin could not be loaded; the previous version (if any) keeps serving.
+#[derive(Debug, thiserror::Error)]
+pub enum PluginError {
+    #[error("plugin {plugin}: the module is not valid WebAssembly: {reason}")]
+    Compile { plugin: String, reason: String },
+    #[error("plugin {plugin}: {source}")]
+    Abi { plugin: String, source: AbiError },
+    #[error("plugin {plugin}: {reason}")]
+    Link { plugin: String, reason: String },
+    #[error("plugin {plugin} failed to start: {source}")]
+    Start { plugin: String, source: VmFailure },
+}
+
+/// What every VM of a plugin reads.
+pub(crate) struct PluginShared {
+    pub config: PluginConfig,
+    pub limits: Limits,
+    pub runtime: Arc<RuntimeInner>,
+    pub log_sink: Option<LogSink>,
+}
+
+struct Slot {
+    vm: Option<Vm>,
+    generation: u64,
+    /// No new VM is started before this instant after a failed start.
+    retry_at: Option<Instant>,
+    failed_starts: u32,
+}
+
+/// A loaded plugin. Requests hold an `Arc` to the plugin they started with, so replacing a
+/// plugin never disturbs requests in flight.
+pub struct Plugin {
+    shared: Arc<PluginShared>,
+    pre: InstancePre<HostState>,
+    abi: AbiVersion,
+    hooks: PluginHooks,
+    slots: Vec<Mutex<Slot>>,
+    next_slot: AtomicUsize,
+    /// Woken after any root-context callback, which may have resumed a paused request.
+    pub(crate) resumed: Notify,
+    failures: AtomicU64,
+    me: Weak<Plugin>,
+}
+
+impl std::fmt::Debug for Plugin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Plugin")
+            .field("name", &self.shared.config.name)
+            .field("abi", &self.abi)
+            .finish()
+    }
+}
+
+impl Plugin {
+    /// Compiles `wasm`, checks its ABI and imports, and starts one VM through `on_vm_start` and
+    /// `on_configure` (the canary): a plugin that comes back is known to start.
+    pub fn load(
+        runtime: &Runtime,
+        wasm: &[u8],
+        config: PluginConfig,
+        hooks: PluginHooks,
+    ) -> Result<Arc<Plugin>, PluginError> {
+        let inner = runtime.inner.clone();
+        let plugin = config.name.clone();
+        let module = Module::new(&inner.engine, wasm).map_err(|e| PluginError::Compile {
+            plugin: plugin.clone(),
+            reason: format!("{e:#}"),
+        })?;
+        let abi = AbiVersion::detect(&module).map_err(|source| PluginError::Abi {
+            plugin: plugin.clone(),
+            source,
+        })?;
+        let pre = inner
+            .linker
+            .instantiate_pre(&module)
+            .map_err(|e| PluginError::Link {
+                plugin: plugin.clone(),
+                reason: format!("{e:#}"),
+            })?;
+        let slots = (0..inner.config.vms_per_plugin.max(1))
+            .map(|_| {
+                Mutex::new(Slot {
+                    vm: None,
+                    generation: 0,
+                    retry_at: None,
+                    failed_starts: 0,
+                })
+            })
+            .collect();
+        let shared = Arc::new(PluginShared {
+            limits: inner.config.limits.clone(),
+            runtime: inner,
+            log_sink: hooks.log.clone(),
+            config,
+        });
+        let plugin = Arc::new_cyclic(|me| Plugin {
+            shared,
+            pre,
+            abi,
+            hooks,
+            slots,
+            next_slot: AtomicUsize::new(0),
+            resumed: Notify::new(),
+            failures: AtomicU64::new(0),
+            me: me.clone(),
+        });
+        let mut slot = plugin.slots[0].lock().expect("slot lock");
+        plugin
+            .start_vm(0, &mut slot)
+            .map_err(|source| PluginError::Start {
+                plugin: plugin.shared.config.name.clone(),
+                source,
+            })?;
+        drop(slot);
+        Ok(plugin)
+    }
+
+    pub fn name(&self) -> &str {
+        &self.shared.config.name
+    }
+
+    pub fn config(&self) -> &PluginConfig {
+        &self.shared.config
+    }
+
+    pub fn abi(&self) -> AbiVersion {
+        self.abi
+    }
+
+    pub fn fail_strategy(&self) -> FailStrategy {
+        self.shared.config.fail_strategy
+    }
+
+    /// VM failures (traps, limits) since the plugin was loaded.
+    pub fn failures(&self) -> u64 {
+        self.failures.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn limits(&self) -> &Limits {
+        &self.shared.limits
+    }
+
+    pub(crate) fn hooks(&self) -> &PluginHooks {
+        &self.hooks
+    }
+
+    /// Starts one more instance and drops it, returning how long starting took (benchmarks).
+    #[doc(hidden)]
+    pub fn start_instance_for_bench(&self) -> Result<Duration, VmFailure> {
+        let owner = QueueOwner {
+            plugin: self.me.clone(),
+            slot: 0,
+            generation: u64::MAX,
+        };
+        let started = Instant::now();
+        let vm = Vm::start(&self.pre, HostState::new(self.shared.clone(), owner))?;
+        let took = started.elapsed();
+        drop(vm);
+        Ok(took)
+    }
+
+    /// Starts a request's context on the next VM.
+    pub fn http_stream(self: &Arc<Self>, info: Arc<StreamInfo>) -> HttpStream {
+        let index = self.next_slot.fetch_add(1, Ordering::Relaxed) % self.slots.len();
+        let mut slot = self.slots[index].lock().expect("slot lock");
+        let created = self
+            .ensure_vm(index, &mut slot)
+            .and_then(|()| slot.vm.as_mut().expect("ensured").create_http_context());
+        let context = match created {
+            Ok(context) => Ok((slot.generation, context)),
+            Err(failure) => {
+                if failure != VmFailure::Unavailable {
+                    self.retire(&mut slot, &failure);
+                }
+                Err(failure)
+            }
+        };
+        drop(slot);
+        HttpStream::new(self.clone(), index, context, info)
+    }
+
+    fn ensure_vm(&self, index: usize, slot: &mut Slot) -> Result<(), VmFailure> {
+        if slot.vm.is_some() {
+            return Ok(());
+        }
+        if slot.retry_at.is_some_and(|at| Instant::now() < at) {
+            return Err(VmFailure::Unavailable);
+        }
+        self.start_vm(index, slot)
+    }
+
+    fn start_vm(&self, index: usize, slot: &mut Slot) -> Result<(), VmFailure> {
+        slot.generation += 1;
+        let owner = QueueOwner {
+            plugin: self.me.clone(),
+            slot: index,
+            generation: slot.generation,
+        };
+        let state = HostState::new(self.shared.clone(), owner);
+        match Vm::start(&self.pre, state) {
+            Ok(mut vm) => {
+                slot.failed_starts = 0;
+                slot.retry_at = None;
+                let tick = vm.store.data().tick_period;
+                let calls = std::mem::take(&mut vm.store.data_mut().outgoing_calls);
+                slot.vm = Some(vm);
+                self.spawn_root_calls(index, slot.generation, calls);
+                if let Some(period) = tick {
+                    self.spawn_ticker(index, slot.generation, period);
+                }
+                Ok(())
+            }
+            Err(failure) => {
+                // Restarts of a module that cannot start back off: 1 s, doubling, up to 30 s.
+                slot.failed_starts += 1;
+                let backoff = Duration::from_secs(1 << slot.failed_starts.min(5).saturating_sub(1));
+                slot.retry_at = Some(Instant::now() + backoff.min(Duration::from_secs(30)));
+                tracing::error!(plugin = %self.name(), error = %failure, "wasm VM failed to start");
+                Err(failure)
+            }
+        }
+    }
+
+    /// Drops a failed VM: its contexts are gone, the next request starts a fresh one.
+    fn retire(&self, slot: &mut Slot, failure: &VmFailure) {
+        self.failures.fetch_add(1, Ordering::Relaxed);
+        tracing::error!(plugin = %self.name(), error = %failure, "wasm VM failed; replacing it");
+        slot.vm = None;
+        slot.generation += 1;
+    }
+
+    /// Runs `f` on the VM that holds a request's (or the root's) context, if that VM is still the
+    /// same one; afterwards starts what the callback set in motion. Calls made by `stream` (its
+    /// context id) are returned to the caller, which waits for them.
+    pub(crate) fn with_vm<R>(
+        &self,
+        index: usize,
+        generation: u64,
+        stream: Option<u32>,
+        f: impl FnOnce(&mut Vm) -> Result<R, VmFailure>,
+    ) -> Result<(R, Vec<OutgoingCall>), VmFailure> {
+        let mut slot = self.slots[index].lock().expect("slot lock");
+        if slot.generation != generation {
+            return Err(VmFailure::Gone);
+        }
+        let vm = slot.vm.as_mut().ok_or(VmFailure::Gone)?;
+        let result = f(vm);
+        let state = vm.store.data_mut();
+        let calls = std::mem::take(&mut state.outgoing_calls);
+        let notify = std::mem::take(&mut state.queues_to_notify);
+        let result = match result {
+            Ok(value) => value,
+            Err(failure) => {
+                self.retire(&mut slot, &failure);
+                return Err(failure);
+            }
+        };
+        drop(slot);
+        let (own, root): (Vec<_>, Vec<_>) = calls
+            .into_iter()
+            .partition(|call| Some(call.context_id) == stream);
+        self.spawn_root_calls(index, generation, root);
+        self.notify_queues(notify);
+        Ok((result, own))
+    }
+
+    /// Tells the owners of queues that received items; not generic, so that `with_vm` calling
+    /// itself through a task stays one function.
+    fn notify_queues(&self, notify: Vec<(QueueOwner, u32)>) {
+        for (owner, queue) in notify {
+            spawn(async move {
+                if let Some(plugin) = owner.plugin.upgrade() {
+                    let _ = plugin.with_vm(owner.slot, owner.generation, None, |vm| {
+                        vm.on_queue_ready(queue)
+                    });
+                    plugin.resumed.notify_waiters();
+                }
+            });
+        }
+    }
+
+    /// Finishes a request's context without waiting for anything.
+    pub(crate) fn finish_stream(&self, index: usize, generation: u64, data: &mut StreamData) {
+        let _ = self.with_vm(index, generation, None, |vm| vm.finish(data));
+    }
+
+    /// Carries calls made from the root context (ticks, `on_configure`) and delivers their
+    /// responses to the same VM.
+    fn spawn_root_calls(&self, index: usize, generation: u64, calls: Vec<OutgoingCall>) {
+        for call in calls {
+            let me = self.me.clone();
+            let request = self.hooks.http.call(call.request.clone());
+            let timeout = call.request.timeout;
+            spawn(async move {
+                let response = tokio::time::timeout(timeout, request).await.ok().flatten();
+                if let Some(plugin) = me.upgrade() {
+                    let _ = plugin.with_vm(index, generation, None, |vm| {
+                        vm.http_call_response(None, call.token, response)
+                    });
+                    plugin.resumed.notify_waiters();
+                }
+            });
+        }
+    }
+
+    fn spawn_ticker(&self, index: usize, generation: u64, period: Duration) {
+        let me = self.me.clone();
+        spawn(async move {
+            let mut period = period;
+            loop {
+                tokio::time::sleep(period).await;
+                let Some(plugin) = me.upgrade() else { return };
+                let ticked = plugin.with_vm(index, generation, None, |vm| {
+                    vm.on_tick()?;
+                    Ok(vm.store.data().tick_period)
+                });
+                plugin.resumed.notify_waiters();
+                match ticked {
+                    Ok((Some(next), _)) => period = next,
+                    _ => return,
+                }
+            }
+        });
+    }
+
+    /// Delivers a response to a call a request made, with its data in the store.
+    pub(crate) fn deliver(
+        &self,
+        index: usize,
+        generation: u64,
+        data: &mut StreamData,
+        token: u32,
+        response: Option<HttpCallResponse>,
+    ) -> Result<Vec<OutgoingCall>, VmFailure> {
+        let context = data.context_id;
+        self.with_vm(index, generation, Some(context), |vm| {
+            vm.http_call_response(Some(data), token, response)
+        })
+        .map(|((), calls)| calls)
+    }
+
+    /// Whether a tick or queue callback resumed the request `context` while it was paused.
+    pub(crate) fn take_resumed(&self, index: usize, generation: u64, context: u32) -> bool {
+        self.with_vm(index, generation, None, |vm| {
+            Ok(vm.store.data_mut().resumed_elsewhere.remove(&context))
+        })
+        .is_ok_and(|(resumed, _)| resumed)
+    }
+}
+
+/// Spawns on the current Tokio runtime; outside one (a plugin loaded by a plain test) background
+/// work such as ticks simply does not run.
+fn spawn(task: impl std::future::Future<Output = ()> + Send + 'static) {
+    if let Ok(handle) = tokio::runtime::Handle::try_current() {
+        handle.spawn(task);
+    }
+}

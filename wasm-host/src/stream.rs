@@ -1,0 +1,353 @@
+//! One request through one plugin: the HTTP callbacks in order, each phase returning only once the
+//! filter let the request go on (or answered it). A filter that pauses is waited for: its HTTP
+//! calls are carried and their responses delivered, and a resume from a tick or queue callback is
+//! noticed. A failing VM fails the request per the plugin's `failStrategy`.
+
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use futures_util::stream::{FuturesUnordered, StreamExt};
+
+use crate::abi::{Action, Pairs};
+use crate::context::{LocalResponse, OutgoingCall, StreamData, StreamInfo};
+use crate::http_call::{BoxFuture, HttpCallResponse};
+use crate::plugin::{FailStrategy, Plugin};
+use crate::vm::{HttpCallback, VmFailure};
+
+/// How a headers or trailers phase ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Step {
+    /// Go on (headers as the filter left them).
+    Continue,
+    /// Answer the client with this instead of going on.
+    Respond(LocalResponse),
+    /// Reset the stream (`proxy_close_stream`).
+    Reset,
+}
+
+/// How a body chunk fared.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum BodyStep {
+    /// Pass these bytes on: the chunk, or everything held since the filter paused, as the filter
+    /// left it.
+    Forward(Bytes),
+    /// The filter holds the body until more (or the end) arrives.
+    Buffered,
+    Respond(LocalResponse),
+    Reset,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Direction {
+    Request,
+    Response,
+}
+
+type PendingCall = BoxFuture<(u32, Option<HttpCallResponse>)>;
+
+/// A request's context in one plugin.
+pub struct HttpStream {
+    plugin: Arc<Plugin>,
+    slot: usize,
+    generation: u64,
+    data: StreamData,
+    pending: FuturesUnordered<PendingCall>,
+    /// Set when the plugin failed open for this request: callbacks are skipped.
+    bypass: bool,
+    /// Set once the context is gone (VM failure or finished).
+    finished: bool,
+    /// Why the context could not be created.
+    unavailable: Option<VmFailure>,
+}
+
+impl HttpStream {
+    pub(crate) fn new(
+        plugin: Arc<Plugin>,
+        slot: usize,
+        context: Result<(u64, u32), VmFailure>,
+        info: Arc<StreamInfo>,
+    ) -> Self {
+        let (generation, context_id, unavailable) = match context {
+            Ok((generation, context_id)) => (generation, context_id, None),
+            Err(failure) => (0, 0, Some(failure)),
+        };
+        HttpStream {
+            plugin,
+            slot,
+            generation,
+            data: StreamData {
+                context_id,
+                info,
+                ..Default::default()
+            },
+            pending: FuturesUnordered::new(),
+            bypass: false,
+            finished: unavailable.is_some(),
+            unavailable,
+        }
+    }
+
+    pub fn plugin(&self) -> &Arc<Plugin> {
+        &self.plugin
+    }
+
+    /// `proxy_on_request_headers`; `headers` include `:method`, `:path`, `:authority`, `:scheme`.
+    pub async fn request_headers(&mut self, headers: &mut Pairs, end_of_stream: bool) -> Step {
+        self.data.request_headers = std::mem::take(headers);
+        self.data.request_end = end_of_stream;
+        let count = self.data.request_headers.len();
+        let step = self
+            .phase(
+                HttpCallback::RequestHeaders {
+                    count,
+                    end: end_of_stream,
+                },
+                Direction::Request,
+            )
+            .await;
+        *headers = std::mem::take(&mut self.data.request_headers);
+        step
+    }
+
+    /// `proxy_on_request_body` with the chunk added to whatever the filter holds.
+    pub async fn request_body(&mut self, chunk: Bytes, end_of_stream: bool) -> BodyStep {
+        self.body(chunk, end_of_stream, Direction::Request).await
+    }
+
+    pub async fn request_trailers(&mut self, trailers: &mut Pairs) -> Step {
+        self.data.request_trailers = std::mem::take(trailers);
+        self.data.request_end = true;
+        let count = self.data.request_trailers.len();
+        let step = self
+            .phase(HttpCallback::RequestTrailers { count }, Direction::Request)
+            .await;
+        *trailers = std::mem::take(&mut self.data.request_trailers);
+        step
+    }
+
+    /// `proxy_on_response_headers`; `headers` include `:status`.
+    pub async fn response_headers(&mut self, headers: &mut Pairs, end_of_stream: bool) -> Step {
+        self.data.response_headers = std::mem::take(headers);
+        self.data.response_end = end_of_stream;
+        let count = self.data.response_headers.len();
+        let step = self
+            .phase(
+                HttpCallback::ResponseHeaders {
+                    count,
+                    end: end_of_stream,
+                },
+                Direction::Response,
+            )
+            .await;
+        *headers = std::mem::take(&mut self.data.response_headers);
+        step
+    }
+
+    pub async fn response_body(&mut self, chunk: Bytes, end_of_stream: bool) -> BodyStep {
+        self.body(chunk, end_of_stream, Direction::Response).await
+    }
+
+    pub async fn response_trailers(&mut self, trailers: &mut Pairs) -> Step {
+        self.data.response_trailers = std::mem::take(trailers);
+        self.data.response_end = true;
+        let count = self.data.response_trailers.len();
+        let step = self
+            .phase(
+                HttpCallback::ResponseTrailers { count },
+                Direction::Response,
+            )
+            .await;
+        *trailers = std::mem::take(&mut self.data.response_trailers);
+        step
+    }
+
+    /// `proxy_on_log`: the request is over; called once, before the context is finished.
+    pub fn log(&mut self) {
+        if self.bypass || self.finished {
+            return;
+        }
+        let data = &mut self.data;
+        if let Err(failure) = self
+            .plugin
+            .with_vm(self.slot, self.generation, None, |vm| vm.on_log(data))
+        {
+            tracing::debug!(plugin = %self.plugin.name(), error = %failure, "proxy_on_log failed");
+        }
+    }
+
+    async fn phase(&mut self, callback: HttpCallback, direction: Direction) -> Step {
+        if self.bypass {
+            return Step::Continue;
+        }
+        match self.invoke(callback) {
+            Ok(action) => self.settle(action, direction).await,
+            Err(step) => step,
+        }
+    }
+
+    async fn body(&mut self, chunk: Bytes, end: bool, direction: Direction) -> BodyStep {
+        if self.bypass {
+            return BodyStep::Forward(self.take_body(direction, chunk));
+        }
+        let limit = self.plugin.limits().max_buffered_body;
+        let buffer = match direction {
+            Direction::Request => {
+                self.data.request_end = end;
+                &mut self.data.request_body
+            }
+            Direction::Response => {
+                self.data.response_end = end;
+                &mut self.data.response_body
+            }
+        };
+        buffer.extend_from_slice(&chunk);
+        let size = buffer.len();
+        if size > limit {
+            return BodyStep::Respond(match direction {
+                Direction::Request => local(413, "request_payload_too_large", "Payload Too Large"),
+                Direction::Response => {
+                    local(500, "response_payload_too_large", "Internal Server Error")
+                }
+            });
+        }
+        let callback = match direction {
+            Direction::Request => HttpCallback::RequestBody { size, end },
+            Direction::Response => HttpCallback::ResponseBody { size, end },
+        };
+        let action = match self.invoke(callback) {
+            Ok(action) => action,
+            Err(step) => return self.body_step(step, direction),
+        };
+        if action == Action::Pause && !end && self.pending.is_empty() {
+            return BodyStep::Buffered;
+        }
+        let step = self.settle(action, direction).await;
+        self.body_step(step, direction)
+    }
+
+    fn body_step(&mut self, step: Step, direction: Direction) -> BodyStep {
+        match step {
+            Step::Continue => BodyStep::Forward(self.take_body(direction, Bytes::new())),
+            Step::Respond(response) => BodyStep::Respond(response),
+            Step::Reset => BodyStep::Reset,
+        }
+    }
+
+    /// Everything held for `direction`, plus `extra` (a chunk that bypassed the filter).
+    fn take_body(&mut self, direction: Direction, extra: Bytes) -> Bytes {
+        let buffer: &mut BytesMut = match direction {
+            Direction::Request => &mut self.data.request_body,
+            Direction::Response => &mut self.data.response_body,
+        };
+        if buffer.is_empty() {
+            return extra;
+        }
+        buffer.extend_from_slice(&extra);
+        buffer.split().freeze()
+    }
+
+    /// Runs a callback; a failure is turned into the plugin's fail strategy at once.
+    fn invoke(&mut self, callback: HttpCallback) -> Result<Action, Step> {
+        if let Some(failure) = self.unavailable.take() {
+            return Err(self.fail(failure));
+        }
+        let data = &mut self.data;
+        let context = data.context_id;
+        match self
+            .plugin
+            .with_vm(self.slot, self.generation, Some(context), |vm| {
+                vm.http_callback(data, callback)
+            }) {
+            Ok((raw, calls)) => {
+                self.carry(calls);
+                Ok(Action::from_raw(raw))
+            }
+            Err(failure) => Err(self.fail(failure)),
+        }
+    }
+
+    /// Waits until a paused filter lets the request go on, answers it, or fails.
+    async fn settle(&mut self, action: Action, direction: Direction) -> Step {
+        loop {
+            if let Some(response) = self.data.local_response.take() {
+                return Step::Respond(response);
+            }
+            if self.data.reset {
+                return Step::Reset;
+            }
+            let resumed = match direction {
+                Direction::Request => std::mem::take(&mut self.data.resume_request),
+                Direction::Response => std::mem::take(&mut self.data.resume_response),
+            };
+            if action == Action::Continue || resumed {
+                return Step::Continue;
+            }
+            let resumed = self.plugin.resumed.notified();
+            tokio::select! {
+                Some((token, response)) = self.pending.next(), if !self.pending.is_empty() => {
+                    let data = &mut self.data;
+                    match self.plugin.deliver(self.slot, self.generation, data, token, response) {
+                        Ok(calls) => self.carry(calls),
+                        Err(failure) => return self.fail(failure),
+                    }
+                }
+                () = resumed => {
+                    if self.plugin.take_resumed(self.slot, self.generation, self.data.context_id) {
+                        match direction {
+                            Direction::Request => self.data.resume_request = true,
+                            Direction::Response => self.data.resume_response = true,
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Starts the calls the filter made; their responses are delivered while it waits.
+    fn carry(&mut self, calls: Vec<OutgoingCall>) {
+        for call in calls {
+            let request = self.plugin.hooks().http.call(call.request.clone());
+            let timeout = call.request.timeout;
+            let token = call.token;
+            self.pending.push(Box::pin(async move {
+                let response = tokio::time::timeout(timeout, request).await.ok().flatten();
+                (token, response)
+            }));
+        }
+    }
+
+    fn fail(&mut self, failure: VmFailure) -> Step {
+        self.finished = true;
+        self.pending = FuturesUnordered::new();
+        tracing::warn!(plugin = %self.plugin.name(), error = %failure, strategy = ?self.plugin.fail_strategy(), "wasm filter failed for a request");
+        match self.plugin.fail_strategy() {
+            FailStrategy::FailOpen => {
+                self.bypass = true;
+                Step::Continue
+            }
+            FailStrategy::FailClose => {
+                Step::Respond(local(500, "wasm_fail_close", "wasm filter failed"))
+            }
+        }
+    }
+}
+
+impl Drop for HttpStream {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.finished = true;
+            self.plugin
+                .finish_stream(self.slot, self.generation, &mut self.data);
+        }
+    }
+}
+
+fn local(status: u16, details: &str, body: &str) -> LocalResponse {
+    LocalResponse {
+        status,
+        details: details.to_owned(),
+        headers: vec![("content-type".to_owned(), b"text/plain".to_vec())],
+        body: body.as_bytes().to_vec(),
+        grpc_status: None,
+    }
+}

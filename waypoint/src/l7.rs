@@ -1,0 +1,172 @@
+//! The waypoint's L7 configuration: the HTTPRoutes and AuthorizationPolicies that apply to it,
+//! read from a multi-document YAML file of Kubernetes objects as users write them
+//! (`AMBIT_WAYPOINT_CONFIG`), checked by the local mesh's strict manifest parser, and compiled
+//! into an immutable [`L7Config`] ([`routes::RouteTable`] + [`authz::PolicyTable`]) that the data
+//! path reads lock-free from an [`L7Store`].
+//!
+//! The file is polled like the state file; a file that does not parse or compile never replaces
+//! the configuration in force (the error is logged, naming the object and field).
+
+pub mod authz;
+pub mod routes;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use ambit_local::manifest::{self, ManifestError, Object};
+use arc_swap::ArcSwap;
+
+pub use authz::PolicyTable;
+pub use routes::RouteTable;
+
+/// Why an L7 configuration file was not taken.
+#[derive(Debug, thiserror::Error)]
+pub enum L7Error {
+    #[error("reading the waypoint configuration {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("waypoint configuration {path}: {source}")]
+    Manifest {
+        path: PathBuf,
+        source: Box<ManifestError>,
+    },
+    #[error("waypoint configuration {path}: {object}: {field}: {message}")]
+    Compile {
+        path: PathBuf,
+        /// `HTTPRoute default/reviews`.
+        object: String,
+        field: String,
+        message: String,
+    },
+}
+
+/// Who this waypoint is, for deciding which policies target it.
+#[derive(Clone, Debug, Default)]
+pub struct WaypointName {
+    pub namespace: String,
+    /// The waypoint's Gateway (`AMBIT_GATEWAY_NAME`).
+    pub gateway: String,
+}
+
+/// One compiled, immutable L7 configuration.
+#[derive(Debug, Default)]
+pub struct L7Config {
+    pub routes: RouteTable,
+    pub policies: PolicyTable,
+}
+
+/// A compile problem, before the file it came from is known.
+#[derive(Debug)]
+pub struct CompileError {
+    pub object: String,
+    pub field: String,
+    pub message: String,
+}
+
+impl L7Config {
+    /// Parses and compiles a configuration text. Kinds other than HTTPRoute and
+    /// AuthorizationPolicy are accepted and ignored (the file may be a whole namespace's
+    /// manifests); AuthorizationPolicies without `targetRefs` are for ztunnel and ignored too.
+    pub fn parse(text: &str, path: &Path, me: &WaypointName) -> Result<Self, L7Error> {
+        let objects = manifest::parse(text).map_err(|source| L7Error::Manifest {
+            path: path.to_owned(),
+            source: Box::new(source),
+        })?;
+        Self::compile(&objects, me).map_err(|e| L7Error::Compile {
+            path: path.to_owned(),
+            object: e.object,
+            field: e.field,
+            message: e.message,
+        })
+    }
+
+    pub fn compile(objects: &[Object], me: &WaypointName) -> Result<Self, CompileError> {
+        let mut routes = Vec::new();
+        let mut policies = Vec::new();
+        for object in objects {
+            match object {
+                Object::HttpRoute(route) => routes.push(route),
+                Object::AuthorizationPolicy(policy) if !policy.spec.target_refs.is_empty() => {
+                    policies.push(policy)
+                }
+                other => {
+                    tracing::debug!(object = %other.object_ref(), "not an L7 object; ignored")
+                }
+            }
+        }
+        Ok(L7Config {
+            routes: RouteTable::compile(&routes)?,
+            policies: PolicyTable::compile(&policies, me),
+        })
+    }
+
+    /// Reads and compiles the file at `path`; a missing file is an empty configuration (the
+    /// daemon may not have written it yet), any other problem an error.
+    pub fn load(path: &Path, me: &WaypointName) -> Result<Self, L7Error> {
+        match std::fs::read_to_string(path) {
+            Ok(text) => Self::parse(&text, path, me),
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(Self::default()),
+            Err(source) => Err(L7Error::Read {
+                path: path.to_owned(),
+                source,
+            }),
+        }
+    }
+}
+
+/// The configuration in force, swapped atomically, read lock-free per request.
+#[derive(Default)]
+pub struct L7Store {
+    current: ArcSwap<L7Config>,
+}
+
+impl L7Store {
+    pub fn new(config: L7Config) -> Self {
+        L7Store {
+            current: ArcSwap::from_pointee(config),
+        }
+    }
+
+    pub fn load(&self) -> Arc<L7Config> {
+        self.current.load_full()
+    }
+
+    pub fn replace(&self, config: L7Config) {
+        self.current.store(Arc::new(config));
+    }
+}
+
+/// Polls `path` every `interval` and swaps in each change that compiles; one that does not is
+/// logged and the previous configuration stays.
+pub async fn watch(path: PathBuf, me: WaypointName, store: Arc<L7Store>, interval: Duration) {
+    let mut last_seen = fingerprint(&path);
+    loop {
+        tokio::time::sleep(interval).await;
+        let now = fingerprint(&path);
+        if now == last_seen {
+            continue;
+        }
+        last_seen = now;
+        match L7Config::load(&path, &me) {
+            Ok(config) => {
+                tracing::info!(path = %path.display(), routes = config.routes.len(), policies = config.policies.len(), "waypoint configuration reloaded");
+                store.replace(config);
+            }
+            Err(err) => tracing::error!(
+                error = %err,
+                "waypoint configuration not reloaded; keeping the previous one"
+            ),
+        }
+    }
+}
+
+/// Modification time, inode and size: a rewrite in place or a rename over the file both change
+/// it, even within one mtime tick (the size or inode moves).
+fn fingerprint(path: &Path) -> Option<(SystemTime, u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(path).ok()?;
+    Some((meta.modified().ok()?, meta.ino(), meta.size()))
+}

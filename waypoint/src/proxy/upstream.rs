@@ -1,0 +1,424 @@
+//! Towards endpoints: which endpoint takes an attempt (round robin over the healthy endpoints
+//! serving the port, skipping ejected ones), outlier ejection (Envoy's consecutive-5xx detector
+//! with its defaults: 5 in a row eject an endpoint for 30 s × the times it was ejected), and the
+//! upstream HTTP/1.1 connections themselves: an HBONE tunnel to `podIP:15008` (plain TCP for
+//! endpoints outside the mesh), kept alive and reused for later requests from the same client.
+//!
+//! Pooled connections are keyed by the endpoint, the target and the client address the tunnel's
+//! `forwarded` header names, because the destination ztunnel takes the client's address from
+//! that header: a connection opened for one client must never carry another client's requests.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use ambit_mesh::hbone::client::{ClientError, TunnelRequest};
+use ambit_mesh::hbone::server::Upstream as UpstreamIo;
+use ambit_mesh::hbone::{ConnectHeaders, HBONE_PORT};
+use ambit_mesh::state::{HealthStatus, Protocol, Service, Snapshot, Workload};
+use http::Response;
+use hyper::body::Incoming;
+use hyper::client::conn::http1::SendRequest;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+
+use super::body::{BoxBody, ReplayBody};
+use super::filters::RequestHead;
+use super::forward::upstream_request;
+use super::inbound::TunnelInfo;
+use super::{Context, ProxySettings};
+
+/// How many picks may be spent looking for an endpoint not tried yet (Envoy's
+/// `host_selection_retry_max_attempts`, as Istio sets it).
+const HOST_SELECTION_ATTEMPTS: usize = 5;
+/// The longest ejection, however often an endpoint was ejected (Envoy's `max_ejection_time`).
+const MAX_EJECTION: Duration = Duration::from_secs(300);
+
+/// Where a request goes: a Service port (load balanced) or one workload (pod-addressed traffic:
+/// policy only, no load balancing).
+#[derive(Clone, Debug)]
+pub enum Target {
+    Service { service: Arc<Service>, port: u16 },
+    Workload { workload: Arc<Workload>, port: u16 },
+}
+
+/// The endpoint chosen for one attempt.
+#[derive(Clone, Debug)]
+pub struct Endpoint {
+    pub service: Option<Arc<Service>>,
+    pub workload: Arc<Workload>,
+    pub port: u16,
+}
+
+/// Why an attempt got no response.
+#[derive(Debug)]
+pub enum Failure {
+    /// No connection to the endpoint; the request was not sent. `retryable`: another endpoint
+    /// may do better (false for configuration problems).
+    Connect { message: String, retryable: bool },
+    /// The connection failed after the request was (partly) sent, before response headers.
+    Reset(String),
+}
+
+/// One endpoint's outlier record.
+#[derive(Debug, Default)]
+struct Health {
+    consecutive_errors: u32,
+    ejections: u32,
+    ejected_until: Option<Instant>,
+}
+
+type PoolKey = (String, SocketAddr, Option<IpAddr>, Option<String>);
+
+struct Idle {
+    sender: SendRequest<BoxBody>,
+    since: Instant,
+}
+
+/// Endpoint choice, outlier state and idle connections, shared by all requests.
+pub struct Upstreams {
+    settings: ProxySettings,
+    next_pick: AtomicUsize,
+    health: Mutex<HashMap<String, Health>>,
+    idle: Arc<Mutex<HashMap<PoolKey, Vec<Idle>>>>,
+}
+
+impl Upstreams {
+    pub fn new(settings: ProxySettings) -> Self {
+        Upstreams {
+            settings,
+            next_pick: AtomicUsize::new(0),
+            health: Mutex::default(),
+            idle: Arc::default(),
+        }
+    }
+
+    /// A round-robin starting point for one request's attempts.
+    pub fn next_base(&self) -> usize {
+        self.next_pick.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Picks the endpoint for attempt `attempt`, preferring one not in `tried` and one not
+    /// ejected. `None`: the Service has no healthy endpoint serving the port.
+    pub fn pick(
+        &self,
+        snapshot: &Snapshot,
+        target: &Target,
+        base: usize,
+        tried: &[Arc<Workload>],
+    ) -> Option<Endpoint> {
+        let (service, port) = match target {
+            Target::Workload { workload, port } => {
+                return Some(Endpoint {
+                    service: None,
+                    workload: workload.clone(),
+                    port: *port,
+                })
+            }
+            Target::Service { service, port } => (service, *port),
+        };
+        let key = service.key();
+        let all: Vec<(&Arc<Workload>, u16)> = snapshot
+            .endpoints(&key)
+            .iter()
+            .filter(|w| w.status == HealthStatus::Healthy)
+            .filter_map(|w| {
+                let target_port = w.target_port(&key, port).or_else(|| {
+                    service
+                        .ports
+                        .get(&port)
+                        .map(|&t| if t == 0 { port } else { t })
+                })?;
+                Some((w, target_port))
+            })
+            .collect();
+        if all.is_empty() {
+            return None;
+        }
+        // Ejected endpoints sit out unless every endpoint is ejected (Envoy's panic mode: better
+        // a suspect endpoint than none).
+        let now = Instant::now();
+        let health = self.health.lock().expect("health lock");
+        let usable: Vec<(&Arc<Workload>, u16)> = all
+            .iter()
+            .copied()
+            .filter(|(w, _)| {
+                health
+                    .get(&w.uid)
+                    .and_then(|h| h.ejected_until)
+                    .is_none_or(|until| until <= now)
+            })
+            .collect();
+        drop(health);
+        let candidates = if usable.is_empty() { &all } else { &usable };
+        let mut chosen = None;
+        for offset in 0..HOST_SELECTION_ATTEMPTS {
+            let (workload, target_port) = candidates[base.wrapping_add(offset) % candidates.len()];
+            let fresh = !tried.iter().any(|t| t.uid == workload.uid);
+            chosen = Some(Endpoint {
+                service: Some(service.clone()),
+                workload: workload.clone(),
+                port: target_port,
+            });
+            if fresh {
+                break;
+            }
+        }
+        chosen
+    }
+
+    /// Records an attempt's outcome for outlier detection: `failed` is a 5xx or a connect
+    /// failure; anything else resets the endpoint's count.
+    pub fn record(&self, workload: &Workload, failed: bool) {
+        let mut health = self.health.lock().expect("health lock");
+        let h = health.entry(workload.uid.clone()).or_default();
+        if !failed {
+            h.consecutive_errors = 0;
+            return;
+        }
+        h.consecutive_errors += 1;
+        if h.consecutive_errors >= self.settings.outlier_consecutive_errors {
+            h.consecutive_errors = 0;
+            h.ejections += 1;
+            let ejection = (self.settings.outlier_base_ejection * h.ejections).min(MAX_EJECTION);
+            h.ejected_until = Some(Instant::now() + ejection);
+            tracing::info!(endpoint = %workload.uid, ?ejection, "endpoint ejected after consecutive failures");
+        }
+    }
+
+    /// Sends one request to `endpoint` on a pooled connection when one is idle, otherwise on a
+    /// new one, and returns as soon as the response headers arrive. The body is taken only once
+    /// a connection is there, so a connect failure leaves it for the next attempt. An upgrade
+    /// request gets a connection of its own, never pooled: it becomes the upgraded stream.
+    pub async fn send(
+        &self,
+        context: &Context,
+        tunnel: &TunnelInfo,
+        endpoint: &Endpoint,
+        head: &RequestHead,
+        body: &mut ReplayBody,
+        upgrade: bool,
+    ) -> Result<Response<Incoming>, Failure> {
+        let key = pool_key(tunnel, endpoint);
+        let build = |body: &mut ReplayBody| {
+            body.take()
+                .map(|b| upstream_request(head, b, upgrade))
+                .ok_or_else(|| Failure::Reset("the request body was already sent".into()))
+        };
+        let mut request = None;
+        while let Some(mut sender) = (!upgrade).then(|| self.checkout(&key)).flatten() {
+            let unsent = match request.take() {
+                Some(r) => r,
+                None => build(body)?,
+            };
+            match sender.try_send_request(unsent).await {
+                Ok(response) => {
+                    self.checkin(key, sender);
+                    return Ok(response);
+                }
+                Err(mut err) => match err.take_message() {
+                    // The idle connection was gone before the request left: nothing was sent,
+                    // so the request goes on another connection as it is.
+                    Some(unsent) => request = Some(unsent),
+                    None => return Err(Failure::Reset(err.into_error().to_string())),
+                },
+            }
+        }
+        let io = open(context, tunnel, endpoint).await?;
+        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+            .await
+            .map_err(|e| Failure::Reset(e.to_string()))?;
+        tokio::spawn(async move {
+            if let Err(err) = connection.with_upgrades().await {
+                tracing::debug!(error = %err, "upstream HTTP/1.1 connection ended with an error");
+            }
+        });
+        let request = match request {
+            Some(r) => r,
+            None => build(body)?,
+        };
+        let response = sender
+            .send_request(request)
+            .await
+            .map_err(|e| Failure::Reset(e.to_string()))?;
+        if !upgrade {
+            self.checkin(key, sender);
+        }
+        Ok(response)
+    }
+
+    fn checkout(&self, key: &PoolKey) -> Option<SendRequest<BoxBody>> {
+        let mut idle = self.idle.lock().expect("pool lock");
+        let list = idle.get_mut(key)?;
+        while let Some(entry) = list.pop() {
+            if entry.sender.is_ready() && entry.since.elapsed() < self.settings.pool_idle_timeout {
+                return Some(entry.sender);
+            }
+        }
+        idle.remove(key);
+        None
+    }
+
+    /// Returns the connection to the pool once it can take another request, i.e. once this
+    /// response's body has been read to its end; a connection closed first is dropped.
+    fn checkin(&self, key: PoolKey, mut sender: SendRequest<BoxBody>) {
+        let idle = Arc::downgrade(&self.idle);
+        let max = self.settings.pool_max_idle;
+        tokio::spawn(async move {
+            if sender.ready().await.is_err() {
+                return;
+            }
+            let Some(idle) = idle.upgrade() else {
+                return;
+            };
+            let mut idle = idle.lock().expect("pool lock");
+            let list = idle.entry(key).or_default();
+            list.retain(|e| !e.sender.is_closed());
+            if list.len() < max {
+                list.push(Idle {
+                    sender,
+                    since: Instant::now(),
+                });
+            }
+        });
+    }
+}
+
+fn pool_key(tunnel: &TunnelInfo, endpoint: &Endpoint) -> PoolKey {
+    let target = SocketAddr::new(
+        endpoint
+            .workload
+            .workload_ips
+            .first()
+            .copied()
+            .unwrap_or(IpAddr::from([0, 0, 0, 0])),
+        endpoint.port,
+    );
+    (
+        endpoint.workload.uid.clone(),
+        target,
+        Some(forwarded_for(tunnel).ip()),
+        endpoint.service.as_ref().map(|s| s.hostname.clone()),
+    )
+}
+
+/// The client address the destination should see: what the source ztunnel said, else the peer.
+fn forwarded_for(tunnel: &TunnelInfo) -> SocketAddr {
+    tunnel
+        .connect
+        .headers
+        .forwarded_for
+        .unwrap_or(tunnel.connect.peer_addr)
+}
+
+/// Opens the byte stream to an endpoint: HBONE to `podIP:15008` when it is in the mesh, plain
+/// TCP otherwise.
+async fn open(
+    context: &Context,
+    tunnel: &TunnelInfo,
+    endpoint: &Endpoint,
+) -> Result<Box<dyn UpstreamIo>, Failure> {
+    let connect = |message: String, retryable: bool| Failure::Connect { message, retryable };
+    let Some(&ip) = endpoint.workload.workload_ips.first() else {
+        return Err(connect(
+            format!("workload {} has no address", endpoint.workload.uid),
+            true,
+        ));
+    };
+    let target = SocketAddr::new(ip, endpoint.port);
+    if endpoint.workload.protocol == Protocol::Tcp {
+        return match TcpStream::connect(target).await {
+            Ok(stream) => {
+                let _ = stream.set_nodelay(true);
+                Ok(Box::new(stream))
+            }
+            Err(err) => Err(connect(format!("{target}: {err}"), true)),
+        };
+    }
+    let identity = endpoint
+        .workload
+        .identity()
+        .map_err(|e| connect(e.to_string(), true))?;
+    let request = TunnelRequest {
+        source: context.identity.clone(),
+        destination_identities: vec![identity],
+        hbone_address: SocketAddr::new(ip, HBONE_PORT),
+        target,
+        headers: ConnectHeaders {
+            forwarded_for: Some(forwarded_for(tunnel)),
+            forwarded_host: endpoint.service.as_ref().map(|s| s.hostname.clone()),
+            baggage: None,
+            traceparent: tunnel.connect.headers.traceparent.clone(),
+        },
+    };
+    match context.client.connect(&request).await {
+        Ok(stream) => Ok(Box::new(stream)),
+        Err(err) => {
+            let retryable = !matches!(
+                err,
+                ClientError::Certificate { .. }
+                    | ClientError::Config { .. }
+                    | ClientError::BadRequest(_)
+            );
+            Err(connect(err.to_string(), retryable))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ambit_mesh::state::local::LocalConfig;
+
+    #[test]
+    fn five_consecutive_failures_eject_an_endpoint_until_all_are_ejected() {
+        let yaml = r#"
+workloads:
+- {uid: a, name: a, namespace: default, serviceAccount: echo, workloadIps: ["10.0.0.1"], services: {default/echo.default.svc.cluster.local: {80: 8080}}}
+- {uid: b, name: b, namespace: default, serviceAccount: echo, workloadIps: ["10.0.0.2"], services: {default/echo.default.svc.cluster.local: {80: 8080}}}
+services:
+- {name: echo, namespace: default, hostname: echo.default.svc.cluster.local, vips: ["/10.96.0.1"], ports: {80: 8080}}
+"#;
+        let path = std::path::Path::new("t.yaml");
+        let snapshot = LocalConfig::parse(yaml, path)
+            .unwrap()
+            .into_snapshot(path)
+            .unwrap();
+        let service = snapshot.services().next().unwrap().clone();
+        let target = Target::Service { service, port: 80 };
+        let upstreams = Upstreams::new(ProxySettings::default());
+        let picks = |n: usize| -> Vec<String> {
+            (0..n)
+                .map(|i| {
+                    upstreams
+                        .pick(&snapshot, &target, i, &[])
+                        .unwrap()
+                        .workload
+                        .uid
+                        .clone()
+                })
+                .collect()
+        };
+        assert_eq!(picks(2), ["a", "b"]);
+        let a = snapshot.workload("a").unwrap().clone();
+        // Four failures and a success: the count starts again.
+        for _ in 0..4 {
+            upstreams.record(&a, true);
+        }
+        upstreams.record(&a, false);
+        upstreams.record(&a, true);
+        assert_eq!(picks(2), ["a", "b"]);
+        for _ in 0..4 {
+            upstreams.record(&a, true);
+        }
+        assert_eq!(picks(4), ["b", "b", "b", "b"], "a is ejected");
+        // Every endpoint ejected: all are used again rather than none.
+        let b = snapshot.workload("b").unwrap().clone();
+        for _ in 0..5 {
+            upstreams.record(&b, true);
+        }
+        assert_eq!(picks(2), ["a", "b"]);
+    }
+}

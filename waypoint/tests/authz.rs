@@ -1,0 +1,119 @@
+//! L7 AuthorizationPolicy through a real waypoint: DENY on a path, ALLOW by principal, policies
+//! for other Gateways ignored, denials counted with flag `RBAC`. Fixture: `support/l7mesh.rs`.
+
+#[path = "support/l7mesh.rs"]
+mod l7mesh;
+
+use ambit_waypoint::proxy::ProxySettings;
+use hyper::StatusCode;
+use l7mesh::L7Mesh;
+
+const DENY_ADMIN: &str = r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: deny-admin, namespace: default}
+spec:
+  targetRefs: [{kind: Gateway, group: gateway.networking.k8s.io, name: waypoint}]
+  action: DENY
+  rules:
+  - to: [{operation: {paths: ["/admin*"], methods: ["GET", "POST"]}}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: someone-elses, namespace: default}
+spec:
+  targetRefs: [{kind: Gateway, group: gateway.networking.k8s.io, name: other-waypoint}]
+  action: DENY
+  rules: [{}]
+"#;
+
+#[tokio::test]
+async fn deny_on_a_path_is_403_and_other_paths_pass() {
+    let mesh = L7Mesh::start(20, DENY_ADMIN, ProxySettings::default()).await;
+    let (status, headers, body) = mesh.get("/admin/users", &[]).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert_eq!(body, "RBAC: access denied");
+    assert_eq!(headers["content-type"], "text/plain");
+    // Dot segments are resolved before matching.
+    let (status, _, _) = mesh.get("/public/../admin", &[]).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    let (status, _, body) = mesh.get("/public", &[]).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(body.starts_with("echo-"), "{body}");
+    // Denied requests never reached a pod.
+    let reached: Vec<String> = mesh
+        .pods
+        .iter()
+        .flat_map(|p| p.paths.lock().unwrap().clone())
+        .collect();
+    assert_eq!(reached, vec!["/public".to_owned()]);
+    assert_eq!(
+        mesh.wait_requests_total(
+            &[
+                "response_code=\"403\"",
+                "response_flags=\"RBAC\"",
+                "source_principal=\"spiffe://cluster.local/ns/default/sa/sleep\"",
+                "destination_service=\"echo.default.svc.cluster.local\"",
+            ],
+            2
+        )
+        .await,
+        2
+    );
+    assert_eq!(
+        mesh.wait_requests_total(&["response_code=\"200\""], 1)
+            .await,
+        1
+    );
+}
+
+#[tokio::test]
+async fn allow_by_principal_on_the_service() {
+    let config = r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: only-sleep, namespace: default}
+spec:
+  targetRefs: [{kind: Service, group: "", name: echo}]
+  action: ALLOW
+  rules:
+  - from: [{source: {principals: ["cluster.local/ns/default/sa/sleep"]}}]
+  - from: [{source: {namespaces: ["default"]}}]
+    to: [{operation: {methods: ["HEAD"]}}]
+    when: [{key: "request.headers[x-ticket]", values: ["ok-*"]}]
+"#;
+    let mesh = L7Mesh::start(21, config, ProxySettings::default()).await;
+    assert_eq!(
+        mesh.request_as("sleep", "GET", "/", &[]).await.0,
+        StatusCode::OK
+    );
+    let (status, _, body) = mesh.request_as("intruder", "GET", "/", &[]).await;
+    assert_eq!(
+        (status, body.as_str()),
+        (StatusCode::FORBIDDEN, "RBAC: access denied")
+    );
+    // The second rule: any workload of the namespace, HEAD only, with a ticket header.
+    assert_eq!(
+        mesh.request_as("intruder", "HEAD", "/", &[("x-ticket", "ok-123")])
+            .await
+            .0,
+        StatusCode::OK
+    );
+    assert_eq!(
+        mesh.request_as("intruder", "HEAD", "/", &[("x-ticket", "bad")])
+            .await
+            .0,
+        StatusCode::FORBIDDEN
+    );
+    assert_eq!(
+        mesh.wait_requests_total(
+            &[
+                "response_code=\"403\"",
+                "source_principal=\"spiffe://cluster.local/ns/default/sa/intruder\""
+            ],
+            2
+        )
+        .await,
+        2
+    );
+}
