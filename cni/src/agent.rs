@@ -216,8 +216,62 @@ impl NodeAgent {
         backend: Backend,
         rule_options: RuleOptions,
     ) -> Result<Arc<NodeAgent>, AgentError> {
-        let server = ZdsServer::bind(socket).map_err(AgentError::Listen)?;
-        let agent = Arc::new(NodeAgent {
+        let agent = Self::new(socket, backend, rule_options);
+        agent.listen()?;
+        Ok(agent)
+    }
+
+    /// Like [`start`](Self::start), for an agent restarting on a node where `pods` are already
+    /// enrolled (annotated by the previous agent): their rules are (re)installed and they are
+    /// recorded *before* listening, so the snapshot the reconnecting ztunnel gets names them and
+    /// ztunnel keeps serving them. With an empty first snapshot it would drop them all until
+    /// they were enrolled again. Pods whose rules cannot be installed are left out (with their
+    /// errors, for the caller to retry them the ordinary way).
+    pub async fn start_with_pods(
+        socket: &Path,
+        backend: Backend,
+        rule_options: RuleOptions,
+        pods: Vec<EnrolledPod>,
+    ) -> Result<(Arc<NodeAgent>, Vec<(EnrolledPod, AgentError)>), AgentError> {
+        let agent = Self::new(socket, backend, rule_options);
+        let mut failed = Vec::new();
+        for pod in pods {
+            let name = pod.display_name();
+            let (netns, netns_id) = match open_netns(&pod) {
+                Ok(opened) => opened,
+                Err(error) => {
+                    failed.push((pod, error));
+                    continue;
+                }
+            };
+            if let Err(source) = agent.install_rules(&netns).await {
+                let rollback = agent.remove_rules(&netns).await.into();
+                let error = AgentError::InstallRules {
+                    pod: name,
+                    source,
+                    rollback,
+                };
+                failed.push((pod, error));
+                continue;
+            }
+            tracing::info!(pod = %name, uid = %pod.uid, "pod was enrolled before the agent restarted; kept for ztunnel's snapshot");
+            let record = Arc::new(Pod {
+                spec: pod.clone(),
+                netns,
+                netns_id,
+            });
+            agent
+                .pods
+                .lock()
+                .expect("pods lock")
+                .insert(pod.uid, record);
+        }
+        agent.listen()?;
+        Ok((agent, failed))
+    }
+
+    fn new(socket: &Path, backend: Backend, rule_options: RuleOptions) -> Arc<NodeAgent> {
+        Arc::new(NodeAgent {
             socket: socket.to_path_buf(),
             backend,
             rule_options,
@@ -227,12 +281,16 @@ impl NodeAgent {
             pods: StdMutex::new(BTreeMap::new()),
             connected: watch::Sender::new(0),
             accept_task: OnceLock::new(),
-        });
+        })
+    }
+
+    fn listen(self: &Arc<Self>) -> Result<(), AgentError> {
+        let server = ZdsServer::bind(&self.socket).map_err(AgentError::Listen)?;
         // The loop holds only a weak reference, so dropping the agent ends it.
-        let task = tokio::spawn(accept_loop(Arc::downgrade(&agent), server));
-        let _ = agent.accept_task.set(task.abort_handle());
-        tracing::info!(socket = %socket.display(), %backend, "node agent listening for ztunnel");
-        Ok(agent)
+        let task = tokio::spawn(accept_loop(Arc::downgrade(self), server));
+        let _ = self.accept_task.set(task.abort_handle());
+        tracing::info!(socket = %self.socket.display(), backend = %self.backend, "node agent listening for ztunnel");
+        Ok(())
     }
 
     /// The ZDS socket ztunnel connects to.

@@ -1,10 +1,179 @@
-//! ambit-cni: the node agent (enrolls ambient pods, installs in-pod redirect rules, hands their
-//! netns to ztunnel over ZDS) and the chained CNI plugin.
-//!
-//! Not built yet: this binary only prints what it will be, so that nothing pretends to work.
+//! ambit-cni: the Kubernetes node agent (`ambit-cni agent`: enrolls ambient pods, installs the
+//! in-pod redirect rules, hands their netns to ztunnel over ZDS, annotates them) and, when the
+//! container runtime runs it with `CNI_COMMAND` set, the chained CNI plugin.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use ambit_cni::install;
+use ambit_cni::kubernetes::{Controller, ControllerConfig};
+use ambit_cni::locate::NetnsLocator;
+use ambit_cni::plugin::{self, event};
+use ambit_cni::rules::{Backend, RuleOptions};
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "ambit-cni",
+    about = "Ambit's node agent and chained CNI plugin (run by the container runtime when \
+             CNI_COMMAND is set)"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the node agent: watch this node's pods and all namespaces, enroll ambient pods.
+    Agent(AgentArgs),
+    /// Remove the chained plugin from the node (conflist entry and binary).
+    Uninstall(CniDirs),
+}
+
+#[derive(clap::Args)]
+struct CniDirs {
+    /// The node's CNI binary directory, as mounted in this pod.
+    #[arg(long, env = "AMBIT_CNI_BIN_DIR", default_value = "/host/opt/cni/bin")]
+    cni_bin_dir: PathBuf,
+    /// The node's CNI configuration directory, as mounted in this pod.
+    #[arg(
+        long,
+        env = "AMBIT_CNI_CONF_DIR",
+        default_value = "/host/etc/cni/net.d"
+    )]
+    cni_conf_dir: PathBuf,
+}
+
+#[derive(clap::Args)]
+struct AgentArgs {
+    /// This node (the downward API's spec.nodeName).
+    #[arg(long, env = "NODE_NAME")]
+    node_name: String,
+    /// The agent's own namespace (downward API); never enrolled, ztunnel runs there.
+    #[arg(long, env = "POD_NAMESPACE")]
+    pod_namespace: Option<String>,
+    /// The ZDS socket ztunnel connects to.
+    #[arg(long, env = "AMBIT_ZDS_SOCKET", default_value = ambit_mesh::zds::DEFAULT_SOCKET_PATH)]
+    zds_socket: PathBuf,
+    /// Where the CNI plugin reaches the agent.
+    #[arg(long, env = "AMBIT_PLUGIN_SOCKET", default_value = event::DEFAULT_SOCKET)]
+    plugin_socket: PathBuf,
+    /// `iptables` or `nftables`.
+    #[arg(long, env = "AMBIT_RULES_BACKEND", default_value = "iptables", value_parser = parse_backend)]
+    backend: Backend,
+    /// Redirect pods' DNS to ztunnel's DNS proxy.
+    #[arg(long, env = "AMBIT_DNS_CAPTURE", default_value_t = true, action = clap::ArgAction::Set)]
+    dns_capture: bool,
+    /// Capture IPv6 too.
+    #[arg(long, env = "AMBIT_IPV6", default_value_t = true, action = clap::ArgAction::Set)]
+    ipv6: bool,
+    /// The node's /proc, to find running pods' network namespaces.
+    #[arg(long, env = "AMBIT_PROC_DIR", default_value = "/host/proc")]
+    proc_dir: PathBuf,
+    /// Directories of pinned network namespaces (the runtime's, e.g. /var/run/netns).
+    #[arg(
+        long = "netns-dir",
+        env = "AMBIT_NETNS_DIRS",
+        value_delimiter = ',',
+        default_value = "/var/run/netns"
+    )]
+    netns_dirs: Vec<PathBuf>,
+    /// Namespaces never enrolled.
+    #[arg(
+        long = "exclude-namespace",
+        env = "AMBIT_EXCLUDE_NAMESPACES",
+        value_delimiter = ',',
+        default_value = "kube-system"
+    )]
+    exclude_namespaces: Vec<String>,
+    /// Install the plugin into the node's CNI directories (and keep it chained).
+    #[arg(long, env = "AMBIT_INSTALL_CNI", default_value_t = true, action = clap::ArgAction::Set)]
+    install_cni: bool,
+    #[command(flatten)]
+    dirs: CniDirs,
+}
+
+fn parse_backend(value: &str) -> Result<Backend, String> {
+    match value {
+        "iptables" => Ok(Backend::Iptables),
+        "nftables" => Ok(Backend::Nftables),
+        other => Err(format!(
+            "unknown rules backend {other:?}: iptables or nftables"
+        )),
+    }
+}
 
 fn main() {
-    eprintln!("ambit-cni: the node agent and chained CNI plugin.");
-    eprintln!("usage: ambit-cni (not implemented yet; see ARCHITECTURE.md for the plan)");
-    std::process::exit(2);
+    if plugin::invoked_as_plugin() {
+        std::process::exit(plugin::main());
+    }
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Agent(args) => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .context("cannot start the runtime")
+            .and_then(|runtime| runtime.block_on(agent(args))),
+        Command::Uninstall(dirs) => install::uninstall(&dirs.cni_bin_dir, &dirs.cni_conf_dir)
+            .context("uninstalling the CNI plugin"),
+    };
+    if let Err(error) = result {
+        eprintln!("ambit-cni: {error:#}");
+        std::process::exit(1);
+    }
+}
+
+async fn agent(args: AgentArgs) -> anyhow::Result<()> {
+    // kube-rs leaves the choice of rustls provider to the program: ring, as everywhere in Ambit.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let kube_config = kube::Config::infer()
+        .await
+        .context("cannot find the Kubernetes API (in-cluster service account or KUBECONFIG)")?;
+    let client = kube::Client::try_from(kube_config).context("cannot build the API client")?;
+
+    let mut excluded = args.exclude_namespaces.clone();
+    excluded.extend(args.pod_namespace.clone());
+    let mut config = ControllerConfig::new(args.node_name.clone());
+    config.zds_socket = args.zds_socket.clone();
+    config.backend = args.backend;
+    config.rule_options = RuleOptions {
+        dns_capture: args.dns_capture,
+        ipv6: args.ipv6,
+        ..Default::default()
+    };
+    config.locator = NetnsLocator {
+        proc_dir: Some(args.proc_dir.clone()),
+        netns_dirs: args.netns_dirs.clone(),
+    };
+    config.excluded_namespaces = excluded.clone();
+    let controller = Controller::new(client, config);
+
+    let listener = event::bind(&args.plugin_socket)?;
+    tokio::spawn(event::serve(listener, controller.plugin_requests()));
+    if args.install_cni {
+        let binary = std::env::current_exe().context("cannot find this program's binary")?;
+        install::install_binary(&binary, &args.dirs.cni_bin_dir)?;
+        // The entry names the socket as the host sees it: the DaemonSet mounts the same path.
+        let entry = install::plugin_entry(&args.plugin_socket, &excluded);
+        tokio::spawn(install::keep_installed(
+            args.dirs.cni_conf_dir.clone(),
+            entry,
+            Duration::from_secs(5),
+        ));
+    }
+    tracing::info!(node = %args.node_name, "ambit-cni node agent starting");
+    tokio::select! {
+        result = controller.run() => result.context("the node agent stopped"),
+        _ = tokio::signal::ctrl_c() => {
+            tracing::info!("interrupted; the plugin stays installed, so new ambient pods wait for the agent to return");
+            Ok(())
+        }
+    }
 }

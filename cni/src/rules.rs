@@ -24,7 +24,7 @@
 //! removing from a clean namespace succeeds.
 
 mod iptables;
-mod netns;
+pub(crate) mod netns;
 mod nftables;
 mod routing;
 

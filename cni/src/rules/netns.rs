@@ -94,7 +94,7 @@ pub(super) fn run_ruleset(netns: BorrowedFd<'_>, ruleset: &Ruleset) -> Result<()
 
 /// Runs `f` on a short-lived thread inside `netns`, for the few facts only readable from inside
 /// (per-namespace sysctls). The thread exits afterwards, so its namespace never leaks into ours.
-pub(super) fn with_netns<T: Send>(
+pub(crate) fn with_netns<T: Send>(
     netns: BorrowedFd<'_>,
     f: impl FnOnce() -> io::Result<T> + Send,
 ) -> io::Result<T> {
