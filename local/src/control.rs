@@ -306,7 +306,8 @@ impl ClusterState {
     /// What the waypoint `namespace/name` enforces at L7: the HTTPRoutes attached (by a Service
     /// `parentRef`) to a Service bound to it with `istio.io/use-waypoint`, and the
     /// AuthorizationPolicies whose `targetRefs` name its Gateway, the `istio-waypoint`
-    /// GatewayClass (from the root namespace), or one of those Services. In object order.
+    /// GatewayClass (from the root namespace), or one of those Services, and the WasmPlugins
+    /// whose `targetRefs` name its Gateway or one of those Services. In object order.
     pub fn waypoint_l7_objects(&self, namespace: &str, name: &str) -> Vec<ObjectRef> {
         let bound: BTreeSet<(String, String)> = self
             .services()
@@ -337,6 +338,15 @@ impl ClusterState {
                 _ => false,
             })
         });
+        // WasmPlugins, like policies, name the Gateway or a bound Service (same namespace).
+        let plugins = self.wasm_plugins().filter(|p| {
+            let ns = &p.metadata.namespace;
+            p.spec.target_refs.iter().any(|t| match t.kind.as_str() {
+                "Gateway" => ns == namespace && t.name == name,
+                "Service" => bound.contains(&(ns.clone(), t.name.clone())),
+                _ => false,
+            })
+        });
         routes
             .map(|r| ObjectRef::new(Kind::HttpRoute, &r.metadata.namespace, &r.metadata.name))
             .chain(policies.map(|p| {
@@ -346,6 +356,11 @@ impl ClusterState {
                     &p.metadata.name,
                 )
             }))
+            .chain(
+                plugins.map(|p| {
+                    ObjectRef::new(Kind::WasmPlugin, &p.metadata.namespace, &p.metadata.name)
+                }),
+            )
             .collect()
     }
 

@@ -19,7 +19,9 @@ const BUCKETS: [f64; 19] = [
 const MAX_METRICS: usize = 10_000;
 
 struct Metric {
-    name: String,
+    /// The Prometheus metric family, and its labels rendered (`k="v",...`, or empty).
+    family: String,
+    labels: String,
     kind: MetricType,
     value: AtomicI64,
     buckets: [AtomicU64; BUCKETS.len()],
@@ -44,8 +46,10 @@ impl WasmMetrics {
         if metrics.len() >= MAX_METRICS {
             return Err(Status::InternalFailure);
         }
+        let (family, labels) = split_tags(name);
         metrics.push(Arc::new(Metric {
-            name: prometheus_name(name),
+            family,
+            labels,
             kind,
             value: AtomicI64::new(0),
             buckets: Default::default(),
@@ -102,36 +106,71 @@ impl WasmMetrics {
         Ok(self.get(id)?.value.load(Ordering::Relaxed) as u64)
     }
 
-    /// Prometheus text exposition of every defined metric.
+    /// Prometheus text exposition of every defined metric, one `# TYPE` line per family.
     pub fn render(&self) -> String {
-        let metrics = self.metrics.read().expect("metrics lock");
+        let mut metrics: Vec<Arc<Metric>> = self.metrics.read().expect("metrics lock").clone();
+        metrics.sort_by(|a, b| (&a.family, &a.labels).cmp(&(&b.family, &b.labels)));
         let mut out = String::new();
-        for metric in metrics.iter() {
-            let name = &metric.name;
+        let mut family: Option<&str> = None;
+        for metric in &metrics {
+            let name = &metric.family;
+            if family != Some(name.as_str()) {
+                let kind = match metric.kind {
+                    MetricType::Counter => "counter",
+                    MetricType::Gauge => "gauge",
+                    MetricType::Histogram => "histogram",
+                };
+                let _ = writeln!(out, "# TYPE {name} {kind}");
+                family = Some(name);
+            }
+            let labels = &metric.labels;
             let value = metric.value.load(Ordering::Relaxed);
+            let braces = |extra: &str| match (labels.is_empty(), extra.is_empty()) {
+                (true, true) => String::new(),
+                (true, false) => format!("{{{extra}}}"),
+                (false, true) => format!("{{{labels}}}"),
+                (false, false) => format!("{{{labels},{extra}}}"),
+            };
             match metric.kind {
-                MetricType::Counter => {
-                    let _ = writeln!(out, "# TYPE {name} counter\n{name} {value}");
-                }
-                MetricType::Gauge => {
-                    let _ = writeln!(out, "# TYPE {name} gauge\n{name} {value}");
+                MetricType::Counter | MetricType::Gauge => {
+                    let _ = writeln!(out, "{name}{} {value}", braces(""));
                 }
                 MetricType::Histogram => {
-                    let _ = writeln!(out, "# TYPE {name} histogram");
                     for (bound, bucket) in BUCKETS.iter().zip(&metric.buckets) {
                         let count = bucket.load(Ordering::Relaxed);
-                        let _ = writeln!(out, "{name}_bucket{{le=\"{bound}\"}} {count}");
+                        let le = format!("le=\"{bound}\"");
+                        let _ = writeln!(out, "{name}_bucket{} {count}", braces(&le));
                     }
                     let sum = metric.sum.load(Ordering::Relaxed);
-                    let _ = writeln!(
-                        out,
-                        "{name}_bucket{{le=\"+Inf\"}} {value}\n{name}_sum {sum}\n{name}_count {value}"
-                    );
+                    let _ = writeln!(out, "{name}_bucket{} {value}", braces("le=\"+Inf\""));
+                    let _ = writeln!(out, "{name}_sum{} {sum}", braces(""));
+                    let _ = writeln!(out, "{name}_count{} {value}", braces(""));
                 }
             }
         }
         out
     }
+}
+
+/// Reads Istio's tag encoding in a stat name (`route=.=orders;.;method=.=GET;.;requests_total`:
+/// tags `key=.=value` joined by `;.;`, the metric name last), as Istio's stats configuration
+/// extracts it, into a family name and rendered labels.
+fn split_tags(name: &str) -> (String, String) {
+    let mut parts: Vec<&str> = name.split(";.;").collect();
+    let family = prometheus_name(parts.pop().unwrap_or_default());
+    let labels = parts
+        .iter()
+        .filter_map(|tag| tag.split_once("=.="))
+        .map(|(key, value)| {
+            let value = value
+                .replace('\\', "\\\\")
+                .replace('"', "\\\"")
+                .replace('\n', "\\n");
+            format!("{}=\"{value}\"", prometheus_name(key))
+        })
+        .collect::<Vec<_>>()
+        .join(",");
+    (family, labels)
 }
 
 /// Envoy stat names use dots and other characters Prometheus refuses; they become `_`.
@@ -175,5 +214,39 @@ mod tests {
         assert!(text.contains("latency_bucket{le=\"10\"} 1"), "{text}");
         assert!(text.contains("latency_bucket{le=\"5\"} 0"), "{text}");
         assert!(text.contains("latency_count 1"), "{text}");
+        assert_eq!(text.matches("# TYPE my_requests").count(), 1);
+    }
+
+    #[test]
+    fn istio_tag_encoding_becomes_labels() {
+        let metrics = WasmMetrics::default();
+        let get = metrics
+            .define(
+                MetricType::Counter,
+                "route=.=orders;.;method=.=GET;.;app_requests_total",
+            )
+            .unwrap();
+        let post = metrics
+            .define(
+                MetricType::Counter,
+                "route=.=orders;.;method=.=POST;.;app_requests_total",
+            )
+            .unwrap();
+        metrics.increment(get, 3).unwrap();
+        metrics.increment(post, 1).unwrap();
+        let text = metrics.render();
+        assert!(
+            text.contains("app_requests_total{route=\"orders\",method=\"GET\"} 3"),
+            "{text}"
+        );
+        assert!(
+            text.contains("app_requests_total{route=\"orders\",method=\"POST\"} 1"),
+            "{text}"
+        );
+        assert_eq!(
+            text.matches("# TYPE app_requests_total counter").count(),
+            1,
+            "{text}"
+        );
     }
 }

@@ -19,9 +19,12 @@ use crate::admin::{self, Endpoints};
 use crate::config::Config;
 use crate::l7::{self, L7Config, L7Store, WaypointName};
 use crate::metrics::Metrics;
+use crate::proxy::calls::MeshCalls;
 use crate::proxy::inbound::Inbound;
 use crate::proxy::upstream::Upstreams;
 use crate::proxy::{Context, ProxySettings};
+use crate::wasm::WasmFilters;
+use ambit_wasm_host::PluginHooks;
 
 /// How often the local state file is checked for changes.
 const STATE_POLL: Duration = Duration::from_millis(500);
@@ -101,11 +104,22 @@ impl Waypoint {
         certificates: Arc<CertificateManager>,
         state: Arc<StateStore>,
     ) -> anyhow::Result<Self> {
-        let metrics = Arc::new(Metrics::default());
-        let l7 = Arc::new(match &options.l7_path {
-            Some(path) => L7Store::new(L7Config::load(path, &options.name)?),
-            None => L7Store::default(),
-        });
+        let calls = Arc::new(MeshCalls::default());
+        let hooks = PluginHooks {
+            http: calls.clone(),
+            log: None,
+        };
+        let wasm = Arc::new(WasmFilters::new(hooks, options.name.namespace.clone()));
+        let metrics = Arc::new(Metrics::default().with_wasm(wasm.clone()));
+        let config = match &options.l7_path {
+            Some(path) => L7Config::load(path, &options.name)?,
+            None => L7Config::default(),
+        };
+        let l7 = Arc::new(L7Store::with_plugins(
+            config,
+            wasm.clone(),
+            options.name.clone(),
+        ));
         let context = Arc::new(Context {
             identity: options.identity.clone(),
             state: state.clone(),
@@ -115,7 +129,9 @@ impl Waypoint {
             network: options.network.clone(),
             settings: options.proxy.clone(),
             upstreams: Upstreams::new(options.proxy.clone()),
+            wasm,
         });
+        calls.bind(&context);
         let hbone_listener = TcpListener::bind(options.hbone_address)
             .await
             .with_context(|| format!("binding HBONE on {}", options.hbone_address))?;

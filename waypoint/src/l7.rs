@@ -14,11 +14,13 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use ambit_local::manifest::{self, ManifestError, Object};
+use ambit_local::manifest::{self, ManifestError, Object, WasmPlugin};
 use arc_swap::ArcSwap;
 
 pub use authz::PolicyTable;
 pub use routes::RouteTable;
+
+use crate::wasm::WasmFilters;
 
 /// Why an L7 configuration file was not taken.
 #[derive(Debug, thiserror::Error)]
@@ -56,6 +58,8 @@ pub struct WaypointName {
 pub struct L7Config {
     pub routes: RouteTable,
     pub policies: PolicyTable,
+    /// WasmPlugins as written; [`crate::wasm::WasmFilters`] decides which apply and loads them.
+    pub plugins: Vec<WasmPlugin>,
 }
 
 /// A compile problem, before the file it came from is known.
@@ -86,8 +90,10 @@ impl L7Config {
     pub fn compile(objects: &[Object], me: &WaypointName) -> Result<Self, CompileError> {
         let mut routes = Vec::new();
         let mut policies = Vec::new();
+        let mut plugins = Vec::new();
         for object in objects {
             match object {
+                Object::WasmPlugin(plugin) => plugins.push(plugin.clone()),
                 Object::HttpRoute(route) => routes.push(route),
                 Object::AuthorizationPolicy(policy) if !policy.spec.target_refs.is_empty() => {
                     policies.push(policy)
@@ -100,6 +106,7 @@ impl L7Config {
         Ok(L7Config {
             routes: RouteTable::compile(&routes)?,
             policies: PolicyTable::compile(&policies, me),
+            plugins,
         })
     }
 
@@ -117,24 +124,42 @@ impl L7Config {
     }
 }
 
-/// The configuration in force, swapped atomically, read lock-free per request.
+/// The configuration in force, swapped atomically, read lock-free per request. Every new
+/// configuration also brings the waypoint's WasmPlugins up to date.
 #[derive(Default)]
 pub struct L7Store {
     current: ArcSwap<L7Config>,
+    wasm: Option<(Arc<WasmFilters>, WaypointName)>,
 }
 
 impl L7Store {
     pub fn new(config: L7Config) -> Self {
         L7Store {
             current: ArcSwap::from_pointee(config),
+            wasm: None,
         }
+    }
+
+    /// A store that keeps `wasm` in step with each configuration, starting with `config`'s.
+    pub fn with_plugins(config: L7Config, wasm: Arc<WasmFilters>, me: WaypointName) -> Self {
+        let mut store = L7Store::new(L7Config::default());
+        store.wasm = Some((wasm, me));
+        store.replace(config);
+        store
     }
 
     pub fn load(&self) -> Arc<L7Config> {
         self.current.load_full()
     }
 
+    /// Swaps `config` in; its WasmPlugins are loaded first, so a request never sees routes
+    /// that expect a plugin not yet running.
     pub fn replace(&self, config: L7Config) {
+        if let Some((wasm, me)) = &self.wasm {
+            for error in wasm.update(&config.plugins, me) {
+                tracing::error!(%error, "WasmPlugin not applied");
+            }
+        }
         self.current.store(Arc::new(config));
     }
 }

@@ -3,9 +3,10 @@
 //! by the HTTPRoutes of the addressed Service (matches, redirects, rewrites, header changes,
 //! mirrors, weighted backends, timeouts, retries), forwards it over HBONE to an endpoint's
 //! `podIP:15008` on a kept-alive connection (outlier endpoints ejected), and records Istio's HTTP
-//! metrics with `reporter="waypoint"`. Routes and policies come from [`l7`].
+//! metrics with `reporter="waypoint"`. Routes, policies and WasmPlugins come from [`l7`]; user
+//! proxy-wasm filters run in the request path through [`wasm`] (on `ambit-wasm-host`).
 //!
-//! Not built yet: Wasm filters (the hook point is in [`proxy::pipeline`]), xDS.
+//! Not built yet: configuration from istiod (xDS/ECDS).
 
 pub mod admin;
 pub mod app;
@@ -13,3 +14,4 @@ pub mod config;
 pub mod l7;
 pub mod metrics;
 pub mod proxy;
+pub mod wasm;

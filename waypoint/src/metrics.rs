@@ -13,6 +13,8 @@ use ambit_mesh::identity::Identity;
 use ambit_mesh::state::{Service, Workload};
 use ambit_mesh::telemetry::{or_unknown, principal, WorkloadLabels};
 use metrics::{Key, Label, Level, Metadata, Recorder};
+
+use crate::wasm::WasmFilters;
 use metrics_exporter_prometheus::{
     Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
 };
@@ -55,6 +57,8 @@ pub struct RequestLabels {
 pub struct Metrics {
     recorder: PrometheusRecorder,
     handle: PrometheusHandle,
+    /// Metrics Wasm filters define, once a filter was loaded.
+    wasm: Option<Arc<WasmFilters>>,
 }
 
 impl Default for Metrics {
@@ -68,7 +72,11 @@ impl Default for Metrics {
         }
         let recorder = builder.build_recorder();
         let handle = recorder.handle();
-        Metrics { recorder, handle }
+        Metrics {
+            recorder,
+            handle,
+            wasm: None,
+        }
     }
 }
 
@@ -78,7 +86,17 @@ static METADATA: Metadata<'static> =
 impl Metrics {
     /// Prometheus text exposition of everything recorded.
     pub fn render(&self) -> String {
-        self.handle.render()
+        let mut text = self.handle.render();
+        if let Some(runtime) = self.wasm.as_ref().and_then(|w| w.runtime()) {
+            text.push_str(&runtime.render_metrics());
+        }
+        text
+    }
+
+    /// Exports the metrics of the waypoint's Wasm filters beside its own.
+    pub fn with_wasm(mut self, wasm: Arc<WasmFilters>) -> Self {
+        self.wasm = Some(wasm);
+        self
     }
 
     /// One finished request: counted, timed, and its sizes (headers and body, as Envoy's

@@ -1,14 +1,17 @@
 //! The waypoint's data path: HBONE in ([`inbound`]: an HTTP server inside each tunnel), the
-//! per-request phase sequence ([`pipeline`]: authorize → route → request filters → Wasm hook →
-//! forward → response filters → telemetry), the route filters ([`filters`]), forwarding with
+//! per-request phase sequence ([`pipeline`]: Wasm (authn/authz) → authorize → route → request
+//! filters → Wasm → forward → response filters → telemetry), the Wasm filter chain on a request
+//! ([`plugins`]) and the calls filters make ([`calls`]), the route filters ([`filters`]), forwarding with
 //! retries and timeouts ([`forward`]), endpoints, outlier ejection and pooled upstream
 //! connections ([`upstream`]), and bodies measured or buffered for replay ([`body`]).
 
 pub mod body;
+pub mod calls;
 pub mod filters;
 pub mod forward;
 pub mod inbound;
 pub mod pipeline;
+pub mod plugins;
 pub mod upstream;
 
 use std::sync::Arc;
@@ -20,6 +23,7 @@ use ambit_mesh::state::StateStore;
 
 use crate::l7::L7Store;
 use crate::metrics::Metrics;
+use crate::wasm::WasmFilters;
 
 /// Behaviour that is not configured per route: Istio's defaults unless said otherwise.
 #[derive(Clone, Debug)]
@@ -75,4 +79,6 @@ pub struct Context {
     pub settings: ProxySettings,
     /// Endpoint choice, outlier ejection and idle upstream connections.
     pub upstreams: upstream::Upstreams,
+    /// WasmPlugins in force.
+    pub wasm: Arc<WasmFilters>,
 }

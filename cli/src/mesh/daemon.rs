@@ -762,7 +762,7 @@ impl Mesh {
     }
 }
 
-/// The HTTPRoute and AuthorizationPolicy documents of a manifest (which has parsed already), by
+/// The HTTPRoute, AuthorizationPolicy and WasmPlugin documents of a manifest (which has parsed already), by
 /// object, with `metadata.namespace` filled in as `kubectl apply` would (`default`), so a
 /// waypoint reading them alone puts them in the same namespace.
 fn l7_documents(text: &str) -> anyhow::Result<Vec<(ObjectRef, serde_yaml::Value)>> {
@@ -780,6 +780,7 @@ fn l7_documents(text: &str) -> anyhow::Result<Vec<(ObjectRef, serde_yaml::Value)
             }
             Some("HTTPRoute") => Kind::HttpRoute,
             Some("AuthorizationPolicy") => Kind::AuthorizationPolicy,
+            Some("WasmPlugin") => Kind::WasmPlugin,
             _ => return,
         };
         let mut value = value;

@@ -234,9 +234,9 @@ pub async fn forward(
     if last.flags == "UF" && connect_failures > 1 {
         // Envoy's wording when the retries ran out.
         last.flags = "UF,URX";
-        last.body = last
-            .body
-            .replacen("reset reason:", "retried and the latest reset reason:", 1);
+        last.body = String::from_utf8_lossy(&last.body)
+            .replacen("reset reason:", "retried and the latest reset reason:", 1)
+            .into();
     } else if attempts > 1 && last.flags == "UT" {
         last.flags = "UT,URX";
     }

@@ -1,12 +1,14 @@
 //! One request's way through the waypoint, as a fixed sequence of phases:
 //!
+//! 0. **Wasm, AUTHN/AUTHZ phases** — WasmPlugins that must see the request before policy;
 //! 1. **authorize** — L7 AuthorizationPolicy (403 `RBAC: access denied`, flag `RBAC`);
 //! 2. **route** — the HTTPRoute rule for the addressed Service (404 `NR` when routes exist and
 //!    none matches), answering RequestRedirect itself;
 //! 3. **request filters** — URLRewrite, RequestHeaderModifier;
-//! 4. **Wasm request hook** — where the WasmPlugin filter chain runs (not built yet);
+//! 4. **Wasm, STATS and unphased** — the remaining WasmPlugins; the request body and trailers
+//!    stream through every plugin;
 //! 5. **forward** — mirrors, then attempts with retries, per-try and request timeouts;
-//! 6. **response filters** — ResponseHeaderModifier, then the Wasm response hook;
+//! 6. **response filters** — ResponseHeaderModifier, then the WasmPlugins, last first;
 //! 7. **telemetry** — Istio's metrics, recorded when the response body ends.
 //!
 //! Every phase may end the request with a [`LocalReply`]; its status and flags are what the
@@ -19,6 +21,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use ambit_mesh::state::{Service, Snapshot};
+use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderValue};
 use http::{Request, Response, StatusCode};
 use http_body_util::BodyExt;
@@ -32,6 +35,7 @@ use super::body::{
 use super::filters::{self, RequestHead};
 use super::forward::{self, Plan};
 use super::inbound::TunnelInfo;
+use super::plugins::{self, RequestPlugins};
 use super::upstream::Target;
 use super::Context;
 use crate::l7::authz::{normalize_path, RequestAttributes, Verdict};
@@ -45,18 +49,21 @@ pub struct LocalReply {
     pub status: StatusCode,
     /// Envoy's response flags for it (`-` for none).
     pub flags: &'static str,
-    pub body: String,
+    pub body: Bytes,
     /// A redirect's `location`.
     pub location: Option<HeaderValue>,
+    /// Headers a Wasm filter's local response asked for (boxed: replies travel in `Err`s).
+    pub headers: Box<HeaderMap>,
 }
 
 impl LocalReply {
-    pub fn new(status: StatusCode, flags: &'static str, body: impl Into<String>) -> Self {
+    pub fn new(status: StatusCode, flags: &'static str, body: impl Into<Bytes>) -> Self {
         LocalReply {
             status,
             flags,
             body: body.into(),
             location: None,
+            headers: Box::default(),
         }
     }
 }
@@ -93,7 +100,7 @@ pub async fn serve(
         Err(reply) => {
             tracing::debug!(target = %tunnel.connect.target, status = %reply.status, flags = reply.flags, "local reply");
             (
-                local_response(reply.status, reply.location, reply.body),
+                local_response(reply.status, reply.location, reply.body, *reply.headers),
                 reply.flags,
             )
         }
@@ -137,6 +144,11 @@ async fn handle(
     if let Target::Service { service, .. } = &target {
         labels.destination_service = Some(service.clone());
     }
+    let body_ended = body.is_end_stream();
+    let mut wasm = wasm_plugins(context, tunnel, &target)?;
+    if let Some(wasm) = &wasm {
+        wasm.before_authz(&mut head, body_ended).await?;
+    }
 
     authorize(&l7, tunnel, &target, &head)?;
 
@@ -144,14 +156,27 @@ async fn handle(
     if let Some(redirect) = rule.as_ref().and_then(|r| r.redirect.as_ref()) {
         let (status, location) = filters::redirect_location(&head, prefix.as_deref(), redirect);
         let location = HeaderValue::from_str(&location).ok();
-        return Ok((local_response(status, location, String::new()), "-"));
+        return Ok((
+            local_response(status, location, Bytes::new(), HeaderMap::new()),
+            "-",
+        ));
     }
 
     if let Some(rule) = &rule {
         filters::request_filters(&mut head, rule, prefix.as_deref());
     }
 
-    wasm_request_hook(&mut head)?;
+    let body = match wasm.as_mut() {
+        Some(wasm) => {
+            wasm.after_routing(&mut head, body_ended).await?;
+            if body_ended {
+                body
+            } else {
+                wasm.request_body(body)
+            }
+        }
+        None => body,
+    };
 
     let plan = plan(&snapshot, &target, rule.as_deref(), upgrade.is_some())?;
     let request_timeout = rule
@@ -175,30 +200,53 @@ async fn handle(
         }
         forward::forward(context, tunnel, &plan, &head, &mut body, labels).await
     };
-    let (mut response, flags) = match request_timeout {
-        Some(limit) => tokio::time::timeout(limit, forwarding)
-            .await
-            .unwrap_or_else(|_| {
-                Err(LocalReply::new(
-                    StatusCode::GATEWAY_TIMEOUT,
-                    "UT",
-                    "upstream request timeout",
-                ))
-            })?,
-        None => forwarding.await?,
+    let timed = async {
+        match request_timeout {
+            Some(limit) => tokio::time::timeout(limit, forwarding)
+                .await
+                .unwrap_or_else(|_| {
+                    Err(LocalReply::new(
+                        StatusCode::GATEWAY_TIMEOUT,
+                        "UT",
+                        "upstream request timeout",
+                    ))
+                }),
+            None => forwarding.await,
+        }
+    };
+    // A filter answering while the request body streams ends the attempt in flight.
+    let (mut response, flags) = match wasm.as_mut() {
+        Some(wasm) => tokio::select! {
+            forwarded = timed => forwarded?,
+            reply = wasm.aborted() => return Err(reply),
+        },
+        None => timed.await?,
     };
 
     if let Some(rule) = &rule {
         filters::response_filters(response.headers_mut(), rule);
     }
-    wasm_response_hook(response.headers_mut());
 
     if let Some(client) = upgrade {
         if response.status() == StatusCode::SWITCHING_PROTOCOLS {
             splice_upgrade(client, hyper::upgrade::on(&mut response));
         }
     }
-    Ok((response.map(BodyExt::boxed_unsync), flags))
+    let mut response = response.map(BodyExt::boxed_unsync);
+    if let Some(wasm) = &wasm {
+        if response.status() != StatusCode::SWITCHING_PROTOCOLS {
+            let (mut parts, body) = response.into_parts();
+            let ended = body.is_end_stream();
+            wasm.response_headers(&mut parts, ended).await?;
+            let body = if ended {
+                body
+            } else {
+                wasm.response_body(body)
+            };
+            response = Response::from_parts(parts, body);
+        }
+    }
+    Ok((response, flags))
 }
 
 /// What the tunnel addressed: a Service VIP or a workload.
@@ -341,15 +389,30 @@ fn plan(
     })
 }
 
-/// Phase 4, hook point: the WasmPlugin filter chain (`phase` AUTHN/AUTHZ/STATS ordering,
-/// `priority`) will run here, on the request after route filters and before forwarding, and may
-/// change the head or answer locally. No filter chain exists yet: everything passes.
-fn wasm_request_hook(_head: &mut RequestHead) -> Result<(), LocalReply> {
-    Ok(())
+/// The request's contexts in the WasmPlugins that apply to its destination, if any do. A
+/// fail-closed plugin that could not be loaded refuses the request (500) instead of letting it
+/// through unfiltered.
+fn wasm_plugins(
+    context: &Context,
+    tunnel: &TunnelInfo,
+    target: &Target,
+) -> Result<Option<RequestPlugins>, LocalReply> {
+    let (service, port) = match target {
+        Target::Service { service, port } => (Some(service_name(service)), *port),
+        Target::Workload { port, .. } => (None, *port),
+    };
+    let selected = context.wasm.select(service, port);
+    if let Some((plugin, reason)) = &selected.unavailable {
+        tracing::debug!(%plugin, %reason, "request refused: a fail-closed WasmPlugin is not running");
+        return Err(LocalReply::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "-",
+            format!("WasmPlugin {plugin} is not running"),
+        ));
+    }
+    Ok((!selected.is_empty())
+        .then(|| RequestPlugins::new(&selected, plugins::stream_info(context, tunnel, target))))
 }
-
-/// Phase 6, hook point: the WasmPlugin filter chain's response side. Passes everything today.
-fn wasm_response_hook(_headers: &mut HeaderMap) {}
 
 /// After a 101, joins the client's upgraded connection and the endpoint's, both ways.
 fn splice_upgrade(client: OnUpgrade, upstream: OnUpgrade) {
@@ -382,14 +445,16 @@ fn wants_upgrade(headers: &HeaderMap) -> bool {
 fn local_response(
     status: StatusCode,
     location: Option<HeaderValue>,
-    body: String,
+    body: Bytes,
+    headers: HeaderMap,
 ) -> Response<BoxBody> {
     let mut response = Response::new(full(body));
     *response.status_mut() = status;
+    *response.headers_mut() = headers;
     if let Some(location) = location {
         response.headers_mut().insert(header::LOCATION, location);
     }
-    if !response.body().is_end_stream() {
+    if !response.body().is_end_stream() && !response.headers().contains_key(header::CONTENT_TYPE) {
         response
             .headers_mut()
             .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));

@@ -208,6 +208,15 @@ async fn app(
         _ => {}
     }
     let received = request.into_body().collect().await.unwrap().to_bytes();
+    if path == "/json" {
+        return Response::builder()
+            .header("content-type", "application/json")
+            .header("content-length", 41)
+            .body(Full::new(Bytes::from_static(
+                br#"{"name":"echo","ssn":"123-45-6789","x":1}"#,
+            )))
+            .unwrap();
+    }
     Response::builder()
         .status(status)
         .header("x-seen-path", path)
