@@ -1,6 +1,6 @@
 //! `ambit mesh` end to end through the real binary: up, mTLS on the wire, enrollment of running
 //! pods by namespace label (same PIDs), policy applied with `apply`, bad manifests refused with
-//! the running mesh untouched, and `down` leaving nothing behind. Needs root, iproute2, iptables,
+//! the running mesh untouched, a waypoint with a WasmPlugin, and `down` leaving nothing behind. Needs root, iproute2, iptables,
 //! tcpdump.
 
 use std::path::{Path, PathBuf};
@@ -494,6 +494,39 @@ fn a_waypoint_gateway_carries_the_traffic_of_services_that_use_it() {
     assert!(
         through_waypoint,
         "the request never came through the waypoint"
+    );
+
+    // A WasmPlugin applied like any manifest runs in the waypoint: the example headers filter
+    // rewrites the path the server sees.
+    let module = ambit_wasm_host::testing::build_filter("ambit-filter-headers");
+    let plugin = mesh.write(
+        "plugin.yaml",
+        &format!(
+            r#"apiVersion: extensions.istio.io/v1alpha1
+kind: WasmPlugin
+metadata: {{name: rewrite, namespace: app}}
+spec:
+  targetRefs: [{{kind: Gateway, group: gateway.networking.k8s.io, name: waypoint}}]
+  url: file://{}
+  pluginConfig: {{request: {{set: {{":path": /rewritten-by-wasm}}}}}}
+"#,
+            module.display()
+        ),
+    );
+    mesh.ok(&["apply", "-f", plugin.to_str().unwrap()]);
+    let mut rewritten = String::new();
+    for _ in 0..50 {
+        let out = mesh.fetch("client", "app", url);
+        rewritten = String::from_utf8_lossy(&out.stdout).into_owned();
+        if rewritten.contains("request=GET /rewritten-by-wasm") {
+            break;
+        }
+        // The waypoint reads its configuration file on its next poll.
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(
+        rewritten.contains("request=GET /rewritten-by-wasm"),
+        "the WasmPlugin never took effect: {rewritten}"
     );
     mesh.ok(&["down"]);
     assert!(netns_left(&mesh.prefix).is_empty());
