@@ -2,6 +2,7 @@
 //! moved into it for the duration of a callback about that request.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::hash::{BuildHasherDefault, Hasher};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -55,7 +56,35 @@ pub(crate) struct OutgoingCall {
     pub request: HttpCallRequest,
 }
 
-/// One request as filters see it.
+/// Context ids and call tokens are small host-chosen integers, not attacker-chosen keys: a
+/// multiplicative hash is enough and much cheaper than SipHash on every request.
+#[derive(Default)]
+pub(crate) struct IdHasher(u64);
+
+impl Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 << 8) | u64::from(b);
+        }
+    }
+
+    fn write_u32(&mut self, n: u32) {
+        self.0 = u64::from(n);
+    }
+}
+
+pub(crate) type IdSet = HashSet<u32, BuildHasherDefault<IdHasher>>;
+pub(crate) type IdMap<V> = HashMap<u32, V, BuildHasherDefault<IdHasher>>;
+
+/// Most `proxy_set_property` values one request (or the root context) may hold.
+pub(crate) const MAX_FILTER_STATE: usize = 256;
+
+/// One request as filters see it. Boxed, so that handing it to the VM for a callback and back
+/// is a pointer swap rather than a copy of the whole struct.
 #[derive(Default)]
 pub(crate) struct StreamData {
     pub context_id: u32,
@@ -76,6 +105,9 @@ pub(crate) struct StreamData {
     pub reset: bool,
     /// `proxy_set_property` values, readable back by the same request's filters.
     pub filter_state: BTreeMap<String, Vec<u8>>,
+    /// A filter tried to make the host hold more body than `max_buffered_body`
+    /// (`proxy_set_buffer_bytes`): the request is answered 413/500 instead of trapping the SDK.
+    pub body_too_large: bool,
 }
 
 /// Memory limit enforcement, remembering whether the limit was what stopped the guest.
@@ -117,16 +149,22 @@ pub(crate) struct HostState {
     pub root_context_id: u32,
     pub effective_context: u32,
     /// Contexts the guest created for requests, still alive.
-    pub http_contexts: HashSet<u32>,
+    pub http_contexts: IdSet,
     /// The request a callback is about, if any.
-    pub stream: Option<StreamData>,
+    pub stream: Option<Box<StreamData>>,
+    /// The placeholder swapped into the request's `HttpStream` while its data is in the store.
+    pub spare_stream: Option<Box<StreamData>>,
     /// Requests resumed from a callback that was not about them (tick, queue).
-    pub resumed_elsewhere: HashSet<u32>,
+    pub resumed_elsewhere: IdSet,
     pub tick_period: Option<Duration>,
+    /// Whether a task is ticking this VM; a period set later (from any callback) starts one.
+    pub ticker_running: bool,
+    /// `proxy_set_property` from the root context (no request to attach it to).
+    pub root_filter_state: BTreeMap<String, Vec<u8>>,
     pub outgoing_calls: Vec<OutgoingCall>,
     pub next_call_token: u32,
     /// Calls in flight, by token, with the context that made them.
-    pub calls_in_flight: HashMap<u32, u32>,
+    pub calls_in_flight: IdMap<u32>,
     /// The response being handed to `proxy_on_http_call_response`.
     pub call_response: Option<HttpCallResponse>,
     /// Where queue notifications for this VM go.
@@ -153,13 +191,16 @@ impl HostState {
             allocator: None,
             root_context_id: 0,
             effective_context: 0,
-            http_contexts: HashSet::new(),
+            http_contexts: IdSet::default(),
             stream: None,
-            resumed_elsewhere: HashSet::new(),
+            spare_stream: None,
+            resumed_elsewhere: IdSet::default(),
             tick_period: None,
+            ticker_running: false,
+            root_filter_state: BTreeMap::new(),
             outgoing_calls: Vec::new(),
             next_call_token: 1,
-            calls_in_flight: HashMap::new(),
+            calls_in_flight: IdMap::default(),
             call_response: None,
             queue_owner,
             queues_to_notify: Vec::new(),
@@ -173,7 +214,7 @@ impl HostState {
     pub fn effective_stream(&mut self) -> Option<&mut StreamData> {
         let effective = self.effective_context;
         self.stream
-            .as_mut()
+            .as_deref_mut()
             .filter(|stream| stream.context_id == effective)
     }
 

@@ -14,6 +14,9 @@ use crate::context::HostState;
 /// Logs whatever the guest wrote to stdout/stderr and did not end with a newline: called after
 /// every callback, so output is never held across requests.
 pub(crate) fn flush_output(state: &mut HostState) {
+    if state.stdout.is_empty() && state.stderr.is_empty() {
+        return;
+    }
     wasi::flush_lines(state, 1, true);
     wasi::flush_lines(state, 2, true);
 }

@@ -129,6 +129,8 @@ pub struct Plugin {
     /// Woken after any root-context callback, which may have resumed a paused request.
     pub(crate) resumed: Notify,
     failures: AtomicU64,
+    /// The most recent VM failure (a trap, a limit, a refused start), for operators and tests.
+    last_failure: Mutex<Option<VmFailure>>,
     me: Weak<Plugin>,
 }
 
@@ -192,6 +194,7 @@ impl Plugin {
             next_slot: AtomicUsize::new(0),
             resumed: Notify::new(),
             failures: AtomicU64::new(0),
+            last_failure: Mutex::new(None),
             me: me.clone(),
         });
         let mut slot = plugin.slots[0].lock().expect("slot lock");
@@ -224,6 +227,19 @@ impl Plugin {
     /// VM failures (traps, limits) since the plugin was loaded.
     pub fn failures(&self) -> u64 {
         self.failures.load(Ordering::Relaxed)
+    }
+
+    /// The most recent VM failure, if any VM of this plugin ever failed: tells a CPU-limit
+    /// interrupt from a memory-limit refusal from a plain trap.
+    pub fn last_failure(&self) -> Option<VmFailure> {
+        self.last_failure
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn record_failure(&self, failure: &VmFailure) {
+        *self.last_failure.lock().unwrap_or_else(|e| e.into_inner()) = Some(failure.clone());
     }
 
     pub(crate) fn limits(&self) -> &Limits {
@@ -291,16 +307,14 @@ impl Plugin {
             Ok(mut vm) => {
                 slot.failed_starts = 0;
                 slot.retry_at = None;
-                let tick = vm.store.data().tick_period;
+                self.start_ticker(index, slot.generation, &mut vm);
                 let calls = std::mem::take(&mut vm.store.data_mut().outgoing_calls);
                 slot.vm = Some(vm);
                 self.spawn_root_calls(index, slot.generation, calls);
-                if let Some(period) = tick {
-                    self.spawn_ticker(index, slot.generation, period);
-                }
                 Ok(())
             }
             Err(failure) => {
+                self.record_failure(&failure);
                 // Restarts of a module that cannot start back off: 1 s, doubling, up to 30 s.
                 slot.failed_starts += 1;
                 let backoff = Duration::from_secs(1 << slot.failed_starts.min(5).saturating_sub(1));
@@ -314,6 +328,7 @@ impl Plugin {
     /// Drops a failed VM: its contexts are gone, the next request starts a fresh one.
     fn retire(&self, slot: &mut Slot, failure: &VmFailure) {
         self.failures.fetch_add(1, Ordering::Relaxed);
+        self.record_failure(failure);
         tracing::error!(plugin = %self.name(), error = %failure, "wasm VM failed; replacing it");
         slot.vm = None;
         slot.generation += 1;
@@ -334,17 +349,21 @@ impl Plugin {
             return Err(VmFailure::Gone);
         }
         let vm = slot.vm.as_mut().ok_or(VmFailure::Gone)?;
-        let result = f(vm);
-        let state = vm.store.data_mut();
-        let calls = std::mem::take(&mut state.outgoing_calls);
-        let notify = std::mem::take(&mut state.queues_to_notify);
-        let result = match result {
+        let result = match f(vm) {
             Ok(value) => value,
             Err(failure) => {
                 self.retire(&mut slot, &failure);
                 return Err(failure);
             }
         };
+        self.start_ticker(index, generation, vm);
+        let state = vm.store.data_mut();
+        // The common case (a callback that made no call and touched no queue) takes nothing.
+        if state.outgoing_calls.is_empty() && state.queues_to_notify.is_empty() {
+            return Ok((result, Vec::new()));
+        }
+        let calls = std::mem::take(&mut state.outgoing_calls);
+        let notify = std::mem::take(&mut state.queues_to_notify);
         drop(slot);
         let (own, root): (Vec<_>, Vec<_>) = calls
             .into_iter()
@@ -352,6 +371,15 @@ impl Plugin {
         self.spawn_root_calls(index, generation, root);
         self.notify_queues(notify);
         Ok((result, own))
+    }
+
+    /// Starts ticking a VM whose filter set a tick period (in any callback) while no ticker
+    /// runs for it.
+    fn start_ticker(&self, index: usize, generation: u64, vm: &mut Vm) {
+        let state = vm.store.data_mut();
+        if let (Some(period), false) = (state.tick_period, state.ticker_running) {
+            state.ticker_running = self.spawn_ticker(index, generation, period);
+        }
     }
 
     /// Tells the owners of queues that received items; not generic, so that `with_vm` calling
@@ -369,8 +397,19 @@ impl Plugin {
         }
     }
 
+    /// `proxy_on_log` and the end of a request's context, in one visit to its VM.
+    pub(crate) fn log_and_finish(
+        &self,
+        index: usize,
+        generation: u64,
+        data: &mut Box<StreamData>,
+    ) -> Result<(), VmFailure> {
+        self.with_vm(index, generation, None, |vm| vm.log_and_finish(data))
+            .map(|((), _)| ())
+    }
+
     /// Finishes a request's context without waiting for anything.
-    pub(crate) fn finish_stream(&self, index: usize, generation: u64, data: &mut StreamData) {
+    pub(crate) fn finish_stream(&self, index: usize, generation: u64, data: &mut Box<StreamData>) {
         let _ = self.with_vm(index, generation, None, |vm| vm.finish(data));
     }
 
@@ -393,7 +432,9 @@ impl Plugin {
         }
     }
 
-    fn spawn_ticker(&self, index: usize, generation: u64, period: Duration) {
+    /// Ticks a VM until its filter sets the period to 0 or the VM goes; false when there is no
+    /// Tokio runtime to tick on.
+    fn spawn_ticker(&self, index: usize, generation: u64, period: Duration) -> bool {
         let me = self.me.clone();
         spawn(async move {
             let mut period = period;
@@ -402,7 +443,10 @@ impl Plugin {
                 let Some(plugin) = me.upgrade() else { return };
                 let ticked = plugin.with_vm(index, generation, None, |vm| {
                     vm.on_tick()?;
-                    Ok(vm.store.data().tick_period)
+                    let state = vm.store.data_mut();
+                    // Stopping here, under the slot lock, lets a later period start a new ticker.
+                    state.ticker_running = state.tick_period.is_some();
+                    Ok(state.tick_period)
                 });
                 plugin.resumed.notify_waiters();
                 match ticked {
@@ -410,7 +454,7 @@ impl Plugin {
                     _ => return,
                 }
             }
-        });
+        })
     }
 
     /// Delivers a response to a call a request made, with its data in the store.
@@ -418,7 +462,7 @@ impl Plugin {
         &self,
         index: usize,
         generation: u64,
-        data: &mut StreamData,
+        data: &mut Box<StreamData>,
         token: u32,
         response: Option<HttpCallResponse>,
     ) -> Result<Vec<OutgoingCall>, VmFailure> {
@@ -440,8 +484,12 @@ impl Plugin {
 
 /// Spawns on the current Tokio runtime; outside one (a plugin loaded by a plain test) background
 /// work such as ticks simply does not run.
-fn spawn(task: impl std::future::Future<Output = ()> + Send + 'static) {
-    if let Ok(handle) = tokio::runtime::Handle::try_current() {
-        handle.spawn(task);
+fn spawn(task: impl std::future::Future<Output = ()> + Send + 'static) -> bool {
+    match tokio::runtime::Handle::try_current() {
+        Ok(handle) => {
+            handle.spawn(task);
+            true
+        }
+        Err(_) => false,
     }
 }

@@ -5,7 +5,7 @@
 use std::time::UNIX_EPOCH;
 
 use crate::abi::{encode_pairs, Status};
-use crate::context::{HostState, StreamData};
+use crate::context::{HostState, StreamData, MAX_FILTER_STATE};
 
 fn int(value: i64) -> Vec<u8> {
     value.to_le_bytes().to_vec()
@@ -24,7 +24,7 @@ fn map<'a>(pairs: impl IntoIterator<Item = (&'a str, &'a [u8])>) -> Vec<u8> {
 fn stream(state: &HostState) -> Option<&StreamData> {
     state
         .stream
-        .as_ref()
+        .as_deref()
         .filter(|s| s.context_id == state.effective_context)
 }
 
@@ -39,13 +39,17 @@ fn header<'a>(pairs: &'a [(String, Vec<u8>)], name: &str) -> Option<&'a [u8]> {
 pub(crate) fn get(state: &HostState, path: &[u8]) -> Option<Vec<u8>> {
     let path = std::str::from_utf8(path).ok()?;
     let segments: Vec<&str> = path.split('\0').collect();
+    let key = segments.join(".");
     if let Some(stream) = stream(state) {
-        if let Some(value) = stream.filter_state.get(&segments.join(".")) {
+        if let Some(value) = stream.filter_state.get(&key) {
             return Some(value.clone());
         }
         if let Some(value) = stream_property(stream, &segments) {
             return Some(value);
         }
+    }
+    if let Some(value) = state.root_filter_state.get(&key) {
+        return Some(value.clone());
     }
     let config = &state.plugin.config;
     match segments.as_slice() {
@@ -127,17 +131,30 @@ fn stream_property(stream: &StreamData, segments: &[&str]) -> Option<Vec<u8>> {
     }
 }
 
-/// Stores a value for the request's later filters and callbacks (Envoy's filter state).
+/// Stores a value for the request's later filters and callbacks (Envoy's filter state), or,
+/// from the root context, for the VM's root callbacks. The Rust SDK traps on anything but `Ok`
+/// here, so a full store drops the value (with a warning) rather than refusing it.
 pub(crate) fn set(state: &mut HostState, path: &[u8], value: Vec<u8>) -> Result<(), Status> {
     let path = std::str::from_utf8(path).map_err(|_| Status::BadArgument)?;
     if path.is_empty() {
         return Err(Status::BadArgument);
     }
     let key = path.split('\0').collect::<Vec<_>>().join(".");
-    let stream = state.effective_stream().ok_or(Status::NotFound)?;
-    if stream.filter_state.len() >= 256 {
-        return Err(Status::InternalFailure);
+    let dropped = {
+        let store = match state.effective_stream() {
+            Some(stream) => &mut stream.filter_state,
+            None => &mut state.root_filter_state,
+        };
+        if store.len() >= MAX_FILTER_STATE && !store.contains_key(&key) {
+            Some(key)
+        } else {
+            store.insert(key, value);
+            None
+        }
+    };
+    if let Some(key) = dropped {
+        tracing::warn!(plugin = %state.plugin.config.name, property = %key,
+            "proxy_set_property: too many properties set; value dropped");
     }
-    stream.filter_state.insert(key, value);
     Ok(())
 }

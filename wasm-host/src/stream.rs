@@ -50,8 +50,10 @@ pub struct HttpStream {
     plugin: Arc<Plugin>,
     slot: usize,
     generation: u64,
-    data: StreamData,
-    pending: FuturesUnordered<PendingCall>,
+    data: Box<StreamData>,
+    /// Calls the filter made and waits for; created with the first call (most requests make
+    /// none, and an empty `FuturesUnordered` still allocates).
+    pending: Option<FuturesUnordered<PendingCall>>,
     /// Set when the plugin failed open for this request: callbacks are skipped.
     bypass: bool,
     /// Set once the context is gone (VM failure or finished).
@@ -75,12 +77,12 @@ impl HttpStream {
             plugin,
             slot,
             generation,
-            data: StreamData {
+            data: Box::new(StreamData {
                 context_id,
                 info,
                 ..Default::default()
-            },
-            pending: FuturesUnordered::new(),
+            }),
+            pending: None,
             bypass: false,
             finished: unavailable.is_some(),
             unavailable,
@@ -161,18 +163,22 @@ impl HttpStream {
         step
     }
 
-    /// `proxy_on_log`: the request is over; called once, before the context is finished.
+    /// `proxy_on_log`: the request is over; called once. The context is finished at the same
+    /// time (`proxy_on_done`, `proxy_on_delete`), sparing a second visit to the VM on drop.
     pub fn log(&mut self) {
         if self.bypass || self.finished {
             return;
         }
-        let data = &mut self.data;
+        self.finished = true;
+        self.pending = None;
         if let Err(failure) = self
             .plugin
-            .with_vm(self.slot, self.generation, None, |vm| vm.on_log(data))
+            .log_and_finish(self.slot, self.generation, &mut self.data)
         {
             tracing::debug!(plugin = %self.plugin.name(), error = %failure, "proxy_on_log failed");
         }
+        // Whatever the embedder calls after the log, the context is gone: pass it through.
+        self.bypass = true;
     }
 
     async fn phase(&mut self, callback: HttpCallback, direction: Direction) -> Step {
@@ -203,12 +209,7 @@ impl HttpStream {
         buffer.extend_from_slice(&chunk);
         let size = buffer.len();
         if size > limit {
-            return BodyStep::Respond(match direction {
-                Direction::Request => local(413, "request_payload_too_large", "Payload Too Large"),
-                Direction::Response => {
-                    local(500, "response_payload_too_large", "Internal Server Error")
-                }
-            });
+            return BodyStep::Respond(too_large(direction));
         }
         let callback = match direction {
             Direction::Request => HttpCallback::RequestBody { size, end },
@@ -218,7 +219,10 @@ impl HttpStream {
             Ok(action) => action,
             Err(step) => return self.body_step(step, direction),
         };
-        if action == Action::Pause && !end && self.pending.is_empty() {
+        if std::mem::take(&mut self.data.body_too_large) {
+            return BodyStep::Respond(too_large(direction));
+        }
+        if action == Action::Pause && !end && !self.has_pending() {
             return BodyStep::Buffered;
         }
         let step = self.settle(action, direction).await;
@@ -244,6 +248,10 @@ impl HttpStream {
         }
         buffer.extend_from_slice(&extra);
         buffer.split().freeze()
+    }
+
+    fn has_pending(&self) -> bool {
+        self.pending.as_ref().is_some_and(|p| !p.is_empty())
     }
 
     /// Runs a callback; a failure is turned into the plugin's fail strategy at once.
@@ -283,8 +291,18 @@ impl HttpStream {
                 return Step::Continue;
             }
             let resumed = self.plugin.resumed.notified();
+            // A tick or queue callback may have resumed this request between the callback that
+            // paused it and the waiter above: checked after the waiter exists, so a resume is
+            // either seen here or wakes it.
+            if self
+                .plugin
+                .take_resumed(self.slot, self.generation, self.data.context_id)
+            {
+                return Step::Continue;
+            }
+            let has_pending = self.has_pending();
             tokio::select! {
-                Some((token, response)) = self.pending.next(), if !self.pending.is_empty() => {
+                Some((token, response)) = next_pending(&mut self.pending), if has_pending => {
                     let data = &mut self.data;
                     match self.plugin.deliver(self.slot, self.generation, data, token, response) {
                         Ok(calls) => self.carry(calls),
@@ -305,11 +323,15 @@ impl HttpStream {
 
     /// Starts the calls the filter made; their responses are delivered while it waits.
     fn carry(&mut self, calls: Vec<OutgoingCall>) {
+        if calls.is_empty() {
+            return;
+        }
+        let pending = self.pending.get_or_insert_with(FuturesUnordered::new);
         for call in calls {
             let request = self.plugin.hooks().http.call(call.request.clone());
             let timeout = call.request.timeout;
             let token = call.token;
-            self.pending.push(Box::pin(async move {
+            pending.push(Box::pin(async move {
                 let response = tokio::time::timeout(timeout, request).await.ok().flatten();
                 (token, response)
             }));
@@ -318,7 +340,7 @@ impl HttpStream {
 
     fn fail(&mut self, failure: VmFailure) -> Step {
         self.finished = true;
-        self.pending = FuturesUnordered::new();
+        self.pending = None;
         tracing::warn!(plugin = %self.plugin.name(), error = %failure, strategy = ?self.plugin.fail_strategy(), "wasm filter failed for a request");
         match self.plugin.fail_strategy() {
             FailStrategy::FailOpen => {
@@ -339,6 +361,23 @@ impl Drop for HttpStream {
             self.plugin
                 .finish_stream(self.slot, self.generation, &mut self.data);
         }
+    }
+}
+
+async fn next_pending(
+    pending: &mut Option<FuturesUnordered<PendingCall>>,
+) -> Option<(u32, Option<HttpCallResponse>)> {
+    match pending {
+        Some(pending) => pending.next().await,
+        None => None,
+    }
+}
+
+/// Envoy's answers to a body past the buffer limit.
+fn too_large(direction: Direction) -> LocalResponse {
+    match direction {
+        Direction::Request => local(413, "request_payload_too_large", "Payload Too Large"),
+        Direction::Response => local(500, "response_payload_too_large", "Internal Server Error"),
     }
 }
 

@@ -97,6 +97,24 @@ pub(crate) struct Vm {
     callbacks: Callbacks,
     next_context_id: u32,
     budget: Duration,
+    /// The budget in epoch ticks, computed once: armed before every guest call.
+    deadline: u64,
+}
+
+/// Runs one guest call under the CPU budget and turns its failure into a [`VmFailure`]. A free
+/// function over the store, so callers can borrow a callback from `Vm::callbacks` at the same
+/// time instead of cloning it (a `TypedFunc` clone bumps wasmtime's type registry refcounts).
+fn run<R>(
+    store: &mut Store<HostState>,
+    budget: Duration,
+    deadline: u64,
+    callback: &'static str,
+    f: impl FnOnce(&mut Store<HostState>) -> wasmtime::Result<R>,
+) -> Result<R, VmFailure> {
+    arm(store, deadline);
+    let result = f(store);
+    crate::host::flush_output(store.data_mut());
+    result.map_err(|e| classify(store, callback, budget, e))
 }
 
 impl Vm {
@@ -104,10 +122,11 @@ impl Vm {
     /// `on_vm_start` and `on_configure`: a VM that comes back is ready for requests.
     pub fn start(pre: &InstancePre<HostState>, state: HostState) -> Result<Vm, VmFailure> {
         let budget = state.plugin.limits.callback_timeout;
+        let deadline = deadline_ticks(budget);
         let mut store = Store::new(pre.module().engine(), state);
         store.limiter(|state| &mut state.limiter);
         store.epoch_deadline_trap();
-        arm(&mut store, budget);
+        arm(&mut store, deadline);
         let instance = pre
             .instantiate(&mut store)
             .map_err(|e| classify(&store, "instantiation", budget, e))?;
@@ -145,27 +164,47 @@ impl Vm {
             callbacks,
             next_context_id: ROOT_CONTEXT + 1,
             budget,
+            deadline,
         };
         vm.initialize(&instance)?;
         let state = vm.store.data_mut();
         state.root_context_id = ROOT_CONTEXT;
         state.effective_context = ROOT_CONTEXT;
         let root = ROOT_CONTEXT as i32;
-        if let Some(f) = vm.callbacks.on_context_create.clone() {
-            vm.call("proxy_on_context_create", |s| f.call(s, (root, 0)))?;
+        let Vm {
+            store,
+            callbacks,
+            budget,
+            deadline,
+            ..
+        } = &mut vm;
+        let (budget, deadline) = (*budget, *deadline);
+        if let Some(f) = &callbacks.on_context_create {
+            run(store, budget, deadline, "proxy_on_context_create", |s| {
+                f.call(s, (root, 0))
+            })?;
         }
-        let vm_config = vm.store.data().plugin.config.vm_configuration.len() as i32;
-        if let Some(f) = vm.callbacks.on_vm_start.clone() {
-            if vm.call("proxy_on_vm_start", |s| f.call(s, (root, vm_config)))? == 0 {
+        let vm_config = store.data().plugin.config.vm_configuration.len() as i32;
+        if let Some(f) = &callbacks.on_vm_start {
+            store.data_mut().effective_context = ROOT_CONTEXT;
+            if run(store, budget, deadline, "proxy_on_vm_start", |s| {
+                f.call(s, (root, vm_config))
+            })? == 0
+            {
                 return Err(VmFailure::Refused("proxy_on_vm_start"));
             }
         }
-        let config = vm.store.data().plugin.config.configuration.len() as i32;
-        if let Some(f) = vm.callbacks.on_configure.clone() {
-            if vm.call("proxy_on_configure", |s| f.call(s, (root, config)))? == 0 {
+        let config = store.data().plugin.config.configuration.len() as i32;
+        if let Some(f) = &callbacks.on_configure {
+            store.data_mut().effective_context = ROOT_CONTEXT;
+            if run(store, budget, deadline, "proxy_on_configure", |s| {
+                f.call(s, (root, config))
+            })? == 0
+            {
                 return Err(VmFailure::Refused("proxy_on_configure"));
             }
         }
+        store.data_mut().effective_context = ROOT_CONTEXT;
         Ok(vm)
     }
 
@@ -191,46 +230,49 @@ impl Vm {
         Ok(())
     }
 
-    /// Runs one guest call under the CPU budget and turns its failure into a [`VmFailure`].
     fn call<R>(
         &mut self,
         callback: &'static str,
         f: impl FnOnce(&mut Store<HostState>) -> wasmtime::Result<R>,
     ) -> Result<R, VmFailure> {
-        arm(&mut self.store, self.budget);
-        let result = f(&mut self.store);
-        crate::host::flush_output(self.store.data_mut());
-        result.map_err(|e| classify(&self.store, callback, self.budget, e))
+        run(&mut self.store, self.budget, self.deadline, callback, f)
     }
 
     /// A new context for a request, child of the root context.
     pub fn create_http_context(&mut self) -> Result<u32, VmFailure> {
         let id = self.next_context_id;
         self.next_context_id += 1;
-        if let Some(f) = self.callbacks.on_context_create.clone() {
-            self.call("proxy_on_context_create", |s| {
-                f.call(s, (id as i32, ROOT_CONTEXT as i32))
-            })?;
+        if let Some(f) = &self.callbacks.on_context_create {
+            self.store.data_mut().effective_context = ROOT_CONTEXT;
+            run(
+                &mut self.store,
+                self.budget,
+                self.deadline,
+                "proxy_on_context_create",
+                |s| f.call(s, (id as i32, ROOT_CONTEXT as i32)),
+            )?;
         }
         self.store.data_mut().http_contexts.insert(id);
         Ok(id)
     }
 
-    /// Runs `f` with the request's data in the store and its context effective.
+    /// Runs `f` with the request's data in the store and `effective` as the effective context.
+    /// The data moves by swapping boxes (with a spare kept in the store), not by copying it.
     fn with_stream<R>(
         &mut self,
-        data: &mut StreamData,
+        data: &mut Box<StreamData>,
         effective: u32,
-        f: impl FnOnce(&mut Vm) -> Result<R, VmFailure>,
+        f: impl FnOnce(&mut Store<HostState>, &Callbacks, Duration, u64) -> Result<R, VmFailure>,
     ) -> Result<R, VmFailure> {
-        let context_id = data.context_id;
         let state = self.store.data_mut();
-        state.stream = Some(std::mem::take(data));
+        let spare = state.spare_stream.take().unwrap_or_default();
+        state.stream = Some(std::mem::replace(data, spare));
         state.effective_context = effective;
-        let result = f(self);
+        let result = f(&mut self.store, &self.callbacks, self.budget, self.deadline);
         let state = self.store.data_mut();
-        *data = state.stream.take().unwrap_or_default();
-        data.context_id = context_id;
+        if let Some(stream) = state.stream.take() {
+            state.spare_stream = Some(std::mem::replace(data, stream));
+        }
         state.effective_context = ROOT_CONTEXT;
         result
     }
@@ -238,75 +280,89 @@ impl Vm {
     /// An HTTP callback for one request; a callback the module does not export continues.
     pub fn http_callback(
         &mut self,
-        data: &mut StreamData,
+        data: &mut Box<StreamData>,
         callback: HttpCallback,
     ) -> Result<i32, VmFailure> {
-        let ctx = data.context_id as i32;
-        let c = &self.callbacks;
-        let (name, three, two, a, b): (_, Option<Fn3>, Option<Fn2>, usize, bool) = match callback {
-            HttpCallback::RequestHeaders { count, end } => (
-                "proxy_on_request_headers",
-                c.on_request_headers.clone(),
-                None,
-                count,
-                end,
-            ),
-            HttpCallback::RequestBody { size, end } => (
-                "proxy_on_request_body",
-                c.on_request_body.clone(),
-                None,
-                size,
-                end,
-            ),
-            HttpCallback::RequestTrailers { count } => (
-                "proxy_on_request_trailers",
-                None,
-                c.on_request_trailers.clone(),
-                count,
-                false,
-            ),
-            HttpCallback::ResponseHeaders { count, end } => (
-                "proxy_on_response_headers",
-                c.on_response_headers.clone(),
-                None,
-                count,
-                end,
-            ),
-            HttpCallback::ResponseBody { size, end } => (
-                "proxy_on_response_body",
-                c.on_response_body.clone(),
-                None,
-                size,
-                end,
-            ),
-            HttpCallback::ResponseTrailers { count } => (
-                "proxy_on_response_trailers",
-                None,
-                c.on_response_trailers.clone(),
-                count,
-                false,
-            ),
-        };
-        let effective = data.context_id;
-        self.with_stream(data, effective, |vm| match (three, two) {
-            (Some(f), _) => vm.call(name, |s| f.call(s, (ctx, a as i32, b as i32))),
-            (_, Some(f)) => vm.call(name, |s| f.call(s, (ctx, a as i32))),
-            _ => Ok(0),
+        let ctx = data.context_id;
+        self.with_stream(data, ctx, |store, c, budget, deadline| {
+            let ctx = ctx as i32;
+            let (name, three, two, a, b): (_, Option<&Fn3>, Option<&Fn2>, usize, bool) =
+                match callback {
+                    HttpCallback::RequestHeaders { count, end } => (
+                        "proxy_on_request_headers",
+                        c.on_request_headers.as_ref(),
+                        None,
+                        count,
+                        end,
+                    ),
+                    HttpCallback::RequestBody { size, end } => (
+                        "proxy_on_request_body",
+                        c.on_request_body.as_ref(),
+                        None,
+                        size,
+                        end,
+                    ),
+                    HttpCallback::RequestTrailers { count } => (
+                        "proxy_on_request_trailers",
+                        None,
+                        c.on_request_trailers.as_ref(),
+                        count,
+                        false,
+                    ),
+                    HttpCallback::ResponseHeaders { count, end } => (
+                        "proxy_on_response_headers",
+                        c.on_response_headers.as_ref(),
+                        None,
+                        count,
+                        end,
+                    ),
+                    HttpCallback::ResponseBody { size, end } => (
+                        "proxy_on_response_body",
+                        c.on_response_body.as_ref(),
+                        None,
+                        size,
+                        end,
+                    ),
+                    HttpCallback::ResponseTrailers { count } => (
+                        "proxy_on_response_trailers",
+                        None,
+                        c.on_response_trailers.as_ref(),
+                        count,
+                        false,
+                    ),
+                };
+            match (three, two) {
+                (Some(f), _) => run(store, budget, deadline, name, |s| {
+                    f.call(s, (ctx, a as i32, b as i32))
+                }),
+                (_, Some(f)) => run(store, budget, deadline, name, |s| {
+                    f.call(s, (ctx, a as i32))
+                }),
+                _ => Ok(0),
+            }
         })
     }
 
     /// Delivers a call's response to the root context, with the request that made it (if any)
-    /// in the store so the SDK can switch to it with `proxy_set_effective_context`.
+    /// in the store so the SDK can switch to it with `proxy_set_effective_context`. A response
+    /// to a call whose request context is already gone is dropped, as Envoy cancels such calls:
+    /// the SDK would otherwise switch to a context the host no longer knows and trap.
     pub fn http_call_response(
         &mut self,
-        data: Option<&mut StreamData>,
+        data: Option<&mut Box<StreamData>>,
         token: u32,
         response: Option<HttpCallResponse>,
     ) -> Result<(), VmFailure> {
-        self.store.data_mut().calls_in_flight.remove(&token);
-        let Some(f) = self.callbacks.on_http_call_response.clone() else {
+        let state = self.store.data_mut();
+        let Some(origin) = state.calls_in_flight.remove(&token) else {
             return Ok(());
         };
+        if origin != ROOT_CONTEXT && !state.http_contexts.contains(&origin) {
+            return Ok(());
+        }
+        if self.callbacks.on_http_call_response.is_none() {
+            return Ok(());
+        }
         let (headers, body, trailers) = response.as_ref().map_or((0, 0, 0), |r| {
             (r.headers.len(), r.body.len(), r.trailers.len())
         });
@@ -318,61 +374,97 @@ impl Vm {
             body as i32,
             trailers as i32,
         );
-        let deliver = |vm: &mut Vm| vm.call("proxy_on_http_call_response", |s| f.call(s, args));
+        let deliver = |store: &mut Store<HostState>, c: &Callbacks, budget, deadline| {
+            let f = c.on_http_call_response.as_ref().expect("checked above");
+            run(
+                store,
+                budget,
+                deadline,
+                "proxy_on_http_call_response",
+                |s| f.call(s, args),
+            )
+        };
         let result = match data {
             Some(data) => self.with_stream(data, ROOT_CONTEXT, deliver),
-            None => deliver(self),
+            None => {
+                self.store.data_mut().effective_context = ROOT_CONTEXT;
+                let result = deliver(&mut self.store, &self.callbacks, self.budget, self.deadline);
+                self.store.data_mut().effective_context = ROOT_CONTEXT;
+                result
+            }
         };
         self.store.data_mut().call_response = None;
         result
     }
 
-    pub fn on_log(&mut self, data: &mut StreamData) -> Result<(), VmFailure> {
-        let ctx = data.context_id as i32;
-        match self.callbacks.on_log.clone() {
-            Some(f) => self.with_stream(data, ctx as u32, |vm| {
-                vm.call("proxy_on_log", |s| f.call(s, ctx))
-            }),
-            None => Ok(()),
-        }
+    /// `proxy_on_log`, then `proxy_on_done` and `proxy_on_delete`: the request is over and its
+    /// context finished, all in one visit to the VM.
+    pub fn log_and_finish(&mut self, data: &mut Box<StreamData>) -> Result<(), VmFailure> {
+        self.finish_inner(data, true)
     }
 
     /// `proxy_on_done` then `proxy_on_delete`: the request's context is finished.
-    pub fn finish(&mut self, data: &mut StreamData) -> Result<(), VmFailure> {
-        let ctx = data.context_id as i32;
-        let (done, delete) = (
-            self.callbacks.on_done.clone(),
-            self.callbacks.on_delete.clone(),
-        );
-        let result = self.with_stream(data, ctx as u32, |vm| {
-            if let Some(f) = done {
-                vm.call("proxy_on_done", |s| f.call(s, ctx))?;
+    pub fn finish(&mut self, data: &mut Box<StreamData>) -> Result<(), VmFailure> {
+        self.finish_inner(data, false)
+    }
+
+    fn finish_inner(&mut self, data: &mut Box<StreamData>, log: bool) -> Result<(), VmFailure> {
+        let ctx = data.context_id;
+        let result = self.with_stream(data, ctx, |store, c, budget, deadline| {
+            let id = ctx as i32;
+            if let (true, Some(f)) = (log, &c.on_log) {
+                run(store, budget, deadline, "proxy_on_log", |s| f.call(s, id))?;
             }
-            if let Some(f) = delete {
-                vm.call("proxy_on_delete", |s| f.call(s, ctx))?;
+            if let Some(f) = &c.on_done {
+                run(store, budget, deadline, "proxy_on_done", |s| f.call(s, id))?;
+            }
+            if let Some(f) = &c.on_delete {
+                run(store, budget, deadline, "proxy_on_delete", |s| {
+                    f.call(s, id)
+                })?;
             }
             Ok(())
         });
         let state = self.store.data_mut();
-        state.http_contexts.remove(&(ctx as u32));
-        state.resumed_elsewhere.remove(&(ctx as u32));
+        state.http_contexts.remove(&ctx);
+        if !state.resumed_elsewhere.is_empty() {
+            state.resumed_elsewhere.remove(&ctx);
+        }
         result
     }
 
     pub fn on_tick(&mut self) -> Result<(), VmFailure> {
-        match self.callbacks.on_tick.clone() {
-            Some(f) => self.call("proxy_on_tick", |s| f.call(s, ROOT_CONTEXT as i32)),
+        self.store.data_mut().effective_context = ROOT_CONTEXT;
+        let result = match &self.callbacks.on_tick {
+            Some(f) => run(
+                &mut self.store,
+                self.budget,
+                self.deadline,
+                "proxy_on_tick",
+                |s| f.call(s, ROOT_CONTEXT as i32),
+            ),
             None => Ok(()),
-        }
+        };
+        // A root callback may switch to a request's context to resume it; the next callback
+        // must not start out in that context.
+        self.store.data_mut().effective_context = ROOT_CONTEXT;
+        result
     }
 
     pub fn on_queue_ready(&mut self, queue: u32) -> Result<(), VmFailure> {
-        match self.callbacks.on_queue_ready.clone() {
-            Some(f) => self.call("proxy_on_queue_ready", |s| {
-                f.call(s, (ROOT_CONTEXT as i32, queue as i32))
-            }),
+        self.store.data_mut().effective_context = ROOT_CONTEXT;
+        let result = match &self.callbacks.on_queue_ready {
+            Some(f) => run(
+                &mut self.store,
+                self.budget,
+                self.deadline,
+                "proxy_on_queue_ready",
+                |s| f.call(s, (ROOT_CONTEXT as i32, queue as i32)),
+            ),
             None => Ok(()),
-        }
+        };
+        self.store.data_mut().effective_context = ROOT_CONTEXT;
+        result
     }
 }
 
@@ -384,11 +476,16 @@ fn typed<P: WasmParams, R: WasmResults>(
     func.typed(store).map_err(|_| VmFailure::BadExport(name))
 }
 
+/// A callback's budget in epoch ticks (at least one).
+fn deadline_ticks(budget: Duration) -> u64 {
+    budget.as_nanos().div_ceil(EPOCH_TICK.as_nanos()).max(1) as u64
+}
+
 /// Arms the epoch deadline for one callback's budget.
-fn arm(store: &mut Store<HostState>, budget: Duration) {
-    let ticks = budget.as_nanos().div_ceil(EPOCH_TICK.as_nanos()).max(1) as u64;
-    store.data_mut().limiter.memory_refused = false;
-    store.data_mut().exit_code = None;
+fn arm(store: &mut Store<HostState>, ticks: u64) {
+    let state = store.data_mut();
+    state.limiter.memory_refused = false;
+    state.exit_code = None;
     store.set_epoch_deadline(ticks);
 }
 

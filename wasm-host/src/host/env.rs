@@ -7,7 +7,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use wasmtime::{Caller, Linker};
 
 use super::memory::{
-    copy_out, finish, read, read_string, write_u32, write_u64, HostError, HostResult,
+    copy_out, finish, read, read_string, read_truncated, write_u32, write_u64, HostError,
+    HostResult,
 };
 use crate::abi::{
     decode_pairs, encode_pairs, BufferType, LogLevel, MapType, MetricType, Pairs, Status,
@@ -44,10 +45,9 @@ pub(super) fn define(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
         m,
         "proxy_set_tick_period_milliseconds",
         |mut c: C, ms: i32| {
+            // The period belongs to the VM's root context whichever context asks, as in Envoy
+            // (the Rust SDK traps on anything but `Ok`).
             let state = c.data_mut();
-            if state.effective_context != state.root_context_id {
-                return Ok(Status::BadArgument as i32);
-            }
             state.tick_period = (ms > 0).then(|| Duration::from_millis(ms as u32 as u64));
             Ok(Status::Ok as i32)
         },
@@ -95,8 +95,8 @@ pub(super) fn define(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
         "proxy_get_header_map_size",
         |mut c: C, map: i32, ret: i32| {
             finish((|| {
-                let size = encode_pairs(pair_refs(&map_ref(&mut c, map)?)).len() as u32;
-                write_u32(&mut c, ret, size)
+                let size = with_map(&mut c, map, encoded_size)?;
+                write_u32(&mut c, ret, size as u32)
             })())
         },
     )?;
@@ -105,7 +105,7 @@ pub(super) fn define(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
         "proxy_get_header_map_pairs",
         |mut c: C, map: i32, ret_ptr: i32, ret_size: i32| {
             finish((|| {
-                let encoded = encode_pairs(pair_refs(&map_ref(&mut c, map)?));
+                let encoded = with_map(&mut c, map, |pairs| encode_pairs(pair_refs(pairs)))?;
                 copy_out(&mut c, &encoded, ret_ptr, ret_size)
             })())
         },
@@ -131,11 +131,13 @@ pub(super) fn define(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
         |mut c: C, map: i32, key_ptr: i32, key_len: i32, ret_ptr: i32, ret_size: i32| {
             finish((|| {
                 let key = read_string(&c, key_ptr, key_len)?;
-                let value = map_ref(&mut c, map)?
-                    .into_iter()
-                    .find(|(k, _)| k.eq_ignore_ascii_case(&key))
-                    .map(|(_, v)| v)
-                    .ok_or(HostError::Status(Status::NotFound))?;
+                let value = with_map(&mut c, map, |pairs| {
+                    pairs
+                        .iter()
+                        .find(|(k, _)| k.eq_ignore_ascii_case(&key))
+                        .map(|(_, v)| v.clone())
+                })?
+                .ok_or(HostError::Status(Status::NotFound))?;
                 copy_out(&mut c, &value, ret_ptr, ret_size)
             })())
         },
@@ -182,14 +184,14 @@ pub(super) fn define(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
     })?;
     linker.func_wrap(m, "proxy_close_stream", |mut c: C, kind: i32| {
         finish((|| {
-            if StreamType::from_raw(kind).is_none() {
-                return Err(Status::BadArgument.into());
+            let kind = StreamType::from_raw(kind).ok_or(HostError::Status(Status::BadArgument))?;
+            // Envoy answers `Ok` when there is nothing of that kind to close (a root context,
+            // a TCP stream type on an HTTP request); the Rust SDK traps on anything else.
+            if let (Some(stream), StreamType::Request | StreamType::Response) =
+                (c.data_mut().effective_stream(), kind)
+            {
+                stream.reset = true;
             }
-            let stream = c
-                .data_mut()
-                .effective_stream()
-                .ok_or(HostError::Status(Status::BadArgument))?;
-            stream.reset = true;
             Ok(())
         })())
     })?;
@@ -498,7 +500,10 @@ pub(super) fn define(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
 
 fn log(c: &mut C, level: i32, ptr: i32, len: i32) -> HostResult {
     let level = LogLevel::from_raw(level).ok_or(HostError::Status(Status::BadArgument))?;
-    let message = read(c, ptr, len)?;
+    // An oversized message is cut at the host-buffer limit rather than refused: the Rust SDK
+    // traps on any status but `Ok`, and a long log line is no reason to lose the VM.
+    let limit = c.data().plugin.limits.max_host_buffer;
+    let message = read_truncated(c, ptr, len, limit)?;
     let state = c.data();
     if level >= state.plugin.config.log_level {
         state.log(level, &String::from_utf8_lossy(&message));
@@ -506,33 +511,35 @@ fn log(c: &mut C, level: i32, ptr: i32, len: i32) -> HostResult {
     Ok(())
 }
 
+/// Resumes the effective request. Like Envoy, resuming what does not exist here (the root
+/// context, TCP stream types) is a no-op answered `Ok`: the Rust SDK traps on any other status
+/// (its issue #255 is a host answering `Unimplemented`).
 fn continue_stream(c: &mut C, kind: Option<StreamType>) -> HostResult {
     let state = c.data_mut();
     let effective = state.effective_context;
     let kind = kind.ok_or(HostError::Status(Status::BadArgument))?;
     if !matches!(kind, StreamType::Request | StreamType::Response) {
-        return Err(Status::Unimplemented.into());
+        return Ok(());
     }
     let is_context = state.http_contexts.contains(&effective);
     match state.effective_stream() {
-        Some(stream) => {
-            match kind {
-                StreamType::Request => stream.resume_request = true,
-                _ => stream.resume_response = true,
-            }
-            Ok(())
-        }
+        Some(stream) => match kind {
+            StreamType::Request => stream.resume_request = true,
+            _ => stream.resume_response = true,
+        },
         None if is_context => {
             state.resumed_elsewhere.insert(effective);
-            Ok(())
         }
-        None => Err(Status::BadArgument.into()),
+        None => {}
     }
+    Ok(())
 }
 
-/// Maps a header map type to the map the effective context can see. Maps not (yet) present in
-/// the current phase read as empty: the Rust SDK traps on anything but `Ok` here.
-fn map_ref(c: &mut C, map: i32) -> HostResult<Pairs> {
+/// Runs `f` on the header map the effective context can see, without copying the map. Maps
+/// not (yet) present in the current phase read as empty: the Rust SDK traps on anything but
+/// `Ok` here.
+fn with_map<R>(c: &mut C, map: i32, f: impl FnOnce(&Pairs) -> R) -> HostResult<R> {
+    static EMPTY: Pairs = Vec::new();
     let map = MapType::from_raw(map).ok_or(HostError::Status(Status::BadArgument))?;
     let state = c.data_mut();
     let pairs = match map {
@@ -546,7 +553,18 @@ fn map_ref(c: &mut C, map: i32) -> HostResult<Pairs> {
             _ => &s.response_trailers,
         }),
     };
-    Ok(pairs.cloned().unwrap_or_default())
+    Ok(f(pairs.unwrap_or(&EMPTY)))
+}
+
+/// The size of `pairs` serialized, without serializing them.
+fn encoded_size(pairs: &Pairs) -> usize {
+    if pairs.is_empty() {
+        return 0;
+    }
+    4 + pairs
+        .iter()
+        .map(|(k, v)| 8 + k.len() + 1 + v.len() + 1)
+        .sum::<usize>()
 }
 
 fn map_mut<'a>(c: &'a mut C, map: i32) -> HostResult<&'a mut Pairs> {
@@ -570,14 +588,15 @@ fn pair_refs(pairs: &Pairs) -> impl Iterator<Item = (&[u8], &[u8])> + Clone {
     pairs.iter().map(|(k, v)| (k.as_bytes(), v.as_slice()))
 }
 
-/// Sets a header to one value: the first occurrence keeps its place, repeats go.
+/// Sets a header to one value: the first occurrence keeps its place, repeats go. Names match
+/// case-insensitively, as in get and remove.
 fn replace(pairs: &mut Pairs, key: String, value: Vec<u8>) {
-    match pairs.iter().position(|(k, _)| *k == key) {
+    match pairs.iter().position(|(k, _)| k.eq_ignore_ascii_case(&key)) {
         Some(first) => {
             pairs[first].1 = value;
             let mut index = 0;
             pairs.retain(|(k, _)| {
-                let keep = index <= first || *k != key;
+                let keep = index <= first || !k.eq_ignore_ascii_case(&key);
                 index += 1;
                 keep
             });
@@ -590,8 +609,10 @@ fn buffer_type(kind: i32) -> HostResult<BufferType> {
     BufferType::from_raw(kind).ok_or(HostError::Status(Status::BadArgument))
 }
 
-/// A copy of the buffer `kind` as the effective context sees it, and whether it is the end.
-fn buffer(c: &mut C, kind: BufferType) -> HostResult<(Vec<u8>, bool)> {
+/// Runs `f` on the buffer `kind` as the effective context sees it (and whether it is the end),
+/// without copying the whole buffer. Buffers this host never has (TCP data, gRPC messages) and
+/// a body outside a request are `NotFound`, which the SDKs read as "no data".
+fn with_buffer<R>(c: &mut C, kind: BufferType, f: impl FnOnce(&[u8], bool) -> R) -> HostResult<R> {
     let state = c.data_mut();
     Ok(match kind {
         BufferType::RequestBody | BufferType::ResponseBody => {
@@ -599,29 +620,31 @@ fn buffer(c: &mut C, kind: BufferType) -> HostResult<(Vec<u8>, bool)> {
                 .effective_stream()
                 .ok_or(HostError::Status(Status::NotFound))?;
             if kind == BufferType::RequestBody {
-                (stream.request_body.to_vec(), stream.request_end)
+                f(&stream.request_body, stream.request_end)
             } else {
-                (stream.response_body.to_vec(), stream.response_end)
+                f(&stream.response_body, stream.response_end)
             }
         }
-        BufferType::HttpCallResponseBody => (
-            state
+        BufferType::HttpCallResponseBody => f(
+            &state
                 .call_response
                 .as_ref()
                 .ok_or(HostError::Status(Status::NotFound))?
-                .body
-                .clone(),
+                .body,
             true,
         ),
-        BufferType::VmConfiguration => (state.plugin.config.vm_configuration.clone(), true),
-        BufferType::PluginConfiguration => (state.plugin.config.configuration.clone(), true),
-        BufferType::CallData => (Vec::new(), true),
+        BufferType::VmConfiguration => f(&state.plugin.config.vm_configuration, true),
+        BufferType::PluginConfiguration => f(&state.plugin.config.configuration, true),
+        BufferType::CallData => f(&[], true),
         BufferType::DownstreamData | BufferType::UpstreamData | BufferType::GrpcReceiveBuffer => {
             return Err(Status::NotFound.into())
         }
     })
 }
 
+/// Copies out at most `max` bytes from `start`. Nothing to copy (an empty buffer, `max` 0, a
+/// start at or past the end) is `Ok` with `(0, 0)` written, as cpp-host's `get_buffer_bytes`
+/// does: the Rust SDK reads the null pointer as `None` (it traps on `BadArgument`).
 fn get_buffer_bytes(
     c: &mut C,
     kind: i32,
@@ -630,23 +653,27 @@ fn get_buffer_bytes(
     ret_ptr: i32,
     ret_size: i32,
 ) -> HostResult {
-    let (bytes, _) = buffer(c, buffer_type(kind)?)?;
     let start = start as u32 as usize;
-    if start > bytes.len() {
-        return Err(Status::BadArgument.into());
-    }
-    let end = start.saturating_add(max as u32 as usize).min(bytes.len());
-    copy_out(c, &bytes[start..end], ret_ptr, ret_size)
+    let max = max as u32 as usize;
+    let bytes = with_buffer(c, buffer_type(kind)?, |bytes, _| {
+        let start = start.min(bytes.len());
+        let end = start.saturating_add(max).min(bytes.len());
+        bytes[start..end].to_vec()
+    })?;
+    copy_out(c, &bytes, ret_ptr, ret_size)
 }
 
 fn get_buffer_status(c: &mut C, kind: i32, ret_size: i32, ret_flags: i32) -> HostResult {
-    let (bytes, end) = buffer(c, buffer_type(kind)?)?;
-    write_u32(c, ret_size, bytes.len() as u32)?;
+    let (size, end) = with_buffer(c, buffer_type(kind)?, |bytes, end| (bytes.len(), end))?;
+    write_u32(c, ret_size, size as u32)?;
     write_u32(c, ret_flags, end as u32)
 }
 
 /// Replaces `size` bytes at `start` with the guest's data: the whole body (`0, len`), a prefix
-/// (`0, 0`), an append (`len, 0`) or anything in between.
+/// (`0, 0`), an append (`len, 0`, or any start past the end, as Envoy appends) or anything in
+/// between. A body that would outgrow the buffer limit is left alone and the request answered
+/// 413/500 after the callback, as Envoy does on overflow (the Rust SDK traps on any status but
+/// `Ok`, which would take the whole VM down).
 fn set_buffer_bytes(c: &mut C, kind: i32, start: i32, size: i32, ptr: i32, len: i32) -> HostResult {
     let kind = buffer_type(kind)?;
     let data = read(c, ptr, len)?;
@@ -660,13 +687,11 @@ fn set_buffer_bytes(c: &mut C, kind: i32, start: i32, size: i32, ptr: i32, len: 
         BufferType::ResponseBody => &mut stream.response_body,
         _ => return Err(Status::BadArgument.into()),
     };
-    let start = start as u32 as usize;
-    if start > body.len() {
-        return Err(Status::BadArgument.into());
-    }
+    let start = (start as u32 as usize).min(body.len());
     let end = start.saturating_add(size as u32 as usize).min(body.len());
     if body.len() - (end - start) + data.len() > limit {
-        return Err(Status::BadArgument.into());
+        stream.body_too_large = true;
+        return Ok(());
     }
     let tail = body.split_off(end);
     body.truncate(start);

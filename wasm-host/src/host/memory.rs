@@ -52,15 +52,31 @@ fn range(caller: &Caller<'_, HostState>, ptr: i32, len: i32) -> HostResult<std::
 }
 
 /// Copies `len` bytes out of the guest, refusing more than the runtime's host-buffer limit.
+/// Bounds come first: a range outside memory is `InvalidMemoryAccess` whatever its size.
 pub(crate) fn read(caller: &Caller<'_, HostState>, ptr: i32, len: i32) -> HostResult<Vec<u8>> {
-    if len as u32 as usize > caller.data().plugin.limits.max_host_buffer {
-        return Err(Status::BadArgument.into());
-    }
     let range = range(caller, ptr, len)?;
     if range.is_empty() {
         return Ok(Vec::new());
     }
+    if range.len() > caller.data().plugin.limits.max_host_buffer {
+        return Err(Status::BadArgument.into());
+    }
     Ok(memory(caller)?.data(caller)[range].to_vec())
+}
+
+/// Like [`read`], but copies at most `max` bytes of a valid range instead of refusing it.
+pub(crate) fn read_truncated(
+    caller: &Caller<'_, HostState>,
+    ptr: i32,
+    len: i32,
+    max: usize,
+) -> HostResult<Vec<u8>> {
+    let range = range(caller, ptr, len)?;
+    if range.is_empty() {
+        return Ok(Vec::new());
+    }
+    let end = range.start + range.len().min(max);
+    Ok(memory(caller)?.data(caller)[range.start..end].to_vec())
 }
 
 pub(crate) fn read_string(
@@ -78,17 +94,13 @@ pub(crate) fn write(caller: &mut Caller<'_, HostState>, ptr: i32, bytes: &[u8]) 
     Ok(())
 }
 
+/// Address 0 is ordinary, in-bounds linear memory: cpp-host writes out-parameters there, and
+/// SDKs rely on it (the AssemblyScript SDK passes 0 as a size out-pointer it then ignores).
 pub(crate) fn write_u32(caller: &mut Caller<'_, HostState>, ptr: i32, value: u32) -> HostResult {
-    if ptr == 0 {
-        return Err(Status::InvalidMemoryAccess.into());
-    }
     write(caller, ptr, &value.to_le_bytes())
 }
 
 pub(crate) fn write_u64(caller: &mut Caller<'_, HostState>, ptr: i32, value: u64) -> HostResult {
-    if ptr == 0 {
-        return Err(Status::InvalidMemoryAccess.into());
-    }
     write(caller, ptr, &value.to_le_bytes())
 }
 

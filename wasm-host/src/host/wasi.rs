@@ -102,11 +102,13 @@ pub(super) fn define(linker: &mut Linker<HostState>, m: &str) -> wasmtime::Resul
             .map(|(k, v)| format!("{k}={v}\0").into_bytes())
             .collect();
         errno((|| {
+            // Wrapping: the guest picks `ptrs` and `buf`, and overflow must be a bad address
+            // (EFAULT from the bounds check), not a host panic.
             let mut at = buf;
             for (i, entry) in entries.iter().enumerate() {
-                write_u32(&mut c, ptrs + 4 * i as i32, at as u32)?;
+                write_u32(&mut c, ptrs.wrapping_add(4 * i as i32), at as u32)?;
                 write(&mut c, at, entry)?;
-                at += entry.len() as i32;
+                at = at.wrapping_add(entry.len() as i32);
             }
             Ok(())
         })())
