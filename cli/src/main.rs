@@ -1,7 +1,8 @@
-//! `ambit`: the command users run: `mesh` (the whole mesh on one machine, from Kubernetes YAML)
-//! and `demo` (one HBONE tunnel end to end); `filter` (Wasm filter tooling) lands here next.
+//! `ambit`: the command users run: `mesh` (the whole mesh on one machine, from Kubernetes YAML),
+//! `demo` (one HBONE tunnel end to end) and `filter` (Wasm filter tooling: new, build, test, run).
 
 mod demo;
+mod filter;
 mod mesh;
 
 use clap::{Parser, Subcommand};
@@ -25,6 +26,8 @@ enum Command {
     /// The whole mesh on this machine: nodes and pods in network namespaces, ztunnels, node
     /// agents and an embedded control plane, driven by Kubernetes/Istio YAML.
     Mesh(mesh::MeshArgs),
+    /// Wasm filters: create a crate, build it to .wasm, test it, run a request through it.
+    Filter(filter::FilterArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -48,5 +51,6 @@ fn main() -> anyhow::Result<()> {
             .build()?
             .block_on(demo::run(args)),
         Command::Mesh(args) => mesh::run(args),
+        Command::Filter(args) => filter::run(args),
     }
 }

@@ -14,6 +14,11 @@
 //! - to unenroll (label removed, pod Succeeded/Failed, pod deleted): [`NodeAgent::unenroll`]
 //!   (rules, then ZDS Del), then remove the annotation if the pod still exists.
 //!
+//! - kubelet probes: while a pod is enrolled, its addresses are in the node's probe SNAT
+//!   ([`rules::probes`]), so the kubelet's probes reach it from 169.254.7.127, which its in-pod
+//!   rules leave to the app. Synced after the rest (a failure there is retried, but does not hold
+//!   back the enrollment), and from scratch when the agent starts.
+//!
 //! A step that fails (no namespace holds the pod's IP yet, no ztunnel, an API error) is retried
 //! with exponential backoff; [`NodeAgent::enroll`] never leaves a pod half-enrolled, and a pod is
 //! only recorded once the whole enrollment went through, so a retry starts clean.
@@ -66,6 +71,10 @@ pub struct ControllerConfig {
     /// Namespaces never enrolled, whatever their labels (istio-cni's `excludeNamespaces`;
     /// `kube-system` and the agent's own namespace, where ztunnel runs).
     pub excluded_namespaces: Vec<String>,
+    /// The node's network namespace, where the kubelet's probes of enrolled pods are SNATed to
+    /// `rule_options.probe_address` ([`rules::probes`]); `None` leaves probes alone. The agent
+    /// runs with the host's network, so by default its own (`/proc/self/ns/net`).
+    pub probe_netns: Option<PathBuf>,
     /// First retry delay after a failure; doubled per failure up to `retry_max`.
     pub retry_initial: Duration,
     pub retry_max: Duration,
@@ -82,6 +91,7 @@ impl ControllerConfig {
             ztunnel_timeout: crate::agent::DEFAULT_ZTUNNEL_TIMEOUT,
             locator: NetnsLocator::default(),
             excluded_namespaces: vec!["kube-system".into()],
+            probe_netns: Some(PathBuf::from("/proc/self/ns/net")),
             retry_initial: Duration::from_millis(200),
             retry_max: Duration::from_secs(10),
         }
@@ -236,6 +246,10 @@ struct State {
     retry_timers: HashMap<PodKey, delay_queue::Key>,
     /// The delay after the next failure, per pod.
     backoff: HashMap<PodKey, Duration>,
+    /// The node's namespace for the probe SNAT (`config.probe_netns`, opened at start).
+    probe_netns: Option<Arc<std::fs::File>>,
+    /// Per pod, the addresses in the probe SNAT.
+    probe_ips: HashMap<PodKey, Vec<IpAddr>>,
 }
 
 impl State {
@@ -256,6 +270,8 @@ impl State {
             retries: DelayQueue::new(),
             retry_timers: HashMap::new(),
             backoff: HashMap::new(),
+            probe_netns: None,
+            probe_ips: HashMap::new(),
         }
     }
 
@@ -484,7 +500,9 @@ impl State {
                     self.annotate(key, false).await?;
                 }
             }
-            return Ok(());
+            // Last, so that a failure here never holds back the annotation's removal; a stale
+            // entry only SNATs the node's own connections to a pod that serves them all the same.
+            return self.sync_probes(key, Vec::new()).await;
         };
 
         if !self.enrolled.contains_key(key) {
@@ -508,6 +526,51 @@ impl State {
         }
         if !pod::is_annotated(&pod) {
             self.annotate(key, true).await?;
+        }
+        let mut ips = pod::ips(&pod);
+        ips.extend(
+            self.hints
+                .get(key)
+                .map(|h| h.ips.clone())
+                .unwrap_or_default(),
+        );
+        self.sync_probes(key, ips).await
+    }
+
+    /// Makes the probe SNAT hold exactly `ips` for this pod. An address another pod holds too
+    /// (a terminated pod's, reused) stays.
+    async fn sync_probes(&mut self, key: &PodKey, mut ips: Vec<IpAddr>) -> Result<(), String> {
+        let Some(netns) = self.probe_netns.clone() else {
+            return Ok(());
+        };
+        ips.sort();
+        ips.dedup();
+        let old = self.probe_ips.get(key).cloned().unwrap_or_default();
+        if old == ips {
+            return Ok(());
+        }
+        let remove: Vec<IpAddr> = old
+            .into_iter()
+            .filter(|ip| {
+                !ips.contains(ip)
+                    && !self
+                        .probe_ips
+                        .iter()
+                        .any(|(other, held)| other != key && held.contains(ip))
+            })
+            .collect();
+        let options = self.config.rule_options.clone();
+        let add = ips.clone();
+        tokio::task::spawn_blocking(move || {
+            rules::probes::update(&*netns, &options, &add, &remove)
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| format!("pod {key}: updating the node's kubelet-probe SNAT: {e}"))?;
+        if ips.is_empty() {
+            self.probe_ips.remove(key);
+        } else {
+            self.probe_ips.insert(key.clone(), ips);
         }
         Ok(())
     }
@@ -630,13 +693,46 @@ impl State {
             })
             .collect();
         for pod in adopted.into_iter().filter(|p| !failed.contains(&p.uid)) {
-            self.enrolled.insert(
-                PodKey::new(&pod.namespace, &pod.name),
-                Enrolled { uid: pod.uid },
-            );
+            let key = PodKey::new(&pod.namespace, &pod.name);
+            if let Some(ips) = self.pods.get(&key).map(pod::ips) {
+                self.probe_ips.insert(key.clone(), ips);
+            }
+            self.enrolled.insert(key, Enrolled { uid: pod.uid });
         }
+        self.start_probes().await;
         self.agent = Some(agent);
         Ok(())
+    }
+
+    /// Opens the node's namespace and converges its probe SNAT to the pods kept across the
+    /// restart (dropping what the previous agent left for pods gone since). A failure is logged
+    /// and the SNAT is retried with each pod's next sync.
+    async fn start_probes(&mut self) {
+        let Some(path) = self.config.probe_netns.clone() else {
+            return;
+        };
+        let netns = match std::fs::File::open(&path) {
+            Ok(netns) => Arc::new(netns),
+            Err(error) => {
+                tracing::error!(netns = %path.display(), %error, "cannot open the node's network namespace; kubelet probes of enrolled pods will not be SNATed");
+                return;
+            }
+        };
+        self.probe_netns = Some(netns.clone());
+        let mut ips: Vec<IpAddr> = self.probe_ips.values().flatten().copied().collect();
+        ips.sort();
+        ips.dedup();
+        let options = self.config.rule_options.clone();
+        let installed =
+            tokio::task::spawn_blocking(move || rules::probes::install(&*netns, &options, &ips))
+                .await
+                .map_err(|e| e.to_string())
+                .and_then(|r| r.map_err(|e| e.to_string()));
+        if let Err(error) = installed {
+            tracing::error!(%error, "cannot install the node's kubelet-probe SNAT; retried as pods are enrolled");
+            // Nothing is known to be installed: every pod's next sync adds its addresses.
+            self.probe_ips.clear();
+        }
     }
 
     async fn on_plugin_request(&mut self, request: PluginRequest) {

@@ -9,7 +9,7 @@ use ambit_cni::install;
 use ambit_cni::kubernetes::{Controller, ControllerConfig};
 use ambit_cni::locate::NetnsLocator;
 use ambit_cni::plugin::{self, event};
-use ambit_cni::rules::{Backend, RuleOptions};
+use ambit_cni::rules::{self, Backend, RuleOptions};
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 
@@ -28,7 +28,8 @@ struct Cli {
 enum Command {
     /// Run the node agent: watch this node's pods and all namespaces, enroll ambient pods.
     Agent(AgentArgs),
-    /// Remove the chained plugin from the node (conflist entry and binary).
+    /// Remove the chained plugin from the node (conflist entry and binary) and the node's
+    /// kubelet-probe SNAT (chain AMBIT-PROBES; needs the host network and NET_ADMIN).
     Uninstall(CniDirs),
 }
 
@@ -88,6 +89,10 @@ struct AgentArgs {
         default_value = "kube-system"
     )]
     exclude_namespaces: Vec<String>,
+    /// SNAT the kubelet's probes of enrolled pods to 169.254.7.127 in the node's nat table
+    /// (chain AMBIT-PROBES), so that they reach the app rather than ztunnel.
+    #[arg(long, env = "AMBIT_PROBE_SNAT", default_value_t = true, action = clap::ArgAction::Set)]
+    probe_snat: bool,
     /// Install the plugin into the node's CNI directories (and keep it chained).
     #[arg(long, env = "AMBIT_INSTALL_CNI", default_value_t = true, action = clap::ArgAction::Set)]
     install_cni: bool,
@@ -121,8 +126,17 @@ fn main() {
             .build()
             .context("cannot start the runtime")
             .and_then(|runtime| runtime.block_on(agent(args))),
-        Command::Uninstall(dirs) => install::uninstall(&dirs.cni_bin_dir, &dirs.cni_conf_dir)
-            .context("uninstalling the CNI plugin"),
+        Command::Uninstall(dirs) => {
+            // Best effort: run outside the host network, there is nothing of ours to remove.
+            if let Err(error) = std::fs::File::open("/proc/self/ns/net")
+                .map_err(|e| e.to_string())
+                .and_then(|netns| rules::probes::remove(netns).map_err(|e| e.to_string()))
+            {
+                eprintln!("ambit-cni: warning: cannot remove the kubelet-probe SNAT: {error}");
+            }
+            install::uninstall(&dirs.cni_bin_dir, &dirs.cni_conf_dir)
+                .context("uninstalling the CNI plugin")
+        }
     };
     if let Err(error) = result {
         eprintln!("ambit-cni: {error:#}");
@@ -153,6 +167,9 @@ async fn agent(args: AgentArgs) -> anyhow::Result<()> {
         netns_dirs: args.netns_dirs.clone(),
     };
     config.excluded_namespaces = excluded.clone();
+    if !args.probe_snat {
+        config.probe_netns = None;
+    }
     let controller = Controller::new(client, config);
 
     let listener = event::bind(&args.plugin_socket)?;
@@ -172,7 +189,9 @@ async fn agent(args: AgentArgs) -> anyhow::Result<()> {
     tokio::select! {
         result = controller.run() => result.context("the node agent stopped"),
         _ = tokio::signal::ctrl_c() => {
-            tracing::info!("interrupted; the plugin stays installed, so new ambient pods wait for the agent to return");
+            // The probe SNAT stays too, like the enrolled pods' in-pod rules it goes with; the
+            // next agent converges it at start, `ambit-cni uninstall` removes it.
+            tracing::info!("interrupted; the plugin and the probe SNAT stay installed, so new ambient pods wait for the agent to return");
             Ok(())
         }
     }

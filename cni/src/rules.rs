@@ -26,6 +26,7 @@
 mod iptables;
 pub(crate) mod netns;
 mod nftables;
+pub mod probes;
 mod routing;
 
 use std::fmt;

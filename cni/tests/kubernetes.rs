@@ -15,7 +15,7 @@ use ambit_cni::agent::{NodeAgent, REDIRECTION_ANNOTATION};
 use ambit_cni::kubernetes::{Controller, ControllerConfig, Stats};
 use ambit_cni::locate::NetnsLocator;
 use ambit_cni::plugin::event;
-use ambit_cni::rules::{Backend, RuleOptions};
+use ambit_cni::rules::{probes, Backend, RuleOptions};
 use ambit_cni::testing::{FakeApiServer, FakePod, Kind};
 use ambit_mesh::identity::CertificateAuthority;
 use ambit_ztunnel::app::Ztunnel;
@@ -40,6 +40,8 @@ struct Harness {
     ztunnel: Option<Ztunnel>,
     controller: tokio::task::JoinHandle<()>,
     pods: Vec<PodNet>,
+    /// The node's namespace, where the agent SNATs the kubelet's probes.
+    node_netns: String,
     /// Last, so the namespaces go after everything running in them.
     _topology: Topology,
 }
@@ -128,6 +130,8 @@ impl Harness {
             proc_dir: None,
             netns_dirs: vec![netns_dir.clone()],
         };
+        let node_netns = topology.nodes[node].netns.clone();
+        controller_config.probe_netns = Some(format!("/var/run/netns/{node_netns}").into());
         controller_config.retry_initial = Duration::from_millis(50);
         controller_config.retry_max = Duration::from_millis(400);
         let controller = Controller::new(api.client(), controller_config);
@@ -165,6 +169,7 @@ impl Harness {
             ztunnel: Some(ztunnel),
             controller,
             pods,
+            node_netns,
             _topology: topology,
         }
     }
@@ -191,18 +196,29 @@ impl Harness {
         self.api.pod_annotation(NS, name, REDIRECTION_ANNOTATION)
     }
 
-    /// Fully enrolled: rules in the netns, ztunnel serving it, the annotation set.
+    /// Fully enrolled: rules in the netns, ztunnel serving it, the annotation set, the node
+    /// SNATing probes to it.
     fn enrolled(&self, name: &str) -> bool {
         has_rules(self.pod(name))
             && self.ztunnel_pods().contains(&uid(name))
             && self.annotation(name).as_deref() == Some("enabled")
+            && self.probe_snat(name)
     }
 
-    /// Fully out: no rules, not in ztunnel, no annotation.
+    /// Fully out: no rules, not in ztunnel, no annotation, no probe SNAT.
     fn out(&self, name: &str) -> bool {
         no_rules(self.pod(name))
             && !self.ztunnel_pods().contains(&uid(name))
             && self.annotation(name).is_none()
+            && !self.probe_snat(name)
+    }
+
+    /// The node SNATs the kubelet's probes to this pod.
+    fn probe_snat(&self, name: &str) -> bool {
+        let node = std::fs::File::open(format!("/var/run/netns/{}", self.node_netns)).unwrap();
+        probes::pods(node)
+            .unwrap()
+            .contains(&IpAddr::V4(self.pod(name).ip))
     }
 
     fn patches_for(&self, name: &str) -> usize {

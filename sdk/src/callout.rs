@@ -233,7 +233,8 @@ impl Verdict {
         match self {
             Verdict::Allow { set_headers } => {
                 for (name, value) in set_headers {
-                    let _ = hostcalls::set_map_value(dir.headers_map(), name, Some(value));
+                    let name = name.to_ascii_lowercase();
+                    let _ = hostcalls::set_map_value(dir.headers_map(), &name, Some(value));
                 }
                 let _ = match dir {
                     Direction::Request => hostcalls::resume_http_request(),

@@ -127,6 +127,18 @@ impl HttpStream {
         step
     }
 
+    /// The request body this filter still holds (it paused every chunk and the stream ended with
+    /// trailers, so no callback saw `end_of_stream`): once its trailers callback continued, the
+    /// bytes go on, before the trailers.
+    pub fn take_held_request_body(&mut self) -> Bytes {
+        self.take_body(Direction::Request, Bytes::new())
+    }
+
+    /// The response body this filter still holds; see [`HttpStream::take_held_request_body`].
+    pub fn take_held_response_body(&mut self) -> Bytes {
+        self.take_body(Direction::Response, Bytes::new())
+    }
+
     /// `proxy_on_response_headers`; `headers` include `:status`.
     pub async fn response_headers(&mut self, headers: &mut Pairs, end_of_stream: bool) -> Step {
         self.data.response_headers = std::mem::take(headers);
@@ -222,7 +234,10 @@ impl HttpStream {
         if std::mem::take(&mut self.data.body_too_large) {
             return BodyStep::Respond(too_large(direction));
         }
-        if action == Action::Pause && !end && !self.has_pending() {
+        // A filter that answered or reset from its body callback is acted on now, not when
+        // the next chunk comes.
+        let answered = self.data.local_response.is_some() || self.data.reset;
+        if action == Action::Pause && !end && !self.has_pending() && !answered {
             return BodyStep::Buffered;
         }
         let step = self.settle(action, direction).await;

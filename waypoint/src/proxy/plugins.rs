@@ -119,7 +119,7 @@ impl RequestPlugins {
                             Ok(mut trailers) => {
                                 run_trailers(&mut chains, &mut trailers, Direction::Request)
                                     .await
-                                    .map(|()| vec![Frame::trailers(trailers)])
+                                    .map(|released| trailer_frames(released, trailers))
                             }
                             Err(_) => continue,
                         },
@@ -217,7 +217,7 @@ impl RequestPlugins {
                             Ok(mut trailers) => {
                                 run_trailers(&mut chains, &mut trailers, Direction::Response)
                                     .await
-                                    .map(|()| vec![Frame::trailers(trailers)])
+                                    .map(|released| trailer_frames(released, trailers))
                             }
                             Err(_) => continue,
                         },
@@ -292,11 +292,13 @@ async fn run_body(
     })
 }
 
+/// Trailers through both chains; returns body bytes filters held until then (they paused every
+/// chunk and no callback saw the end of the stream), to send before the trailers.
 async fn run_trailers(
     chains: &mut Chains,
     trailers: &mut HeaderMap,
     direction: Direction,
-) -> Result<(), LocalReply> {
+) -> Result<Bytes, LocalReply> {
     let mut pairs = header_pairs(trailers, Vec::new());
     let Chains {
         before_authz,
@@ -307,7 +309,20 @@ async fn run_trailers(
         Direction::Request => [before_authz, after_authz],
         Direction::Response => [after_authz, before_authz],
     };
+    let mut released = Bytes::new();
     for chain in order {
+        if !released.is_empty() {
+            let step = match direction {
+                Direction::Request => chain.request_body(released, false).await,
+                Direction::Response => chain.response_body(released, false).await,
+            };
+            released = match step {
+                BodyStep::Forward(out) => out,
+                BodyStep::Buffered => Bytes::new(),
+                BodyStep::Respond(response) => return Err(local_reply(response)),
+                BodyStep::Reset => return Err(reset_reply()),
+            };
+        }
         let step = match direction {
             Direction::Request => chain.request_trailers(&mut pairs).await,
             Direction::Response => chain.response_trailers(&mut pairs).await,
@@ -317,10 +332,24 @@ async fn run_trailers(
             Step::Respond(response) => return Err(local_reply(response)),
             Step::Reset => return Err(reset_reply()),
         }
+        let more = chain.take_released_body();
+        if !more.is_empty() {
+            released = [released, more].concat().into();
+        }
     }
     *trailers = HeaderMap::new();
     extend_headers(trailers, pairs);
-    Ok(())
+    Ok(released)
+}
+
+/// A released body chunk (if any) and the trailers, in that order.
+fn trailer_frames(released: Bytes, trailers: HeaderMap) -> Vec<Frame<Bytes>> {
+    let mut frames = Vec::with_capacity(2);
+    if !released.is_empty() {
+        frames.push(Frame::data(released));
+    }
+    frames.push(Frame::trailers(trailers));
+    frames
 }
 
 async fn headers_phase(

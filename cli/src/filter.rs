@@ -1,0 +1,97 @@
+//! `ambit filter`: Wasm filter tooling: `new` (a ready filter crate), `build` (the `.wasm`, size
+//! optimized, with its sha256 for a WasmPlugin), `test` (build, then `cargo test`) and `run` (one
+//! request through a `.wasm` in the host the waypoint runs, against an echo upstream).
+
+mod new;
+mod run;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{bail, Context as _};
+use clap::{Args, Subcommand};
+use sha2::{Digest, Sha256};
+
+#[derive(Args)]
+pub struct FilterArgs {
+    #[command(subcommand)]
+    command: FilterCommand,
+}
+
+#[derive(Subcommand)]
+enum FilterCommand {
+    /// Create a filter crate: Cargo.toml, src/lib.rs (a header-adding filter), tests/filter.rs
+    /// (a test in Ambit's Wasm host) and a README.
+    New(new::NewArgs),
+    /// Build the filter crate to .wasm (wasm32-wasip1, size-optimized release) and print the
+    /// module's path, size and sha256.
+    Build(PathArgs),
+    /// Build the filter crate, then run its tests (`cargo test`).
+    Test(PathArgs),
+    /// Send one request through a .wasm in Ambit's Wasm host, with an echo upstream; print what
+    /// the upstream received and what the client got.
+    Run(run::RunArgs),
+}
+
+#[derive(Args)]
+struct PathArgs {
+    /// The filter crate's directory.
+    #[arg(long, default_value = ".")]
+    path: PathBuf,
+}
+
+pub fn run(args: FilterArgs) -> anyhow::Result<()> {
+    match args.command {
+        FilterCommand::New(args) => new::run(args),
+        FilterCommand::Build(args) => build(&args.path).map(|_| ()),
+        FilterCommand::Test(args) => test(&args.path),
+        FilterCommand::Run(args) => run::run(args),
+    }
+}
+
+/// Builds the crate at `dir` and prints where the module is, its size and its sha256.
+fn build(dir: &Path) -> anyhow::Result<PathBuf> {
+    check_crate(dir)?;
+    let started = std::time::Instant::now();
+    let module = ambit_filter_test::module::build_uncached(dir)?;
+    let bytes = std::fs::read(&module.path)
+        .with_context(|| format!("reading {}", module.path.display()))?;
+    let sha256: String = Sha256::digest(&bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    println!("{}", module.path.display());
+    println!(
+        "size   {} bytes ({:.0} KB)",
+        module.size,
+        module.size as f64 / 1024.0
+    );
+    println!("sha256 {sha256}");
+    println!("built in {:.1} s", started.elapsed().as_secs_f64());
+    Ok(module.path)
+}
+
+/// `build`, then `cargo test` in the crate.
+fn test(dir: &Path) -> anyhow::Result<()> {
+    build(dir)?;
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let status = Command::new(cargo)
+        .current_dir(dir)
+        .arg("test")
+        .status()
+        .context("running cargo test")?;
+    if !status.success() {
+        bail!("the filter's tests failed ({status})");
+    }
+    Ok(())
+}
+
+fn check_crate(dir: &Path) -> anyhow::Result<()> {
+    if !dir.join("Cargo.toml").is_file() {
+        bail!(
+            "{} has no Cargo.toml: pass the filter crate's directory with --path",
+            dir.display()
+        );
+    }
+    Ok(())
+}
