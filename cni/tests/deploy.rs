@@ -1,11 +1,17 @@
-//! The manifests in `deploy/`: rendered by kustomize (`kubectl kustomize`, which must be on PATH),
-//! every object parsed into its k8s-openapi type (so a misspelt field or a wrong type fails
-//! here, not on a cluster), and the properties that matter checked: least-privilege RBAC, the
-//! capabilities each container gets, the host paths the node agent and ztunnel share, and what
-//! the overlay replacing Istio's ztunnel keeps and drops.
+//! The manifests in `deploy/`: rendered by kustomize, every object parsed into its k8s-openapi
+//! type (so a misspelt field or a wrong type fails here, not on a cluster), and the properties
+//! that matter checked: least-privilege RBAC, the capabilities each container gets, the host paths
+//! the node agent and ztunnel share, and what the overlay replacing Istio's ztunnel keeps and
+//! drops.
+//!
+//! The renderer is `kubectl kustomize` when kubectl is on PATH; otherwise (CI machines may lack
+//! kubectl) a small kustomize in this file, [`mini_kustomize`], which supports exactly what the
+//! kustomization.yaml files in `deploy/` use. When kubectl is there, both run and must agree
+//! object for object, which keeps the small one honest. `AMBIT_TEST_KUBECTL` overrides the
+//! program (`AMBIT_TEST_KUBECTL=none`: the small kustomize only).
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
@@ -35,27 +41,96 @@ fn typed<T: serde::de::DeserializeOwned>(object: &Value) -> T {
         .unwrap_or_else(|e| panic!("{e}: not a valid {}", object["kind"]))
 }
 
-fn render(dir: &str) -> Rendered {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(dir);
-    let output = Command::new("kubectl")
+/// The non-empty documents of a (multi-document) YAML text.
+fn yaml_documents(text: &str, origin: &Path) -> Vec<Value> {
+    serde_yaml::Deserializer::from_str(text)
+        .map(|document| {
+            Value::deserialize(document)
+                .unwrap_or_else(|e| panic!("{}: invalid YAML: {e}", origin.display()))
+        })
+        .filter(|object| !object.is_null())
+        .collect()
+}
+
+/// `kubectl kustomize <dir>`, or why not when kubectl is unwanted or cannot be started.
+fn kubectl_kustomize(dir: &Path) -> Result<Vec<Value>, String> {
+    let program = std::env::var("AMBIT_TEST_KUBECTL").unwrap_or_else(|_| "kubectl".to_owned());
+    if program == "none" {
+        return Err("AMBIT_TEST_KUBECTL=none".to_owned());
+    }
+    let output = Command::new(&program)
         .arg("kustomize")
-        .arg(&path)
+        .arg(dir)
         .output()
-        .unwrap_or_else(|e| {
-            panic!("cannot run `kubectl kustomize` ({e}): install kubectl (with kustomize v5) to test deploy/")
-        });
+        .map_err(|e| format!("cannot run `{program} kustomize`: {e}"))?;
     assert!(
         output.status.success(),
-        "kubectl kustomize {dir}: {}",
+        "{program} kustomize {}: {}(kubectl with kustomize v5 is needed; \
+         AMBIT_TEST_KUBECTL=none uses the test's own kustomize)",
+        dir.display(),
         String::from_utf8_lossy(&output.stderr)
     );
     let text = String::from_utf8(output.stdout).unwrap();
-    let mut rendered = Rendered::default();
-    for document in serde_yaml::Deserializer::from_str(&text) {
-        let object: Value = Value::deserialize(document).unwrap();
-        if object.is_null() {
-            continue;
+    Ok(yaml_documents(&text, dir))
+}
+
+/// (kind, namespace, name) of an object.
+type ObjectId = (String, Option<String>, String);
+
+fn object_id(object: &Value) -> ObjectId {
+    let metadata = &object["metadata"];
+    (
+        object["kind"].as_str().expect("kind").to_owned(),
+        metadata["namespace"].as_str().map(str::to_owned),
+        metadata["name"].as_str().expect("metadata.name").to_owned(),
+    )
+}
+
+fn by_id(objects: &[Value], renderer: &str) -> BTreeMap<ObjectId, Value> {
+    let mut map = BTreeMap::new();
+    for object in objects {
+        let id = object_id(object);
+        assert!(
+            map.insert(id.clone(), object.clone()).is_none(),
+            "{renderer}: {id:?} twice"
+        );
+    }
+    map
+}
+
+fn render_objects(dir: &str) -> Vec<Value> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(dir);
+    let fallback = mini_kustomize(&path);
+    match kubectl_kustomize(&path) {
+        Ok(objects) => {
+            // Both renderers must agree, object for object.
+            let kubectl = by_id(&objects, "kubectl kustomize");
+            let mini = by_id(&fallback, "the test's kustomize");
+            assert_eq!(
+                kubectl.keys().collect::<Vec<_>>(),
+                mini.keys().collect::<Vec<_>>(),
+                "{dir}: kubectl kustomize and the test's kustomize render different objects"
+            );
+            for (id, object) in &kubectl {
+                assert_eq!(
+                    object, &mini[id],
+                    "{dir}: {id:?} differs between kubectl kustomize (left) and the test's \
+                     kustomize (right)"
+                );
+            }
+            eprintln!("{dir}: rendered by `kubectl kustomize` (the test's kustomize agrees)");
+            objects
         }
+        Err(why) => {
+            eprintln!("{dir}: rendered by the test's own kustomize ({why})");
+            fallback
+        }
+    }
+}
+
+fn render(dir: &str) -> Rendered {
+    let mut rendered = Rendered::default();
+    for object in render_objects(dir) {
         let kind = object["kind"].as_str().unwrap().to_owned();
         let name = object["metadata"]["name"].as_str().unwrap().to_owned();
         rendered.object_namespaces.insert(
@@ -75,6 +150,338 @@ fn render(dir: &str) -> Rendered {
         }
     }
     rendered
+}
+
+// ---- A small kustomize: what deploy/'s kustomization.yaml files use, and nothing more. ----
+
+/// The kinds that have no namespace (of those a kustomization here could plausibly hold).
+const CLUSTER_SCOPED: &[&str] = &[
+    "Namespace",
+    "ClusterRole",
+    "ClusterRoleBinding",
+    "CustomResourceDefinition",
+    "PersistentVolume",
+    "StorageClass",
+    "PriorityClass",
+    "MutatingWebhookConfiguration",
+    "ValidatingWebhookConfiguration",
+];
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct Kustomization {
+    #[allow(dead_code)]
+    api_version: Option<String>,
+    #[allow(dead_code)]
+    kind: Option<String>,
+    namespace: Option<String>,
+    #[serde(default)]
+    resources: Vec<String>,
+    #[serde(default)]
+    images: Vec<Image>,
+    #[serde(default)]
+    patches: Vec<Patch>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct Image {
+    name: String,
+    new_name: Option<String>,
+    new_tag: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Patch {
+    target: Target,
+    patch: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Target {
+    kind: String,
+    name: Option<String>,
+}
+
+/// A JSON6902 operation; only `replace` is supported.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Operation {
+    op: String,
+    path: String,
+    value: Value,
+}
+
+/// Renders the kustomization in `dir` as kustomize v5 does for the features used in `deploy/`:
+/// `resources` (files, and directories holding a kustomization), then `patches` (a strategic
+/// merge `$patch: delete`, or JSON6902 `replace`s), `namespace` and `images`, in kustomize's
+/// order; renamed ConfigMaps, Secrets and ServiceAccounts are followed by the pod specs naming
+/// them, as kustomize's name references do.
+fn mini_kustomize(dir: &Path) -> Vec<Value> {
+    let file = ["kustomization.yaml", "kustomization.yml", "Kustomization"]
+        .iter()
+        .map(|name| dir.join(name))
+        .find(|file| file.is_file())
+        .unwrap_or_else(|| panic!("{}: no kustomization", dir.display()));
+    let text = std::fs::read_to_string(&file).unwrap();
+    let kustomization: Kustomization = serde_yaml::from_str(&text)
+        .unwrap_or_else(|e| panic!("{}: not supported by this test: {e}", file.display()));
+
+    let mut objects = Vec::new();
+    for resource in &kustomization.resources {
+        let path: PathBuf = dir.join(resource);
+        if path.is_dir() {
+            objects.extend(mini_kustomize(&path));
+        } else {
+            let text = std::fs::read_to_string(&path)
+                .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            objects.extend(yaml_documents(&text, &path));
+        }
+    }
+
+    // Renames by the patches: (kind, old name, new name).
+    let mut renames = Vec::new();
+    for patch in &kustomization.patches {
+        apply_patch(&mut objects, patch, &mut renames, &file);
+    }
+    if let Some(namespace) = &kustomization.namespace {
+        set_namespace(&mut objects, namespace);
+    }
+    for image in &kustomization.images {
+        for object in &mut objects {
+            set_image(object, image);
+        }
+    }
+    for (kind, old, new) in &renames {
+        for object in &mut objects {
+            rename_references(object, kind, old, new);
+        }
+    }
+    objects
+}
+
+fn matches(object: &Value, target: &Target) -> bool {
+    object["kind"] == target.kind.as_str()
+        && target
+            .name
+            .as_ref()
+            .is_none_or(|name| object["metadata"]["name"] == name.as_str())
+}
+
+fn apply_patch(
+    objects: &mut Vec<Value>,
+    patch: &Patch,
+    renames: &mut Vec<(String, String, String)>,
+    file: &Path,
+) {
+    let body: Value = serde_yaml::from_str(&patch.patch)
+        .unwrap_or_else(|e| panic!("{}: invalid patch: {e}", file.display()));
+    match body {
+        Value::Object(ref fields) => {
+            assert_eq!(
+                fields.get("$patch").and_then(Value::as_str),
+                Some("delete"),
+                "{}: only `$patch: delete` strategic merge patches are supported",
+                file.display()
+            );
+            objects.retain(|object| !matches(object, &patch.target));
+        }
+        Value::Array(_) => {
+            let operations: Vec<Operation> = serde_json::from_value(body)
+                .unwrap_or_else(|e| panic!("{}: unsupported JSON6902 patch: {e}", file.display()));
+            for object in objects.iter_mut().filter(|o| matches(o, &patch.target)) {
+                for operation in &operations {
+                    assert_eq!(
+                        operation.op,
+                        "replace",
+                        "{}: only `op: replace` is supported",
+                        file.display()
+                    );
+                    let old_name = object["metadata"]["name"].as_str().unwrap().to_owned();
+                    let slot = object.pointer_mut(&operation.path).unwrap_or_else(|| {
+                        panic!("{}: no {} to replace", file.display(), operation.path)
+                    });
+                    *slot = operation.value.clone();
+                    if operation.path == "/metadata/name" {
+                        let new_name = operation.value.as_str().unwrap().to_owned();
+                        let kind = object["kind"].as_str().unwrap().to_owned();
+                        renames.push((kind, old_name, new_name));
+                    }
+                }
+            }
+        }
+        _ => panic!("{}: unsupported patch {}", file.display(), patch.patch),
+    }
+}
+
+/// kustomize's `namespace`: every namespaced object moves into `namespace`, and so do the
+/// ServiceAccount subjects of (Cluster)RoleBindings naming a ServiceAccount of the set (their
+/// name references) or `default`.
+fn set_namespace(objects: &mut [Value], namespace: &str) {
+    let service_accounts: BTreeSet<String> = objects
+        .iter()
+        .filter(|o| o["kind"] == "ServiceAccount")
+        .filter_map(|o| o["metadata"]["name"].as_str().map(str::to_owned))
+        .collect();
+    for object in objects.iter_mut() {
+        let kind = object["kind"].as_str().unwrap().to_owned();
+        if !CLUSTER_SCOPED.contains(&kind.as_str()) {
+            object["metadata"]["namespace"] = namespace.into();
+        }
+        if kind == "RoleBinding" || kind == "ClusterRoleBinding" {
+            if let Some(subjects) = object.get_mut("subjects").and_then(Value::as_array_mut) {
+                for subject in subjects {
+                    let name = subject["name"].as_str().unwrap_or_default();
+                    if subject["kind"] == "ServiceAccount"
+                        && (name == "default" || service_accounts.contains(name))
+                    {
+                        subject["namespace"] = namespace.into();
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Calls `visit` on every container and init container anywhere in `value`.
+fn each_container(value: &mut Value, visit: &mut dyn FnMut(&mut Value)) {
+    match value {
+        Value::Object(fields) => {
+            for (key, field) in fields.iter_mut() {
+                if key == "containers" || key == "initContainers" {
+                    if let Some(containers) = field.as_array_mut() {
+                        containers.iter_mut().for_each(&mut *visit);
+                        continue;
+                    }
+                }
+                each_container(field, visit);
+            }
+        }
+        Value::Array(items) => items
+            .iter_mut()
+            .for_each(|item| each_container(item, visit)),
+        _ => {}
+    }
+}
+
+/// kustomize's `images`: `name[:tag][@digest]` with a matching name gets the new name and tag.
+fn set_image(object: &mut Value, image: &Image) {
+    each_container(object, &mut |container| {
+        let Some(current) = container["image"].as_str() else {
+            return;
+        };
+        let (reference, digest) = match current.split_once('@') {
+            Some((reference, digest)) => (reference, Some(digest)),
+            None => (current, None),
+        };
+        // A tag follows the last ':' after the last '/' (a registry may have a port).
+        let (name, tag) = match reference.rsplit_once(':') {
+            Some((name, tag)) if !tag.contains('/') => (name, Some(tag)),
+            _ => (reference, None),
+        };
+        if name != image.name {
+            return;
+        }
+        let mut new = image.new_name.clone().unwrap_or_else(|| name.to_owned());
+        match (&image.new_tag, tag, digest) {
+            (Some(new_tag), _, _) => new = format!("{new}:{new_tag}"),
+            (None, tag, digest) => {
+                if let Some(tag) = tag {
+                    new = format!("{new}:{tag}");
+                }
+                if let Some(digest) = digest {
+                    new = format!("{new}@{digest}");
+                }
+            }
+        }
+        container["image"] = new.into();
+    });
+}
+
+/// The pod spec of a workload, if it has one.
+fn pod_spec_mut(object: &mut Value) -> Option<&mut Value> {
+    let path = match object["kind"].as_str()? {
+        "Pod" => "/spec",
+        "CronJob" => "/spec/jobTemplate/spec/template/spec",
+        "Deployment" | "DaemonSet" | "StatefulSet" | "ReplicaSet" | "Job" => "/spec/template/spec",
+        _ => return None,
+    };
+    object.pointer_mut(path)
+}
+
+/// kustomize's name references: a renamed ConfigMap, Secret or ServiceAccount is renamed where
+/// pod specs and bindings name it.
+fn rename_references(object: &mut Value, kind: &str, old: &str, new: &str) {
+    let rename = |slot: Option<&mut Value>| {
+        if let Some(slot) = slot.filter(|slot| *slot == old) {
+            *slot = new.into();
+        }
+    };
+    if kind == "ServiceAccount" {
+        if let Some(subjects) = object.get_mut("subjects").and_then(Value::as_array_mut) {
+            for subject in subjects
+                .iter_mut()
+                .filter(|s| s["kind"] == "ServiceAccount")
+            {
+                rename(subject.get_mut("name"));
+            }
+        }
+    }
+    let Some(spec) = pod_spec_mut(object) else {
+        return;
+    };
+    if kind == "ServiceAccount" {
+        rename(spec.get_mut("serviceAccountName"));
+        rename(spec.get_mut("serviceAccount"));
+        return;
+    }
+    let (env_from, key_ref, volume) = match kind {
+        "ConfigMap" => ("configMapRef", "configMapKeyRef", "configMap"),
+        "Secret" => ("secretRef", "secretKeyRef", "secret"),
+        _ => return,
+    };
+    // Secret volumes name theirs `secretName`.
+    let volume_name = if kind == "Secret" {
+        "secretName"
+    } else {
+        "name"
+    };
+    for volume_entry in spec
+        .get_mut("volumes")
+        .and_then(Value::as_array_mut)
+        .into_iter()
+        .flatten()
+    {
+        rename(volume_entry.pointer_mut(&format!("/{volume}/{volume_name}")));
+        for source in volume_entry
+            .pointer_mut("/projected/sources")
+            .and_then(Value::as_array_mut)
+            .into_iter()
+            .flatten()
+        {
+            rename(source.pointer_mut(&format!("/{volume}/name")));
+        }
+    }
+    each_container(spec, &mut |container| {
+        for entry in container
+            .get_mut("envFrom")
+            .and_then(Value::as_array_mut)
+            .into_iter()
+            .flatten()
+        {
+            rename(entry.pointer_mut(&format!("/{env_from}/name")));
+        }
+        for entry in container
+            .get_mut("env")
+            .and_then(Value::as_array_mut)
+            .into_iter()
+            .flatten()
+        {
+            rename(entry.pointer_mut(&format!("/valueFrom/{key_ref}/name")));
+        }
+    });
 }
 
 fn pod_spec(daemonset: &DaemonSet) -> &PodSpec {
