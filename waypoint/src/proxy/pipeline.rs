@@ -30,7 +30,7 @@ use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 
 use super::body::{
-    full, header_bytes, BoxBody, Completion, CountingBody, ObservedBody, ReplayBody,
+    full, header_bytes, AccessLine, BoxBody, Completion, CountingBody, ObservedBody, ReplayBody,
 };
 use super::filters::{self, RequestHead};
 use super::forward::{self, Plan};
@@ -77,6 +77,27 @@ pub async fn serve(
 ) -> Result<Response<ObservedBody>, Infallible> {
     let start = Instant::now();
     let grpc = is_grpc(request.headers());
+    let header = |name: header::HeaderName| {
+        request
+            .headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned()
+    };
+    let access = AccessLine {
+        method: request.method().to_string(),
+        path: request
+            .uri()
+            .path_and_query()
+            .map_or_else(|| "/".to_owned(), ToString::to_string),
+        authority: request
+            .uri()
+            .authority()
+            .map(ToString::to_string)
+            .unwrap_or_else(|| header(header::HOST)),
+        request_id: header(header::HeaderName::from_static("x-request-id")),
+    };
     let mut labels = RequestLabels {
         source: tunnel.source.clone(),
         source_principal: Some(tunnel.connect.peer_identity.clone()),
@@ -125,6 +146,7 @@ pub async fn serve(
         labels,
         start,
         request_bytes,
+        access,
     };
     Ok(response.map(|body| ObservedBody::new(body, response_header_bytes, completion)))
 }
