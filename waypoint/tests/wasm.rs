@@ -245,3 +245,31 @@ async fn a_failing_filter_fails_its_requests_per_fail_strategy_and_the_waypoint_
     let (_, _, body) = mesh.get("/", &[]).await;
     assert_eq!(body, "WasmPlugin default.headers is not running");
 }
+
+#[tokio::test]
+async fn rate_limit_filter_limits_each_client_identity_across_the_waypoints_vms() {
+    // The default key is the client's SPIFFE identity (the HBONE peer certificate's URI SAN).
+    let config = r#"{"max_tokens": 3, "tokens_per_fill": 3, "fill_interval_ms": 60000}"#;
+    let mesh = L7Mesh::start(
+        36,
+        &plugin("limit", "ambit-filter-rate-limit", "", config),
+        ProxySettings::default(),
+    )
+    .await;
+    // Each request is a new tunnel and connection: requests land on different VMs of the
+    // plugin, which share the bucket through shared data.
+    for n in 0..3 {
+        let (status, _, body) = mesh.get("/", &[]).await;
+        assert_eq!(
+            status,
+            StatusCode::OK,
+            "request {n} within the burst: {body}"
+        );
+    }
+    let (status, headers, _) = mesh.get("/", &[]).await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
+    assert!(headers.contains_key("retry-after"), "{headers:?}");
+    // Another identity has its own bucket.
+    let (status, _, _) = mesh.request_as("other", "GET", "/", &[]).await;
+    assert_eq!(status, StatusCode::OK);
+}
