@@ -99,53 +99,9 @@ impl RequestPlugins {
         let (abort, aborted) = oneshot::channel();
         self.aborted = Some(aborted);
         let chains = self.chains.clone();
-        filtered(body, move |frames, mut body| async move {
-            let mut abort = Some(abort);
-            loop {
-                let frame = body.frame().await;
-                let mut chains = chains.lock().await;
-                let out = match frame {
-                    None => run_body(&mut chains, Bytes::new(), true, Direction::Request).await,
-                    Some(Err(error)) => {
-                        let _ = frames.send(Err(error)).await;
-                        return;
-                    }
-                    Some(Ok(frame)) => match frame.into_data() {
-                        Ok(data) => {
-                            let end = body.is_end_stream();
-                            run_body(&mut chains, data, end, Direction::Request).await
-                        }
-                        Err(frame) => match frame.into_trailers() {
-                            Ok(mut trailers) => {
-                                run_trailers(&mut chains, &mut trailers, Direction::Request)
-                                    .await
-                                    .map(|released| trailer_frames(released, trailers))
-                            }
-                            Err(_) => continue,
-                        },
-                    },
-                };
-                drop(chains);
-                match out {
-                    Ok(frames_out) => {
-                        let done = frames_out.iter().any(|f| f.is_trailers())
-                            || (frames_out.is_empty() && body.is_end_stream());
-                        for frame in frames_out {
-                            if frames.send(Ok(frame)).await.is_err() {
-                                return;
-                            }
-                        }
-                        if done || body.is_end_stream() {
-                            return;
-                        }
-                    }
-                    Err(reply) => {
-                        if let Some(abort) = abort.take() {
-                            let _ = abort.send(reply);
-                        }
-                        return;
-                    }
-                }
+        filtered(body, move |frames, body| async move {
+            if let Err(reply) = pump(&chains, body, Direction::Request, frames).await {
+                let _ = abort.send(reply);
             }
         })
     }
@@ -197,56 +153,58 @@ impl RequestPlugins {
     /// answering after the response headers left can only cut the body short (logged).
     pub fn response_body(&self, body: BoxBody) -> BoxBody {
         let chains = self.chains.clone();
-        filtered(body, move |frames, mut body| async move {
-            loop {
-                let frame = body.frame().await;
-                let mut chains = chains.lock().await;
-                let out = match frame {
-                    None => run_body(&mut chains, Bytes::new(), true, Direction::Response).await,
-                    Some(Err(error)) => {
-                        chains.log();
-                        let _ = frames.send(Err(error)).await;
-                        return;
-                    }
-                    Some(Ok(frame)) => match frame.into_data() {
-                        Ok(data) => {
-                            let end = body.is_end_stream();
-                            run_body(&mut chains, data, end, Direction::Response).await
-                        }
-                        Err(frame) => match frame.into_trailers() {
-                            Ok(mut trailers) => {
-                                run_trailers(&mut chains, &mut trailers, Direction::Response)
-                                    .await
-                                    .map(|released| trailer_frames(released, trailers))
-                            }
-                            Err(_) => continue,
-                        },
-                    },
-                };
-                let finished = body.is_end_stream() || out.is_err();
-                if finished {
-                    chains.log();
-                }
-                drop(chains);
-                match out {
-                    Ok(frames_out) => {
-                        let trailers = frames_out.iter().any(|f| f.is_trailers());
-                        for frame in frames_out {
-                            if frames.send(Ok(frame)).await.is_err() {
-                                return;
-                            }
-                        }
-                        if finished || trailers {
-                            return;
-                        }
-                    }
-                    Err(reply) => {
-                        tracing::warn!(status = %reply.status, "a wasm filter answered after the response headers were sent; the response body is cut short");
-                        return;
-                    }
-                }
+        filtered(body, move |frames, body| async move {
+            if let Err(reply) = pump(&chains, body, Direction::Response, frames).await {
+                tracing::warn!(status = %reply.status, "a wasm filter answered after the response headers were sent; the response body is cut short");
             }
+            chains.lock().await.log();
         })
+    }
+}
+
+/// Feeds `body` through the chains in `direction` and sends on what they pass, until the body
+/// ends (its trailers included) or the receiver goes away; a filter that answers or resets ends
+/// the pump with its reply.
+async fn pump(
+    chains: &Mutex<Chains>,
+    mut body: BoxBody,
+    direction: Direction,
+    frames: FrameSender,
+) -> Result<(), LocalReply> {
+    loop {
+        let frame = body.frame().await;
+        let ended = frame.is_none();
+        let mut guard = chains.lock().await;
+        let out = match frame {
+            None => run_body(&mut guard, Bytes::new(), true, direction).await?,
+            Some(Err(error)) => {
+                let _ = frames.send(Err(error)).await;
+                return Ok(());
+            }
+            Some(Ok(frame)) => match frame.into_data() {
+                Ok(data) => {
+                    let end = body.is_end_stream();
+                    run_body(&mut guard, data, end, direction).await?
+                }
+                Err(frame) => match frame.into_trailers() {
+                    Ok(mut trailers) => {
+                        let released = run_trailers(&mut guard, &mut trailers, direction).await?;
+                        trailer_frames(released, trailers)
+                    }
+                    Err(_) => continue,
+                },
+            },
+        };
+        drop(guard);
+        let last = ended || body.is_end_stream() || out.iter().any(Frame::is_trailers);
+        for frame in out {
+            if frames.send(Ok(frame)).await.is_err() {
+                return Ok(());
+            }
+        }
+        if last {
+            return Ok(());
+        }
     }
 }
 
