@@ -79,8 +79,8 @@ pub struct Completion {
     pub start: Instant,
     /// Request headers and body bytes, the body part still growing while it streams.
     pub request_bytes: Arc<AtomicU64>,
-    /// The request line, for the access log.
-    pub access: AccessLine,
+    /// The request line, when the access log is on.
+    pub access: Option<AccessLine>,
 }
 
 /// What the access log says about a request beyond its metric labels.
@@ -117,6 +117,7 @@ impl ObservedBody {
                 .request(&c.labels, duration, request_bytes, self.response_bytes);
             // One line per request in the spirit of Envoy's default access log format, under
             // its own target so operators can route or silence it (`RUST_LOG=access=off`).
+            let Some(access) = &c.access else { return };
             let upstream = c
                 .labels
                 .destination
@@ -124,9 +125,9 @@ impl ObservedBody {
                 .and_then(|w| w.workload_ips.first().copied());
             tracing::info!(
                 target: "access",
-                method = %c.access.method,
-                path = %c.access.path,
-                authority = %c.access.authority,
+                method = %access.method,
+                path = %access.path,
+                authority = %access.authority,
                 code = c.labels.response_code,
                 flags = %c.labels.response_flags,
                 bytes_received = request_bytes,
@@ -134,7 +135,7 @@ impl ObservedBody {
                 duration_ms = duration.as_millis() as u64,
                 upstream = ?upstream,
                 source = ?c.labels.source_principal.as_ref().map(ToString::to_string),
-                request_id = %c.access.request_id,
+                request_id = %access.request_id,
                 "request"
             );
         }
