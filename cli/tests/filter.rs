@@ -71,6 +71,10 @@ fn new_then_test_passes() {
                 workspace().join("target").join("filter-cli"),
             )
             .env("CARGO_NET_OFFLINE", "true")
+            // The generated crate is its own workspace, so the root's dev profile (no debug
+            // info for dependencies) does not reach it: keep its wasmtime build small too.
+            .env("CARGO_PROFILE_DEV_DEBUG", "false")
+            .env("CARGO_INCREMENTAL", "0")
             .output()
             .unwrap(),
         "filter test",
