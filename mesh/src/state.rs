@@ -15,8 +15,8 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 
 pub use model::{
-    GatewayAddress, GatewayDestination, HealthStatus, NamespacedHostname, NetworkAddress, PortMap,
-    Protocol, Service, Workload,
+    AppProtocol, GatewayAddress, GatewayDestination, HealthStatus, NamespacedHostname,
+    NetworkAddress, PortMap, Protocol, Service, Workload,
 };
 
 use crate::identity::Identity;

@@ -1,5 +1,8 @@
 //! Istio's telemetry conventions shared by ztunnel and the waypoint: how a workload becomes the
-//! `*_workload`, `*_canonical_service`, ... label values of Istio's standard metrics.
+//! `*_workload`, `*_canonical_service`, ... label values of Istio's standard metrics, and the
+//! label set of its TCP metrics (`istio_tcp_*`).
+
+use std::sync::Arc;
 
 use crate::identity::Identity;
 use crate::state::Workload;
@@ -71,5 +74,92 @@ impl WorkloadLabels {
             version: revision.to_owned(),
             cluster: or_unknown(&w.cluster_id),
         }
+    }
+}
+
+/// Which side of a connection reports it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reporter {
+    Source,
+    Destination,
+    /// A waypoint proxying a connection at L4.
+    Waypoint,
+}
+
+/// Istio's `CommonTrafficLabels` for one connection. Unknown values render as `unknown`.
+#[derive(Clone, Debug)]
+pub struct TrafficLabels {
+    pub reporter: Reporter,
+    pub source: Option<Arc<Workload>>,
+    pub source_principal: Option<Identity>,
+    pub destination: Option<Arc<Workload>>,
+    pub destination_principal: Option<Identity>,
+    /// Hostname of the service the client addressed, if it addressed one.
+    pub destination_service: Option<(String, String, String)>,
+    /// True on HBONE (`mutual_tls`), false on plaintext (`unknown`).
+    pub mutual_tls: bool,
+    pub response_flags: &'static str,
+}
+
+impl TrafficLabels {
+    /// Label names and values in Istio's order.
+    pub fn pairs(&self) -> [(&'static str, String); 23] {
+        let s = WorkloadLabels::of(self.source.as_deref());
+        let d = WorkloadLabels::of(self.destination.as_deref());
+        let (svc_host, svc_namespace, svc_name) = match &self.destination_service {
+            Some((host, namespace, name)) => (host.clone(), namespace.clone(), name.clone()),
+            None => (
+                "unknown".to_owned(),
+                "unknown".to_owned(),
+                "unknown".to_owned(),
+            ),
+        };
+        [
+            (
+                "reporter",
+                match self.reporter {
+                    Reporter::Source => "source",
+                    Reporter::Destination => "destination",
+                    Reporter::Waypoint => "waypoint",
+                }
+                .to_owned(),
+            ),
+            ("source_workload", s.workload),
+            ("source_canonical_service", s.canonical_service),
+            ("source_canonical_revision", s.canonical_revision),
+            ("source_workload_namespace", s.namespace),
+            (
+                "source_principal",
+                principal(self.source_principal.as_ref()),
+            ),
+            ("source_app", s.app),
+            ("source_version", s.version),
+            ("source_cluster", s.cluster),
+            ("destination_service", svc_host),
+            ("destination_service_namespace", svc_namespace),
+            ("destination_service_name", svc_name),
+            ("destination_workload", d.workload),
+            ("destination_canonical_service", d.canonical_service),
+            ("destination_canonical_revision", d.canonical_revision),
+            ("destination_workload_namespace", d.namespace),
+            (
+                "destination_principal",
+                principal(self.destination_principal.as_ref()),
+            ),
+            ("destination_app", d.app),
+            ("destination_version", d.version),
+            ("destination_cluster", d.cluster),
+            ("request_protocol", "tcp".to_owned()),
+            ("response_flags", self.response_flags.to_owned()),
+            (
+                "connection_security_policy",
+                if self.mutual_tls {
+                    "mutual_tls"
+                } else {
+                    "unknown"
+                }
+                .to_owned(),
+            ),
+        ]
     }
 }

@@ -71,6 +71,16 @@ pub struct Config {
     #[arg(long, env = "AMBIT_RETRIES", default_value_t = 2)]
     pub retries: u32,
 
+    /// How long a client on a port without a declared protocol may stay silent before the
+    /// connection is proxied at L4 as a server-first protocol (declare such ports
+    /// `appProtocol: tcp` instead).
+    #[arg(
+        long,
+        env = "AMBIT_PROTOCOL_DETECTION_TIMEOUT_MS",
+        default_value_t = 1000
+    )]
+    pub protocol_detection_timeout_ms: u64,
+
     /// Workload certificate lifetime, in seconds (Istio's SECRET_TTL).
     #[arg(long, env = "SECRET_TTL_SECONDS", default_value_t = 86400)]
     pub secret_ttl_seconds: u64,
@@ -120,6 +130,7 @@ impl Config {
             request_timeout: (self.request_timeout_ms > 0)
                 .then(|| Duration::from_millis(self.request_timeout_ms)),
             retries: self.retries,
+            protocol_detection_timeout: Duration::from_millis(self.protocol_detection_timeout_ms),
             ..Default::default()
         }
     }

@@ -1,7 +1,9 @@
-//! Istio's HTTP metrics as a waypoint reports them (`reporter="waypoint"`):
+//! Istio's metrics as a waypoint reports them (`reporter="waypoint"`): for HTTP,
 //! `istio_requests_total`, `istio_request_duration_milliseconds`, `istio_request_bytes` and
-//! `istio_response_bytes`, with Istio's label set in Istio's order, rendered for Prometheus on
-//! 15020.
+//! `istio_response_bytes`; for connections proxied at L4, `istio_tcp_connections_opened_total`,
+//! `istio_tcp_connections_closed_total`, `istio_tcp_received_bytes_total` and
+//! `istio_tcp_sent_bytes_total`. Istio's label sets in Istio's order, rendered for Prometheus
+//! on 15020.
 //!
 //! Each waypoint instance has its own recorder (not the process-global one), so several
 //! instances in one process, as in tests, keep separate counts.
@@ -11,7 +13,7 @@ use std::time::Duration;
 
 use ambit_mesh::identity::Identity;
 use ambit_mesh::state::{Service, Workload};
-use ambit_mesh::telemetry::{or_unknown, principal, WorkloadLabels};
+use ambit_mesh::telemetry::{or_unknown, principal, TrafficLabels, WorkloadLabels};
 use metrics::{Key, Label, Level, Metadata, Recorder};
 
 use crate::wasm::WasmFilters;
@@ -23,6 +25,10 @@ pub const REQUESTS: &str = "istio_requests_total";
 pub const DURATION: &str = "istio_request_duration_milliseconds";
 pub const REQUEST_BYTES: &str = "istio_request_bytes";
 pub const RESPONSE_BYTES: &str = "istio_response_bytes";
+pub const TCP_OPENED: &str = "istio_tcp_connections_opened_total";
+pub const TCP_CLOSED: &str = "istio_tcp_connections_closed_total";
+pub const TCP_RECEIVED: &str = "istio_tcp_received_bytes_total";
+pub const TCP_SENT: &str = "istio_tcp_sent_bytes_total";
 
 /// Istio's default histogram buckets (`sidecar.istio.io/statsHistogramBuckets`), used for the
 /// duration (milliseconds) and for both byte histograms.
@@ -122,6 +128,32 @@ impl Metrics {
         self.recorder
             .register_histogram(&key(RESPONSE_BYTES), &METADATA)
             .record(response_bytes as f64);
+    }
+}
+
+impl Metrics {
+    /// A connection proxied at L4 was opened (or refused: then `labels` carry the flag and it is
+    /// closed at once).
+    pub fn connection_opened(&self, labels: &TrafficLabels) {
+        self.tcp_counter(TCP_OPENED, labels, 1);
+    }
+
+    /// `received`: bytes from the client towards the endpoint; `sent`: bytes back to the client.
+    pub fn connection_closed(&self, labels: &TrafficLabels, received: u64, sent: u64) {
+        self.tcp_counter(TCP_CLOSED, labels, 1);
+        self.tcp_counter(TCP_RECEIVED, labels, received);
+        self.tcp_counter(TCP_SENT, labels, sent);
+    }
+
+    fn tcp_counter(&self, name: &'static str, labels: &TrafficLabels, value: u64) {
+        let labels: Vec<Label> = labels
+            .pairs()
+            .into_iter()
+            .map(|(key, value)| Label::new(key, value))
+            .collect();
+        self.recorder
+            .register_counter(&Key::from_parts(name, labels), &METADATA)
+            .increment(value);
     }
 }
 

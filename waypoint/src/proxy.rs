@@ -1,4 +1,5 @@
-//! The waypoint's data path: HBONE in ([`inbound`]: an HTTP server inside each tunnel), the
+//! The waypoint's data path: HBONE in ([`inbound`]: an HTTP server inside each tunnel, or L4
+//! proxying ([`tcp`]) for ports that carry something else, [`sniff`]ed when undeclared), the
 //! per-request phase sequence ([`pipeline`]: Wasm (authn/authz) → authorize → route → request
 //! filters → Wasm → forward → response filters → telemetry), the Wasm filter chain on a request
 //! ([`plugins`]) and the calls filters make ([`calls`]), the route filters ([`filters`]), forwarding with
@@ -12,6 +13,8 @@ pub mod forward;
 pub mod inbound;
 pub mod pipeline;
 pub mod plugins;
+pub mod sniff;
+pub mod tcp;
 pub mod upstream;
 
 use std::sync::Arc;
@@ -47,6 +50,9 @@ pub struct ProxySettings {
     pub pool_max_idle: usize,
     /// How long an idle upstream connection is kept.
     pub pool_idle_timeout: Duration,
+    /// How long a tunnel to a port without a declared protocol may stay silent before it is
+    /// taken for a server-first protocol and proxied at L4.
+    pub protocol_detection_timeout: Duration,
 }
 
 impl Default for ProxySettings {
@@ -60,6 +66,7 @@ impl Default for ProxySettings {
             outlier_base_ejection: Duration::from_secs(30),
             pool_max_idle: 32,
             pool_idle_timeout: Duration::from_secs(60),
+            protocol_detection_timeout: Duration::from_secs(1),
         }
     }
 }

@@ -319,11 +319,16 @@ pub fn convert_service(name: &str, s: workload::Service) -> Result<state::Servic
         });
     }
     let mut ports = state::PortMap::new();
+    let mut app_protocols = std::collections::BTreeMap::new();
     for (i, port) in s.ports.iter().enumerate() {
+        let service_port = ctx.port(format!("ports[{i}].service_port"), port.service_port)?;
         ports.insert(
-            ctx.port(format!("ports[{i}].service_port"), port.service_port)?,
+            service_port,
             ctx.port(format!("ports[{i}].target_port"), port.target_port)?,
         );
+        if let Some(protocol) = app_protocol(port.app_protocol) {
+            app_protocols.insert(service_port, protocol);
+        }
     }
     let waypoint = s.waypoint.map(|g| ctx.gateway("waypoint", g)).transpose()?;
     let converted = state::Service {
@@ -332,6 +337,7 @@ pub fn convert_service(name: &str, s: workload::Service) -> Result<state::Servic
         hostname: s.hostname,
         vips,
         ports,
+        app_protocols,
         subject_alt_names: s.subject_alt_names,
         waypoint,
     };
@@ -452,6 +458,32 @@ fn convert_match(ctx: &Ctx<'_>, at: &str, m: security::Match) -> Result<rbac::Ma
 }
 
 /// The reason part of a snapshot error (its subject is the resource already named).
+/// The model's protocol for a wire `AppProtocol`; `UNKNOWN` (and values newer than this build)
+/// leave the port undeclared, so a waypoint sniffs it.
+fn app_protocol(value: i32) -> Option<state::AppProtocol> {
+    match workload::AppProtocol::try_from(value).ok()? {
+        workload::AppProtocol::Unknown => None,
+        workload::AppProtocol::Http11 => Some(state::AppProtocol::Http11),
+        workload::AppProtocol::Http2 => Some(state::AppProtocol::Http2),
+        workload::AppProtocol::Grpc => Some(state::AppProtocol::Grpc),
+        workload::AppProtocol::Tcp => Some(state::AppProtocol::Tcp),
+        workload::AppProtocol::Tls => Some(state::AppProtocol::Tls),
+    }
+}
+
+/// The wire value for a port's declared protocol (the inverse of [`app_protocol`]).
+pub fn app_protocol_proto(protocol: Option<&state::AppProtocol>) -> i32 {
+    let wire = match protocol {
+        None => workload::AppProtocol::Unknown,
+        Some(state::AppProtocol::Http11) => workload::AppProtocol::Http11,
+        Some(state::AppProtocol::Http2) => workload::AppProtocol::Http2,
+        Some(state::AppProtocol::Grpc) => workload::AppProtocol::Grpc,
+        Some(state::AppProtocol::Tcp) => workload::AppProtocol::Tcp,
+        Some(state::AppProtocol::Tls) => workload::AppProtocol::Tls,
+    };
+    wire as i32
+}
+
 fn state_reason(e: state::StateError) -> String {
     match e {
         state::StateError::BadWorkload { reason, .. }
@@ -625,11 +657,18 @@ mod tests {
                     length: Some(16),
                 },
             ],
-            ports: vec![workload::Port {
-                service_port: 80,
-                target_port: 0,
-                app_protocol: 0,
-            }],
+            ports: vec![
+                workload::Port {
+                    service_port: 80,
+                    target_port: 0,
+                    app_protocol: workload::AppProtocol::Grpc as i32,
+                },
+                workload::Port {
+                    service_port: 81,
+                    target_port: 0,
+                    app_protocol: 0,
+                },
+            ],
             subject_alt_names: vec!["spiffe://cluster.local/ns/demo/sa/echo".into()],
             ..Default::default()
         };
@@ -637,6 +676,11 @@ mod tests {
         assert_eq!(s.vips.len(), 1, "the range is skipped");
         assert_eq!(s.vips[0].to_string(), "/10.96.0.10");
         assert_eq!(s.ports.get(&80), Some(&0));
+        assert_eq!(
+            s.app_protocols,
+            std::collections::BTreeMap::from([(80, state::AppProtocol::Grpc)]),
+            "UNKNOWN declares nothing"
+        );
         assert_eq!(
             s.subject_alt_names,
             ["spiffe://cluster.local/ns/demo/sa/echo"]

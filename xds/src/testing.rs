@@ -622,13 +622,16 @@ fn gateway_proto(g: &state::GatewayAddress) -> workload::GatewayAddress {
     }
 }
 
-fn ports_proto(ports: &state::PortMap) -> Vec<workload::Port> {
+fn ports_proto(
+    ports: &state::PortMap,
+    protocols: &std::collections::BTreeMap<u16, state::AppProtocol>,
+) -> Vec<workload::Port> {
     ports
         .iter()
         .map(|(&service_port, &target_port)| workload::Port {
             service_port: service_port.into(),
             target_port: target_port.into(),
-            app_protocol: 0,
+            app_protocol: crate::convert::app_protocol_proto(protocols.get(&service_port)),
         })
         .collect()
 }
@@ -659,7 +662,7 @@ pub fn workload_proto(w: &state::Workload) -> workload::Workload {
                 (
                     key.clone(),
                     workload::PortList {
-                        ports: ports_proto(ports),
+                        ports: ports_proto(ports, &Default::default()),
                     },
                 )
             })
@@ -695,7 +698,7 @@ pub fn service_proto(s: &state::Service) -> workload::Service {
                 length: None,
             })
             .collect(),
-        ports: ports_proto(&s.ports),
+        ports: ports_proto(&s.ports, &s.app_protocols),
         subject_alt_names: s.subject_alt_names.clone(),
         waypoint: s.waypoint.as_ref().map(gateway_proto),
         ..Default::default()

@@ -124,6 +124,7 @@ services:
   hostname: reviews.bookinfo.svc.cluster.local
   vips: ["/10.96.120.7"]
   ports: {9080: 9080}
+  appProtocols: {9080: http11}
   subjectAltNames: ["spiffe://cluster.local/ns/bookinfo/sa/bookinfo-reviews"]
   waypoint:
     destination: "/10.96.200.1"

@@ -7,9 +7,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use ambit_mesh::identity::Identity;
 use ambit_mesh::state::Workload;
-use ambit_mesh::telemetry::{principal, WorkloadLabels};
+use ambit_mesh::telemetry::WorkloadLabels;
+pub use ambit_mesh::telemetry::{Reporter, TrafficLabels};
 use metrics::{Key, Label, Level, Metadata, Recorder};
 use metrics_exporter_prometheus::{
     Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
@@ -26,28 +26,6 @@ const DNS_UPSTREAM_DURATION: &str = "istio_dns_upstream_request_duration_seconds
 /// Istio's buckets for the upstream DNS duration: a cache hit, a LAN resolver, the internet, a
 /// retry, a timeout.
 const DNS_UPSTREAM_BUCKETS: [f64; 6] = [0.0005, 0.001, 0.01, 0.1, 1.0, 5.0];
-
-/// Which side of a connection reports it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Reporter {
-    Source,
-    Destination,
-}
-
-/// Istio's `CommonTrafficLabels` for one connection. Unknown values render as `unknown`.
-#[derive(Clone, Debug)]
-pub struct TrafficLabels {
-    pub reporter: Reporter,
-    pub source: Option<Arc<Workload>>,
-    pub source_principal: Option<Identity>,
-    pub destination: Option<Arc<Workload>>,
-    pub destination_principal: Option<Identity>,
-    /// Hostname of the service the client addressed, if it addressed one.
-    pub destination_service: Option<(String, String, String)>,
-    /// True on HBONE (`mutual_tls`), false on plaintext (`unknown`).
-    pub mutual_tls: bool,
-    pub response_flags: &'static str,
-}
 
 /// A recorder and its Prometheus view.
 pub struct Metrics {
@@ -90,7 +68,12 @@ impl Metrics {
     fn counter(&self, name: &'static str, labels: &TrafficLabels, value: u64) {
         static METADATA: Metadata<'static> =
             Metadata::new(module_path!(), Level::INFO, Some(module_path!()));
-        let key = Key::from_parts(name, labels.to_labels());
+        let labels: Vec<Label> = labels
+            .pairs()
+            .into_iter()
+            .map(|(key, value)| Label::new(key, value))
+            .collect();
+        let key = Key::from_parts(name, labels);
         self.recorder
             .register_counter(&key, &METADATA)
             .increment(value);
@@ -155,71 +138,5 @@ impl DnsLabels {
             Label::new("source_canonical_service", service),
             Label::new("source_canonical_revision", revision),
         ]
-    }
-}
-
-impl TrafficLabels {
-    /// Labels in Istio's order.
-    fn to_labels(&self) -> Vec<Label> {
-        let s = WorkloadLabels::of(self.source.as_deref());
-        let d = WorkloadLabels::of(self.destination.as_deref());
-        let (svc_host, svc_namespace, svc_name) = match &self.destination_service {
-            Some((host, namespace, name)) => (host.clone(), namespace.clone(), name.clone()),
-            None => (
-                "unknown".to_owned(),
-                "unknown".to_owned(),
-                "unknown".to_owned(),
-            ),
-        };
-        let pairs: [(&'static str, String); 23] = [
-            (
-                "reporter",
-                match self.reporter {
-                    Reporter::Source => "source",
-                    Reporter::Destination => "destination",
-                }
-                .to_owned(),
-            ),
-            ("source_workload", s.workload),
-            ("source_canonical_service", s.canonical_service),
-            ("source_canonical_revision", s.canonical_revision),
-            ("source_workload_namespace", s.namespace),
-            (
-                "source_principal",
-                principal(self.source_principal.as_ref()),
-            ),
-            ("source_app", s.app),
-            ("source_version", s.version),
-            ("source_cluster", s.cluster),
-            ("destination_service", svc_host),
-            ("destination_service_namespace", svc_namespace),
-            ("destination_service_name", svc_name),
-            ("destination_workload", d.workload),
-            ("destination_canonical_service", d.canonical_service),
-            ("destination_canonical_revision", d.canonical_revision),
-            ("destination_workload_namespace", d.namespace),
-            (
-                "destination_principal",
-                principal(self.destination_principal.as_ref()),
-            ),
-            ("destination_app", d.app),
-            ("destination_version", d.version),
-            ("destination_cluster", d.cluster),
-            ("request_protocol", "tcp".to_owned()),
-            ("response_flags", self.response_flags.to_owned()),
-            (
-                "connection_security_policy",
-                if self.mutual_tls {
-                    "mutual_tls"
-                } else {
-                    "unknown"
-                }
-                .to_owned(),
-            ),
-        ];
-        pairs
-            .into_iter()
-            .map(|(key, value)| Label::new(key, value))
-            .collect()
     }
 }

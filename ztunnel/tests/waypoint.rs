@@ -56,6 +56,7 @@ fn start_waypoint(cluster: &Cluster) -> WaypointPod {
         readiness_address: local(0),
         request_timeout_ms: 0,
         retries: 2,
+        protocol_detection_timeout_ms: 1000,
         secret_ttl_seconds: 3600,
     };
     let (ready, started) = std::sync::mpsc::channel();

@@ -525,6 +525,46 @@ fn admitted(cfg: &LocalConfig, conn: &ConnectionInfo) -> bool {
 }
 
 #[test]
+fn service_ports_declare_their_protocol_by_app_protocol_then_name() {
+    let text = format!(
+        "{}apiVersion: v1
+kind: Service
+metadata: {{name: mixed, namespace: demo}}
+spec:
+  selector: {{app: echo}}
+  ports:
+  - {{name: web, port: 81, targetPort: 8080, appProtocol: HTTP2}}
+  - {{name: http-admin, port: 82, targetPort: 8080}}
+  - {{name: tcp-db, port: 83, targetPort: 8080}}
+  - {{name: grpc-web, port: 84, targetPort: 8080}}
+  - {{name: mysql, port: 85, targetPort: 8080}}
+  - {{name: https, port: 86, targetPort: 8080}}
+  - {{name: other, port: 87, targetPort: 8080}}
+  - {{name: http-but-declared, port: 88, targetPort: 8080, appProtocol: tcp}}
+",
+        demo_text()
+    );
+    let cfg = config_for(&applied(&text));
+    let mixed = cfg.services.iter().find(|s| s.name == "mixed").unwrap();
+    use ambit_mesh::state::AppProtocol::*;
+    assert_eq!(
+        mixed.app_protocols,
+        BTreeMap::from([
+            (81, Http2),
+            (82, Http11),
+            (83, Tcp),
+            (84, Grpc),
+            (85, Tcp),
+            (86, Tls),
+            (88, Tcp)
+        ]),
+        "port 87 declares nothing and is sniffed"
+    );
+    let echo = cfg.services.iter().find(|s| s.name == "echo").unwrap();
+    assert_eq!(echo.app_protocols, BTreeMap::from([(80, Http11)]));
+}
+
+#[test]
 fn the_demo_translates_to_ztunnel_config() {
     let state = applied(&demo_text());
     let cfg = config_for(&state);

@@ -24,13 +24,13 @@ use std::net::IpAddr;
 use ambit_mesh::rbac::Authorization;
 use ambit_mesh::state::local::LocalConfig;
 use ambit_mesh::state::{
-    GatewayAddress, GatewayDestination, HealthStatus, NetworkAddress, PortMap, Protocol, Service,
-    Workload,
+    AppProtocol, GatewayAddress, GatewayDestination, HealthStatus, NetworkAddress, PortMap,
+    Protocol, Service, Workload,
 };
 
 use super::authz::{self, convert_authorization_policy};
 use super::{ClusterState, ROOT_NAMESPACE};
-use crate::manifest::{selector_matches, Kind, ObjectRef, Pod, TargetPort};
+use crate::manifest::{selector_matches, Kind, ObjectRef, Pod, ServicePort, TargetPort};
 
 /// The cluster name in workload uids (`<cluster>//Pod/<ns>/<name>`), istiod's default.
 pub const CLUSTER_ID: &str = "Kubernetes";
@@ -239,7 +239,11 @@ pub fn ztunnel_config(
         .map(|svc| {
             let (ns, name) = (&svc.metadata.namespace, &svc.metadata.name);
             let mut ports = PortMap::new();
+            let mut app_protocols = BTreeMap::new();
             for p in &svc.spec.ports {
+                if let Some(protocol) = declared_protocol(p) {
+                    app_protocols.insert(p.port, protocol);
+                }
                 match p.target_port {
                     TargetPort::Number(n) => {
                         ports.entry(p.port).or_insert(n);
@@ -265,6 +269,7 @@ pub fn ztunnel_config(
                     .into_iter()
                     .collect(),
                 ports,
+                app_protocols,
                 subject_alt_names: Vec::new(),
                 waypoint: service_waypoint(state, svc, running),
             }
@@ -364,4 +369,29 @@ pub(super) fn service_waypoint_ref(
         return None;
     }
     Some((waypoint_namespace.clone(), name.clone()))
+}
+
+/// The protocol a Service port declares, by Istio's rules: `appProtocol` first, else the port
+/// name's `<protocol>[-suffix]` prefix, case-insensitively. Protocols other than HTTP that Istio
+/// knows (mongo, mysql, redis, ...) are TCP to a waypoint; anything else declares nothing and is
+/// sniffed.
+fn declared_protocol(port: &ServicePort) -> Option<AppProtocol> {
+    let known = |name: &str| -> Option<AppProtocol> {
+        match name.to_ascii_lowercase().as_str() {
+            "http" | "http_proxy" | "kubernetes.io/ws" | "kubernetes.io/wss" => {
+                Some(AppProtocol::Http11)
+            }
+            "http2" | "kubernetes.io/h2c" => Some(AppProtocol::Http2),
+            "grpc" | "grpc-web" => Some(AppProtocol::Grpc),
+            "https" | "tls" => Some(AppProtocol::Tls),
+            "tcp" | "mongo" | "mysql" | "redis" | "thrift" => Some(AppProtocol::Tcp),
+            _ => None,
+        }
+    };
+    if let Some(declared) = port.app_protocol.as_deref().and_then(known) {
+        return Some(declared);
+    }
+    let name = port.name.as_deref()?;
+    // `grpc-web` is a protocol of its own, not `grpc` with a suffix.
+    known(name).or_else(|| known(name.split('-').next()?))
 }

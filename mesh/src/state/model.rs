@@ -22,6 +22,29 @@ pub enum Protocol {
     Hbone,
 }
 
+/// What a service port carries, as declared by the Service (`appProtocol`, or the port name's
+/// `<protocol>-` prefix), following `istio.workload.AppProtocol`. A waypoint serves HTTP ports
+/// at L7 and proxies TCP ports at L4; a port with no declared protocol is sniffed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AppProtocol {
+    Http11,
+    Http2,
+    Grpc,
+    Tcp,
+    Tls,
+}
+
+impl AppProtocol {
+    /// HTTP/1.1, HTTP/2 or gRPC: requests a waypoint can route and authorize one by one.
+    pub fn is_http(self) -> bool {
+        matches!(
+            self,
+            AppProtocol::Http11 | AppProtocol::Http2 | AppProtocol::Grpc
+        )
+    }
+}
+
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub enum HealthStatus {
     #[default]
@@ -180,6 +203,9 @@ pub struct Service {
     /// Service port → target port (0: same as the service port).
     #[serde(default)]
     pub ports: PortMap,
+    /// Declared protocols of service ports; a port missing here declared none.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub app_protocols: BTreeMap<u16, AppProtocol>,
     /// Identities a client accepts from this service's endpoints besides their own.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub subject_alt_names: Vec<String>,

@@ -16,6 +16,11 @@
 //! without a JWT.
 //!
 //! Policies annotated `istio.io/dry-run: "true"` are evaluated and logged, never enforced.
+//!
+//! A connection proxied at L4 (a TCP port) has no HTTP attributes, and Istio's TCP rule applies:
+//! an ALLOW rule that names HTTP-only fields (`methods`, `paths`, `hosts`, `requestPrincipals`,
+//! `request.headers[...]`) never matches, and a DENY rule is enforced without them, so mixing
+//! HTTP fields into a policy can only make TCP traffic more restricted, never less.
 
 use std::net::{IpAddr, SocketAddr};
 
@@ -57,6 +62,8 @@ struct Rule {
     from: Vec<SourceMatch>,
     to: Vec<OperationMatch>,
     when: Vec<ConditionMatch>,
+    /// Names a field only HTTP requests have.
+    uses_http: bool,
 }
 
 /// A list condition with its `not` twin: a set `any` list needs one match, a set `none` list
@@ -79,6 +86,10 @@ impl<T> Default for Values<T> {
 impl<T> Values<T> {
     fn new(any: Vec<T>, none: Vec<T>) -> Self {
         Values { any, none }
+    }
+
+    fn is_set(&self) -> bool {
+        !self.any.is_empty() || !self.none.is_empty()
     }
 
     fn check(&self, matches: impl Fn(&T) -> bool) -> bool {
@@ -132,7 +143,7 @@ enum ConditionMatch {
     Unsupported,
 }
 
-/// What authorization looks at in one request.
+/// What authorization looks at in one request or L4 connection.
 #[derive(Clone, Copy, Debug)]
 pub struct RequestAttributes<'a> {
     /// The HBONE peer's verified identity.
@@ -143,6 +154,13 @@ pub struct RequestAttributes<'a> {
     pub destination: SocketAddr,
     /// The addressed Service's (namespace, name), when a Service was addressed.
     pub service: Option<(&'a str, &'a str)>,
+    /// `None` for a connection proxied at L4.
+    pub http: Option<HttpAttributes<'a>>,
+}
+
+/// The HTTP side of a request.
+#[derive(Clone, Copy, Debug)]
+pub struct HttpAttributes<'a> {
     pub method: &'a str,
     /// Without the query, dot segments resolved.
     pub path: &'a str,
@@ -251,7 +269,7 @@ impl PolicyTable {
             .filter(|p| p.action == AuthorizationAction::Audit)
         {
             if matched(policy) {
-                tracing::info!(policy = %policy.name, path = request.path, "audited request");
+                tracing::info!(policy = %policy.name, path = request.http.map(|h| h.path), destination = %request.destination, "audited request");
             }
         }
         let allow: Vec<&&Policy> = applicable
@@ -324,10 +342,19 @@ fn compile_rule(policy: &str, rule: &AuthorizationRule, namespace: &str) -> Rule
             },
         }
     };
+    let from: Vec<SourceMatch> = rule.from.iter().map(source).collect();
+    let to: Vec<OperationMatch> = rule.to.iter().map(operation).collect();
+    let when: Vec<ConditionMatch> = rule.when.iter().map(condition).collect();
+    let uses_http = from.iter().any(|s| s.request_principals.is_set())
+        || to
+            .iter()
+            .any(|o| o.hosts.is_set() || o.methods.is_set() || o.paths.is_set())
+        || when.iter().any(|c| matches!(c, ConditionMatch::Header(..)));
     Rule {
-        from: rule.from.iter().map(source).collect(),
-        to: rule.to.iter().map(operation).collect(),
-        when: rule.when.iter().map(condition).collect(),
+        from,
+        to,
+        when,
+        uses_http,
     }
 }
 
@@ -356,6 +383,11 @@ impl Rule {
     /// Whether the rule matches; `deny_side` decides what an unsupported condition does (fail
     /// closed: it matches for DENY-like policies, never for ALLOW).
     fn matches(&self, r: &RequestAttributes<'_>, deny_side: bool) -> bool {
+        if r.http.is_none() && self.uses_http && !deny_side {
+            return false;
+        }
+        // At L4 on the deny side, the HTTP-only fields are left out of the rule.
+        let http = |check: &dyn Fn(&HttpAttributes<'_>) -> bool| r.http.as_ref().is_none_or(check);
         let principal = r.source_principal.map(principal).unwrap_or_default();
         let namespace = r
             .source_principal
@@ -366,7 +398,7 @@ impl Rule {
             || self.from.iter().any(|s| {
                 s.principals.check(|m| m.matches(&principal))
                     // No request authentication: there is never a request principal.
-                    && s.request_principals.check(|_| false)
+                    && http(&|_| s.request_principals.check(|_| false))
                     && s.namespaces.check(|m| m.matches(namespace))
                     && s.service_accounts.check(|(ns, sa)| {
                         r.source_principal
@@ -378,19 +410,21 @@ impl Rule {
                         r.source_principal.is_some_and(|i| m.matches(i.trust_domain()))
                     })
             });
-        let host = r.host.to_ascii_lowercase();
-        let host_no_port = strip_port(&host);
         let to = self.to.is_empty()
             || self.to.iter().any(|o| {
-                o.hosts
-                    .check(|m| m.matches(&host) || m.matches(host_no_port))
-                    && o.ports.check(|p| *p == r.destination.port())
-                    && o.methods.check(|m| m.matches(r.method))
-                    && o.paths.check(|m| m.matches(r.path))
+                o.ports.check(|p| *p == r.destination.port())
+                    && http(&|h| {
+                        let host = h.host.to_ascii_lowercase();
+                        let host_no_port = strip_port(&host);
+                        o.hosts
+                            .check(|m| m.matches(&host) || m.matches(host_no_port))
+                            && o.methods.check(|m| m.matches(h.method))
+                            && o.paths.check(|m| m.matches(h.path))
+                    })
             });
         let when = self.when.iter().all(|c| match c {
-            ConditionMatch::Header(name, values) => {
-                let value = r
+            ConditionMatch::Header(name, values) => http(&|h| {
+                let value = h
                     .headers
                     .get_all(name.as_str())
                     .iter()
@@ -398,7 +432,7 @@ impl Rule {
                     .collect::<Vec<_>>()
                     .join(",");
                 values.check(|m| m.matches(&value))
-            }
+            }),
             ConditionMatch::SourceIp(v) => v.check(|n| n.contains(&r.source_ip)),
             ConditionMatch::RemoteIp(v) => v.check(|n| n.contains(&remote_ip)),
             ConditionMatch::SourceNamespace(v) => v.check(|m| m.matches(namespace)),
@@ -413,8 +447,8 @@ impl Rule {
 
 /// `remote.ip`: the first `x-forwarded-for` address when the client sent one, else the source.
 fn remote_ip(r: &RequestAttributes<'_>) -> IpAddr {
-    r.headers
-        .get("x-forwarded-for")
+    r.http
+        .and_then(|h| h.headers.get("x-forwarded-for"))
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.split(',').next())
         .and_then(|v| v.trim().parse().ok())
@@ -491,11 +525,69 @@ mod tests {
             source_ip: "10.0.0.1".parse().unwrap(),
             destination: "10.96.0.10:80".parse().unwrap(),
             service: Some(("default", "echo")),
-            method,
-            path: &normalized,
-            host: "echo.default.svc.cluster.local:80",
-            headers: &headers,
+            http: Some(HttpAttributes {
+                method,
+                path: &normalized,
+                host: "echo.default.svc.cluster.local:80",
+                headers: &headers,
+            }),
         })
+    }
+
+    fn check_l4(t: &PolicyTable, sa: &str, port: u16) -> Verdict {
+        let identity = Identity::new("cluster.local", "default", sa).unwrap();
+        t.evaluate(&RequestAttributes {
+            source_principal: Some(&identity),
+            source_ip: "10.0.0.1".parse().unwrap(),
+            destination: format!("10.96.0.10:{port}").parse().unwrap(),
+            service: Some(("default", "echo")),
+            http: None,
+        })
+    }
+
+    #[test]
+    fn l4_connections_follow_istios_tcp_rule() {
+        // An ALLOW rule with an HTTP field never matches a TCP connection; one without does.
+        let t = table(
+            r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: allow}
+spec:
+  targetRefs: [{kind: Service, group: "", name: echo}]
+  rules:
+  - from: [{source: {principals: ["cluster.local/ns/default/sa/sleep"]}}]
+    to: [{operation: {methods: ["GET"]}}]
+  - from: [{source: {principals: ["cluster.local/ns/default/sa/db-client"]}}]
+    to: [{operation: {ports: ["5432"]}}]
+"#,
+        );
+        let nomatch = Verdict::Deny("allow-nomatch".into());
+        assert_eq!(check_l4(&t, "sleep", 80), nomatch);
+        assert_eq!(check(&t, "sleep", "GET", "/"), Verdict::Allow);
+        assert_eq!(check_l4(&t, "db-client", 5432), Verdict::Allow);
+        assert_eq!(check_l4(&t, "db-client", 5433), nomatch);
+        // A DENY rule is enforced without its HTTP fields: the whole connection is denied.
+        let t = table(
+            r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: deny-admin}
+spec:
+  targetRefs: [{kind: Service, group: "", name: echo}]
+  action: DENY
+  rules:
+  - from: [{source: {principals: ["cluster.local/ns/default/sa/sleep"]}}]
+    to: [{operation: {paths: ["/admin*"]}}]
+    when: [{key: "request.headers[x-debug]", values: ["1"]}]
+"#,
+        );
+        assert_eq!(
+            check_l4(&t, "sleep", 80),
+            Verdict::Deny("default/deny-admin".into())
+        );
+        assert_eq!(check_l4(&t, "other", 80), Verdict::Allow);
+        assert_eq!(check(&t, "sleep", "GET", "/"), Verdict::Allow);
     }
 
     #[test]

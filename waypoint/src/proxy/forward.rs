@@ -63,7 +63,7 @@ pub fn random() -> u64 {
 }
 
 /// The wait before retry `n` (1-based): full jitter over an exponentially growing interval.
-fn backoff(base: Duration, n: u32) -> Duration {
+pub(super) fn backoff(base: Duration, n: u32) -> Duration {
     let ceiling = (base * 2u32.saturating_pow(n.saturating_sub(1))).min(base * 10);
     let nanos = ceiling.as_nanos().max(1) as u64;
     Duration::from_nanos(random() % nanos)

@@ -1,20 +1,24 @@
-//! HBONE in: each accepted `CONNECT` becomes an HTTP connection. The handler hands the HBONE
-//! server one end of an in-memory pipe to splice the tunnel to, and serves HTTP/1.1 or HTTP/2
-//! (told apart by the HTTP/2 preface) on the other end; every request goes through the
-//! [`pipeline`](super::pipeline).
+//! HBONE in: the handler hands the HBONE server one end of an in-memory pipe to splice each
+//! accepted `CONNECT` to, and serves the other end by what the addressed port carries: HTTP
+//! (HTTP/1.1 or HTTP/2, told apart by the HTTP/2 preface; every request goes through the
+//! [`pipeline`](super::pipeline)) or TCP ([`tcp`](super::tcp), proxied at L4). A Service port's
+//! declared protocol decides; a port that declares none, and pod-addressed traffic, are
+//! [sniffed](super::sniff).
 
 use std::sync::Arc;
 
 use ambit_mesh::hbone::server::{ConnectHandler, ConnectRequest, Rejection, Upstream};
 use ambit_mesh::identity::BoxFuture;
 use ambit_mesh::state::{Destination, Snapshot, Workload};
+use bytes::Bytes;
 use hyper::body::Incoming;
 use hyper::Request;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
-use tokio::io::DuplexStream;
+use tokio::io::{AsyncRead, AsyncWrite, DuplexStream};
 
-use super::{pipeline, Context};
+use super::sniff::{self, Detected, Rewind};
+use super::{pipeline, tcp, Context};
 
 /// Bytes buffered in each direction of the pipe between the tunnel and the HTTP server.
 const PIPE_BUFFER: usize = 64 * 1024;
@@ -57,8 +61,15 @@ impl ConnectHandler for Inbound {
                 connect: request,
                 source,
             });
-            let (tunnel_end, http_end) = tokio::io::duplex(PIPE_BUFFER);
-            tokio::spawn(serve_http(self.context.clone(), tunnel, http_end));
+            let declared =
+                declared_protocol(&snapshot, &self.context.network, tunnel.connect.target);
+            let (tunnel_end, proxy_end) = tokio::io::duplex(PIPE_BUFFER);
+            tokio::spawn(serve_tunnel(
+                self.context.clone(),
+                tunnel,
+                proxy_end,
+                declared,
+            ));
             Ok(Box::new(tunnel_end) as Box<dyn Upstream>)
         })
     }
@@ -76,9 +87,46 @@ fn source_workload(
     (workload.identity().ok()? == request.peer_identity).then(|| workload.clone())
 }
 
+/// What the addressed Service port declares it carries; `None` (sniff) for undeclared ports and
+/// for pod-addressed traffic.
+fn declared_protocol(
+    snapshot: &Snapshot,
+    network: &str,
+    target: std::net::SocketAddr,
+) -> Option<Detected> {
+    let service = snapshot.service_by_vip(network, target.ip())?;
+    let protocol = service.app_protocols.get(&target.port())?;
+    Some(if protocol.is_http() {
+        Detected::Http
+    } else {
+        Detected::Tcp
+    })
+}
+
+/// Serves one tunnel at L7 or L4, detecting which when the port does not say.
+async fn serve_tunnel(
+    context: Arc<Context>,
+    tunnel: Arc<TunnelInfo>,
+    mut io: DuplexStream,
+    declared: Option<Detected>,
+) {
+    let (protocol, read) = match declared {
+        Some(protocol) => (protocol, Bytes::new()),
+        None => sniff::detect(&mut io, context.settings.protocol_detection_timeout).await,
+    };
+    let io = Rewind::new(read, io);
+    match protocol {
+        Detected::Http => serve_http(context, tunnel, io).await,
+        Detected::Tcp => tcp::serve(context, tunnel, io).await,
+    }
+}
+
 /// Serves HTTP on one tunnel until the client closes it. Malformed requests get hyper's 400 (on
 /// HTTP/1.1) or a stream reset (on HTTP/2); either ends only this tunnel.
-async fn serve_http(context: Arc<Context>, tunnel: Arc<TunnelInfo>, io: DuplexStream) {
+async fn serve_http<S>(context: Arc<Context>, tunnel: Arc<TunnelInfo>, io: S)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let service = hyper::service::service_fn(move |request: Request<Incoming>| {
         pipeline::serve(context.clone(), tunnel.clone(), request)
     });

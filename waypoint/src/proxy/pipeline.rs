@@ -38,7 +38,7 @@ use super::inbound::TunnelInfo;
 use super::plugins::{self, RequestPlugins};
 use super::upstream::Target;
 use super::Context;
-use crate::l7::authz::{normalize_path, RequestAttributes, Verdict};
+use crate::l7::authz::{normalize_path, HttpAttributes, RequestAttributes, Verdict};
 use crate::l7::routes::{RequestView, Routing, Rule};
 use crate::l7::L7Config;
 use crate::metrics::RequestLabels;
@@ -275,7 +275,7 @@ async fn handle(
 }
 
 /// What the tunnel addressed: a Service VIP or a workload.
-fn addressed(
+pub(super) fn addressed(
     context: &Context,
     snapshot: &Snapshot,
     tunnel: &TunnelInfo,
@@ -323,10 +323,12 @@ fn authorize(
         source_ip,
         destination: tunnel.connect.target,
         service,
-        method: head.method.as_str(),
-        path: &path,
-        host: &host,
-        headers: &head.headers,
+        http: Some(HttpAttributes {
+            method: head.method.as_str(),
+            path: &path,
+            host: &host,
+            headers: &head.headers,
+        }),
     });
     match verdict {
         Verdict::Allow => Ok(()),
@@ -341,7 +343,7 @@ fn authorize(
     }
 }
 
-fn service_name(service: &Service) -> (&str, &str) {
+pub(super) fn service_name(service: &Service) -> (&str, &str) {
     (service.namespace.as_str(), service.name.as_str())
 }
 

@@ -315,7 +315,7 @@ fn forwarded_for(tunnel: &TunnelInfo) -> SocketAddr {
 
 /// Opens the byte stream to an endpoint: HBONE to `podIP:15008` when it is in the mesh, plain
 /// TCP otherwise.
-async fn open(
+pub(super) async fn open(
     context: &Context,
     tunnel: &TunnelInfo,
     endpoint: &Endpoint,

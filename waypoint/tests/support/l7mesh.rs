@@ -8,6 +8,10 @@
 //! query, host, `x-test` header). `/slow` waits two seconds; `/flaky` answers 503 while the
 //! mesh's `failures` counter is above zero (decrementing it); `/fail` always answers 503;
 //! `Upgrade: echo` requests are switched (101) and echo their bytes.
+//!
+//! Beside HTTP on port 80 (no declared protocol: sniffed), each pod serves two TCP ports: 5432,
+//! declared `tcp`, echoes what it receives; 7000, undeclared, is server-first: it greets with
+//! `hello from <pod>\n`, then echoes.
 
 #![allow(dead_code)]
 
@@ -38,6 +42,10 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 
 pub const ECHO_VIP: &str = "10.96.1.10:80";
+/// The echo service's port declared TCP.
+pub const ECHO_TCP_VIP: &str = "10.96.1.10:5432";
+/// The echo service's undeclared port with a server-first protocol.
+pub const ECHO_GREETER_VIP: &str = "10.96.1.10:7000";
 pub const ECHO_HOST: &str = "echo.default.svc.cluster.local";
 pub const CLIENT_ADDR: &str = "10.9.9.9:40000";
 
@@ -54,6 +62,8 @@ pub struct Pod {
     pub forwarder: Arc<testing::TcpForwarder>,
     /// `path?query` of every request the app received.
     pub paths: Arc<Mutex<Vec<String>>>,
+    /// Connections the TCP apps (5432 and 7000) accepted.
+    pub tcp_connections: Arc<AtomicU32>,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -99,6 +109,8 @@ fn state(net: u8) -> StateStore {
   services:
     default/{service}.default.svc.cluster.local:
       80: 8080
+      5432: 5432
+      7000: 7000
 "#
         ));
     }
@@ -112,7 +124,7 @@ workloads:{workloads}
   workloadIps: ["10.9.9.9"]
   protocol: HBONE
 services:
-- {{name: echo, namespace: default, hostname: echo.default.svc.cluster.local, vips: ["/10.96.1.10"], ports: {{80: 8080}}}}
+- {{name: echo, namespace: default, hostname: echo.default.svc.cluster.local, vips: ["/10.96.1.10"], ports: {{80: 8080, 5432: 5432, 7000: 7000}}, appProtocols: {{5432: tcp}}}}
 - {{name: echo-v2, namespace: default, hostname: echo-v2.default.svc.cluster.local, vips: ["/10.96.1.11"], ports: {{80: 8080}}}}
 - {{name: shadow, namespace: default, hostname: shadow.default.svc.cluster.local, vips: ["/10.96.1.12"], ports: {{80: 8080}}}}
 "#
@@ -227,6 +239,37 @@ async fn app(
         .unwrap()
 }
 
+/// The TCP apps: an echo server on 5432, and on 7000 a server-first greeter that then echoes.
+async fn start_tcp_apps(
+    ip: IpAddr,
+    name: &'static str,
+    connections: Arc<AtomicU32>,
+) -> Vec<JoinHandle<()>> {
+    let mut tasks = Vec::new();
+    for (port, greeting) in [(5432, None), (7000, Some(format!("hello from {name}\n")))] {
+        let listener = TcpListener::bind(SocketAddr::new(ip, port))
+            .await
+            .expect("bind TCP app");
+        let connections = connections.clone();
+        tasks.push(tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                connections.fetch_add(1, Ordering::SeqCst);
+                let greeting = greeting.clone();
+                tokio::spawn(async move {
+                    if let Some(greeting) = greeting {
+                        if stream.write_all(greeting.as_bytes()).await.is_err() {
+                            return;
+                        }
+                    }
+                    let (mut read, mut write) = stream.split();
+                    let _ = tokio::io::copy(&mut read, &mut write).await;
+                });
+            }
+        }));
+    }
+    tasks
+}
+
 async fn start_pod_hbone(
     ip: IpAddr,
     service_account: &str,
@@ -268,7 +311,8 @@ impl L7Mesh {
             let ip = pod_ip(net, host);
             let paths = Arc::new(Mutex::new(Vec::new()));
             let forwarder = Arc::new(testing::TcpForwarder::default());
-            let tasks = vec![
+            let tcp_connections = Arc::new(AtomicU32::new(0));
+            let mut tasks = vec![
                 start_app(
                     SocketAddr::new(ip, 8080),
                     name,
@@ -278,11 +322,13 @@ impl L7Mesh {
                 .await,
                 start_pod_hbone(ip, service, certificates.clone(), forwarder.clone()).await,
             ];
+            tasks.extend(start_tcp_apps(ip, name, tcp_connections.clone()).await);
             pods.push(Pod {
                 name,
                 ip,
                 forwarder,
                 paths,
+                tcp_connections,
                 tasks,
             });
         }
@@ -397,10 +443,16 @@ impl L7Mesh {
 
     /// Sum of `istio_requests_total` samples whose labels contain every one of `labels`.
     pub async fn requests_total(&self, labels: &[&str]) -> u64 {
+        self.counter("istio_requests_total", labels).await
+    }
+
+    /// Sum of the samples of counter `name` whose labels contain every one of `labels`.
+    pub async fn counter(&self, name: &str, labels: &[&str]) -> u64 {
+        let prefix = format!("{name}{{");
         self.metrics()
             .await
             .lines()
-            .filter(|l| l.starts_with("istio_requests_total{"))
+            .filter(|l| l.starts_with(&prefix))
             .filter(|l| labels.iter().all(|want| l.contains(want)))
             .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
             .sum()

@@ -220,6 +220,7 @@ mod tests {
                 })
                 .collect(),
             ports: Default::default(),
+            app_protocols: Default::default(),
             subject_alt_names: Vec::new(),
             waypoint: None,
         }
