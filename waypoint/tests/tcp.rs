@@ -2,7 +2,8 @@
 //! (HTTP-looking bytes included), an undeclared port is sniffed (a binary client-first protocol
 //! at once, a server-first one after the detection timeout), HTTP on an undeclared port is still
 //! served at L7, and AuthorizationPolicy applies Istio's TCP rule. Real HBONE, TLS and sockets
-//! throughout (fixture: `support/l7mesh.rs`, nets 127.78.37-39.x).
+//! throughout (fixture: `support/l7mesh.rs`, nets 127.78.{11,37,38,39}.x). Least-request
+//! balancing is checked here too, with an L4 connection as the long request.
 
 #[path = "support/l7mesh.rs"]
 mod l7mesh;
@@ -219,4 +220,38 @@ spec:
     let mut tunnel = mesh.tunnel_as("db-client", ECHO_TCP_VIP).await;
     tunnel.write_all(b"select 1").await.unwrap();
     assert_eq!(read_n(&mut tunnel, 8).await, b"select 1");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn least_request_keeps_new_requests_off_a_busy_endpoint() {
+    let mesh = L7Mesh::start(11, "", settings()).await;
+    // A long-lived L4 connection keeps one endpoint busy.
+    let mut held = mesh.tunnel_as("sleep", ECHO_TCP_VIP).await;
+    held.write_all(b"hold").await.unwrap();
+    assert_eq!(read_n(&mut held, 4).await, b"hold");
+    let busy = if mesh.pod("echo-a").tcp_connections.load(Ordering::SeqCst) == 1 {
+        "echo-a"
+    } else {
+        "echo-b"
+    };
+    // Round robin would alternate; least request sends every short request to the idle one.
+    for i in 0..6 {
+        let (status, _, body) = mesh.get(&format!("/short-{i}"), &[]).await;
+        assert_eq!(status, 200);
+        assert_ne!(
+            body, busy,
+            "request {i} went to the endpoint with a connection in flight"
+        );
+    }
+    drop(held);
+    // Once the connection is gone, both take requests again.
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..50 {
+        seen.insert(mesh.get("/after", &[]).await.2);
+        if seen.len() == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(seen.len(), 2, "{seen:?}");
 }

@@ -1,6 +1,7 @@
 //! Body wrappers that measure streamed bodies without buffering them: [`CountingBody`] counts a
 //! request body's bytes as they go upstream; [`ObservedBody`] counts a response body's bytes and
-//! records the request's metrics when the response ends (or is abandoned).
+//! records the request's metrics when the response ends (or is abandoned); [`InFlightBody`]
+//! keeps a request counted at its endpoint until the response body is done with.
 
 use std::convert::Infallible;
 use std::pin::Pin;
@@ -14,6 +15,7 @@ use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full};
 use hyper::body::{Body, Frame, SizeHint};
 
+use super::upstream::InFlight;
 use crate::metrics::{Metrics, RequestLabels};
 
 /// The body type requests and responses are carried in.
@@ -59,6 +61,46 @@ impl Body for CountingBody {
             if let Some(data) = frame.data_ref() {
                 self.count.fetch_add(data.len() as u64, Ordering::Relaxed);
             }
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// An endpoint's response body, counting the request as in flight at that endpoint (for least
+/// request balancing) until the body has been read or dropped.
+pub struct InFlightBody {
+    inner: hyper::body::Incoming,
+    in_flight: Option<InFlight>,
+}
+
+impl InFlightBody {
+    pub fn new(inner: hyper::body::Incoming, in_flight: InFlight) -> Self {
+        InFlightBody {
+            inner,
+            in_flight: Some(in_flight),
+        }
+    }
+}
+
+impl Body for InFlightBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(None | Some(Err(_))) = &polled {
+            self.in_flight = None;
         }
         polled
     }

@@ -21,7 +21,7 @@ use http::{Request, Response, StatusCode, Uri, Version};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
-use super::body::{BoxBody, ReplayBody};
+use super::body::{BoxBody, InFlightBody, ReplayBody};
 use super::filters::RequestHead;
 use super::inbound::TunnelInfo;
 use super::pipeline::LocalReply;
@@ -122,7 +122,7 @@ pub async fn forward(
     head: &RequestHead,
     body: &mut ReplayBody,
     labels: &mut RequestLabels,
-) -> Result<(Response<Incoming>, &'static str), LocalReply> {
+) -> Result<(Response<BoxBody>, &'static str), LocalReply> {
     let snapshot = context.state.load();
     let configured = plan.retry.is_some();
     let (retries, base_backoff) = match &plan.retry {
@@ -152,6 +152,7 @@ pub async fn forward(
         };
         labels.destination_principal = endpoint.workload.identity().ok();
         labels.destination = Some(endpoint.workload.clone());
+        let in_flight = context.upstreams.start(&endpoint.workload);
         labels.destination_service = endpoint.service.clone();
         if !body.replayable() {
             // A streamed body went with an earlier attempt.
@@ -187,6 +188,8 @@ pub async fn forward(
                     continue;
                 }
                 let flags = if retriable && attempt > 0 { "URX" } else { "-" };
+                let response =
+                    response.map(|body| InFlightBody::new(body, in_flight).boxed_unsync());
                 return Ok((response, flags));
             }
             Attempt::Failed(Failure::Connect { message, retryable }) => {

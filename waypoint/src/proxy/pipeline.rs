@@ -257,7 +257,6 @@ async fn handle(
             splice_upgrade(client, hyper::upgrade::on(&mut response));
         }
     }
-    let mut response = response.map(BodyExt::boxed_unsync);
     if let Some(wasm) = &wasm {
         if response.status() != StatusCode::SWITCHING_PROTOCOLS {
             let (mut parts, body) = response.into_parts();

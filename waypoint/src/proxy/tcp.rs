@@ -54,6 +54,7 @@ where
         Ok(connected) => connected,
         Err(flag) => return refuse(&context, labels, flag),
     };
+    let _in_flight = context.upstreams.start(&endpoint);
     labels.destination_principal = endpoint.identity().ok();
     labels.destination = Some(endpoint);
     context.metrics.connection_opened(&labels);

@@ -1,5 +1,6 @@
-//! Towards endpoints: which endpoint takes an attempt (round robin over the healthy endpoints
-//! serving the port, skipping ejected ones), outlier ejection (Envoy's consecutive-5xx detector
+//! Towards endpoints: which endpoint takes an attempt (least request, Istio's default: of two
+//! candidates, the one with fewer requests in flight; the first candidate goes round robin and
+//! wins ties, so an idle service is served in turn; ejected endpoints sit out), outlier ejection (Envoy's consecutive-5xx detector
 //! with its defaults: 5 in a row eject an endpoint for 30 s × the times it was ejected), and the
 //! upstream HTTP/1.1 connections themselves: an HBONE tunnel to `podIP:15008` (plain TCP for
 //! endpoints outside the mesh), kept alive and reused for later requests from the same client.
@@ -77,11 +78,22 @@ struct Idle {
     since: Instant,
 }
 
+/// Requests (or L4 connections) in flight at one endpoint, counted while this lives.
+pub struct InFlight(Arc<AtomicUsize>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// Endpoint choice, outlier state and idle connections, shared by all requests.
 pub struct Upstreams {
     settings: ProxySettings,
     next_pick: AtomicUsize,
     health: Mutex<HashMap<String, Health>>,
+    /// Requests in flight per endpoint (workload uid).
+    in_flight: Mutex<HashMap<String, Arc<AtomicUsize>>>,
     idle: Arc<Mutex<HashMap<PoolKey, Vec<Idle>>>>,
 }
 
@@ -91,6 +103,7 @@ impl Upstreams {
             settings,
             next_pick: AtomicUsize::new(0),
             health: Mutex::default(),
+            in_flight: Mutex::default(),
             idle: Arc::default(),
         }
     }
@@ -100,8 +113,29 @@ impl Upstreams {
         self.next_pick.fetch_add(1, Ordering::Relaxed)
     }
 
+    /// Counts a request (or connection) at `workload` until the returned guard is dropped.
+    pub fn start(&self, workload: &Workload) -> InFlight {
+        let mut in_flight = self.in_flight.lock().expect("in-flight lock");
+        if in_flight.len() > 4096 {
+            // Endpoints that went away leave idle counters behind.
+            in_flight.retain(|_, count| Arc::strong_count(count) > 1);
+        }
+        let count = in_flight.entry(workload.uid.clone()).or_default().clone();
+        count.fetch_add(1, Ordering::Relaxed);
+        InFlight(count)
+    }
+
+    fn in_flight(&self, workload: &Workload) -> usize {
+        self.in_flight
+            .lock()
+            .expect("in-flight lock")
+            .get(&workload.uid)
+            .map_or(0, |count| count.load(Ordering::Relaxed))
+    }
+
     /// Picks the endpoint for attempt `attempt`, preferring one not in `tried` and one not
-    /// ejected. `None`: the Service has no healthy endpoint serving the port.
+    /// ejected, then the less busy of two candidates. `None`: the Service has no healthy
+    /// endpoint serving the port.
     pub fn pick(
         &self,
         snapshot: &Snapshot,
@@ -154,8 +188,19 @@ impl Upstreams {
         drop(health);
         let candidates = if usable.is_empty() { &all } else { &usable };
         let mut chosen = None;
+        let len = candidates.len();
         for offset in 0..HOST_SELECTION_ATTEMPTS {
-            let (workload, target_port) = candidates[base.wrapping_add(offset) % candidates.len()];
+            let first = base.wrapping_add(offset) % len;
+            let mut choice = candidates[first];
+            if len > 1 {
+                // Power of two choices: a second candidate at random, never the first again.
+                let second =
+                    candidates[(first + 1 + super::forward::random() as usize % (len - 1)) % len];
+                if self.in_flight(second.0) < self.in_flight(choice.0) {
+                    choice = second;
+                }
+            }
+            let (workload, target_port) = choice;
             let fresh = !tried.iter().any(|t| t.uid == workload.uid);
             chosen = Some(Endpoint {
                 service: Some(service.clone()),
@@ -420,5 +465,42 @@ services:
             upstreams.record(&b, true);
         }
         assert_eq!(picks(2), ["a", "b"]);
+    }
+
+    #[test]
+    fn busy_endpoints_lose_to_idle_ones_and_idle_ones_take_turns() {
+        let yaml = r#"
+workloads:
+- {uid: a, name: a, namespace: default, workloadIps: ["10.0.0.1"], services: {default/echo.default.svc.cluster.local: {80: 8080}}}
+- {uid: b, name: b, namespace: default, workloadIps: ["10.0.0.2"], services: {default/echo.default.svc.cluster.local: {80: 8080}}}
+- {uid: c, name: c, namespace: default, workloadIps: ["10.0.0.3"], services: {default/echo.default.svc.cluster.local: {80: 8080}}}
+services:
+- {name: echo, namespace: default, hostname: echo.default.svc.cluster.local, vips: ["/10.96.0.1"], ports: {80: 8080}}
+"#;
+        let path = std::path::Path::new("t.yaml");
+        let snapshot = LocalConfig::parse(yaml, path)
+            .unwrap()
+            .into_snapshot(path)
+            .unwrap();
+        let service = snapshot.services().next().unwrap().clone();
+        let target = Target::Service { service, port: 80 };
+        let upstreams = Upstreams::new(ProxySettings::default());
+        let pick = |i: usize| upstreams.pick(&snapshot, &target, i, &[]).unwrap();
+        let uids =
+            |n: usize| -> Vec<String> { (0..n).map(|i| pick(i).workload.uid.clone()).collect() };
+        assert_eq!(uids(6), ["a", "b", "c", "a", "b", "c"], "idle: round robin");
+        let a = snapshot.workload("a").unwrap().clone();
+        let busy: Vec<InFlight> = (0..3).map(|_| upstreams.start(&a)).collect();
+        assert_eq!(upstreams.in_flight(&a), 3);
+        for i in 0..60 {
+            assert_ne!(
+                pick(i).workload.uid,
+                "a",
+                "pick {i} went to the busy endpoint"
+            );
+        }
+        drop(busy);
+        assert_eq!(upstreams.in_flight(&a), 0);
+        assert_eq!(uids(3), ["a", "b", "c"]);
     }
 }
