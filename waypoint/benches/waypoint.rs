@@ -31,6 +31,10 @@
 //!   response body (the timer's ~1 ms granularity delays sends, it is never timed). Requests go
 //!   one at a time (HTTP/1.1 does not pipeline), so one slower than the interval holds the next
 //!   back, untimed: the `slow` column counts them (a handful at most for the figures to hold).
+//! - **L4**: the service's port 5432, declared `appProtocol: tcp`, where each pod runs a TCP echo
+//!   server: the waypoint proxies it byte for byte. One tunnel; `bulk` streams 128 MiB through it
+//!   and back (MiB/s counts the bytes sent one way) while `ping-pong` sends 64 bytes and waits for
+//!   them, one round trip at a time for `AMBIT_BENCH_SECONDS`. Direct is the same tunnel to a pod.
 //! - **MEMORY**: the waypoint alone in a child process (this binary again; its CA written to a
 //!   temporary directory), so its VmRSS is the waypoint's and nothing else's: just started, after
 //!   one request, with `AMBIT_BENCH_MEMORY_CONNS` client connections open (each with one request
@@ -42,7 +46,7 @@
 //! - `AMBIT_BENCH_CONNS`: concurrent client connections for requests/s (default 16).
 //! - `AMBIT_BENCH_RATE`: requests per second in the latency rows (default 500).
 //! - `AMBIT_BENCH_MEMORY_CONNS`: connections held open for the memory rows (default 1000).
-//! - `AMBIT_BENCH_ONLY`: `throughput`, `latency` or `memory` to run just that group.
+//! - `AMBIT_BENCH_ONLY`: `throughput`, `latency`, `l4` or `memory` to run just that group.
 //! - `AMBIT_BENCH_THREADS`: Tokio worker threads in this process (default: the machine's cores).
 
 use std::convert::Infallible;
@@ -72,6 +76,7 @@ use hyper::body::Incoming;
 use hyper::client::conn::http1::SendRequest;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 
@@ -79,6 +84,11 @@ use tokio::task::JoinSet;
 const NET: u8 = 201;
 const PODS: [&str; 2] = ["echo-a", "echo-b"];
 const VIP: &str = "10.96.1.10:80";
+/// The service port declared TCP, and the pods' echo port behind it.
+const TCP_VIP: &str = "10.96.1.10:5432";
+const TCP_PORT: u16 = 5432;
+/// Bytes the L4 bulk row streams through and back.
+const BULK_BYTES: usize = 128 * 1024 * 1024;
 const HOST: &str = "echo.default.svc.cluster.local";
 const CLIENT_ADDR: &str = "10.9.9.9:40000";
 /// Set (to the CA directory) in the memory test's child, which runs only a waypoint.
@@ -207,6 +217,27 @@ async fn run(config: Config) {
         println!();
     }
 
+    if config.runs_group("l4") {
+        println!(
+            "L4: port {TCP_PORT} declared tcp, TCP echo pods; one tunnel: bulk = {} MiB through \
+             and back, ping-pong = 64-byte round trips one at a time for {} s",
+            BULK_BYTES / MIB as usize,
+            config.seconds
+        );
+        println!(
+            "  {:<24}{:>12}{:>16}{:>14}{:>12}",
+            "path", "bulk MiB/s", "round trips/s", "RTT p50", "RTT p99"
+        );
+        let direct = bench.l4(None, &config).await;
+        direct.print("direct (baseline)");
+        let waypoint = bench.waypoint(None).await;
+        bench
+            .l4(Some(waypoint.address), &config)
+            .await
+            .print("waypoint (L4)");
+        println!();
+    }
+
     if config.runs_group("memory") {
         let dir = std::env::temp_dir().join(format!("ambit-waypoint-bench-{}", std::process::id()));
         ca.save(&dir.join("ca")).expect("save the CA");
@@ -290,6 +321,7 @@ fn state() -> StateStore {
   services:
     default/echo.default.svc.cluster.local:
       80: 8080
+      5432: 5432
 "#,
             pod_ip(i)
         ));
@@ -304,7 +336,7 @@ workloads:{workloads}
   workloadIps: ["10.9.9.9"]
   protocol: HBONE
 services:
-- {{name: echo, namespace: default, hostname: {HOST}, vips: ["/10.96.1.10"], ports: {{80: 8080}}}}
+- {{name: echo, namespace: default, hostname: {HOST}, vips: ["/10.96.1.10"], ports: {{80: 8080, 5432: 5432}}, appProtocols: {{80: http11, 5432: tcp}}}}
 "#
     );
     let path = Path::new("bench.yaml");
@@ -382,6 +414,18 @@ async fn start_pods(certificates: &Arc<CertificateManager>) {
                     let _ = hyper::server::conn::http1::Builder::new()
                         .serve_connection(TokioIo::new(stream), service)
                         .await;
+                });
+            }
+        });
+        let echo = TcpListener::bind(SocketAddr::new(pod_ip(i), TCP_PORT))
+            .await
+            .expect("bind the TCP echo app");
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = echo.accept().await {
+                let _ = stream.set_nodelay(true);
+                tokio::spawn(async move {
+                    let (mut read, mut write) = stream.split();
+                    let _ = tokio::io::copy(&mut read, &mut write).await;
                 });
             }
         });
@@ -584,13 +628,19 @@ impl Bench {
 
 /// A client connection: one tunnel, an HTTP/1.1 handshake inside it. `waypoint` `None` goes
 /// straight to pod `index % 2`.
-async fn connect(client: &Client, waypoint: Option<SocketAddr>, index: usize) -> Connection {
-    let request = match waypoint {
+/// A tunnel to `vip` through the waypoint, or to pod `index % 2` on `port` directly.
+fn tunnel_request(
+    waypoint: Option<SocketAddr>,
+    index: usize,
+    vip: &str,
+    port: u16,
+) -> TunnelRequest {
+    match waypoint {
         Some(address) => TunnelRequest {
             source: testing::identity("default", "sleep"),
             destination_identities: vec![waypoint_identity()],
             hbone_address: address,
-            target: VIP.parse().expect("VIP"),
+            target: vip.parse().expect("VIP"),
             headers: ConnectHeaders {
                 forwarded_for: Some(CLIENT_ADDR.parse().expect("client address")),
                 ..Default::default()
@@ -602,14 +652,18 @@ async fn connect(client: &Client, waypoint: Option<SocketAddr>, index: usize) ->
                 source: testing::identity("default", "sleep"),
                 destination_identities: vec![testing::identity("default", "echo")],
                 hbone_address: SocketAddr::new(pod, HBONE_PORT),
-                target: SocketAddr::new(pod, 8080),
+                target: SocketAddr::new(pod, port),
                 headers: ConnectHeaders {
                     forwarded_for: Some(CLIENT_ADDR.parse().expect("client address")),
                     ..Default::default()
                 },
             }
         }
-    };
+    }
+}
+
+async fn connect(client: &Client, waypoint: Option<SocketAddr>, index: usize) -> Connection {
+    let request = tunnel_request(waypoint, index, VIP, 8080);
     let tunnel = client.connect(&request).await.expect("tunnel");
     let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tunnel))
         .await
@@ -684,7 +738,74 @@ impl Connection {
     }
 }
 
+impl Bench {
+    /// Bulk throughput and ping-pong round trips over one tunnel to the TCP echo port.
+    async fn l4(&self, waypoint: Option<SocketAddr>, config: &Config) -> L4Figures {
+        let request = tunnel_request(waypoint, 0, TCP_VIP, TCP_PORT);
+        let tunnel = self.client.connect(&request).await.expect("L4 tunnel");
+        let (mut read, mut write) = tokio::io::split(tunnel);
+        let started = Instant::now();
+        let writer = tokio::spawn(async move {
+            let chunk = vec![0x5a; 64 * 1024];
+            for _ in 0..BULK_BYTES / chunk.len() {
+                write.write_all(&chunk).await.expect("bulk write");
+            }
+            write
+        });
+        let mut buf = vec![0; 64 * 1024];
+        let mut echoed = 0;
+        while echoed < BULK_BYTES {
+            let n = read.read(&mut buf).await.expect("bulk read");
+            assert!(n > 0, "the echo closed after {echoed} bytes");
+            echoed += n;
+        }
+        let bulk = BULK_BYTES as f64 / MIB as f64 / started.elapsed().as_secs_f64();
+        let mut write = writer.await.expect("writer");
+
+        let ping = [0x42u8; 64];
+        let mut pong = [0u8; 64];
+        let mut rtts = Vec::new();
+        let until = Instant::now() + Duration::from_secs(config.seconds);
+        while Instant::now() < until {
+            let sent = Instant::now();
+            write.write_all(&ping).await.expect("ping");
+            read.read_exact(&mut pong).await.expect("pong");
+            rtts.push(sent.elapsed());
+        }
+        assert_eq!(pong, ping, "the echo changed the bytes");
+        let round_trips = rtts.len() as f64 / config.seconds as f64;
+        rtts.sort();
+        let at = |q: f64| rtts[((rtts.len() - 1) as f64 * q) as usize];
+        L4Figures {
+            bulk,
+            round_trips,
+            p50: at(0.5),
+            p99: at(0.99),
+        }
+    }
+}
+
 // --- Figures ---
+
+struct L4Figures {
+    /// MiB/s sent one way (and echoed back).
+    bulk: f64,
+    round_trips: f64,
+    p50: Duration,
+    p99: Duration,
+}
+
+impl L4Figures {
+    fn print(&self, name: &str) {
+        println!(
+            "  {name:<24}{:>12.0}{:>16.0}{:>11} µs{:>9} µs",
+            self.bulk,
+            self.round_trips,
+            self.p50.as_micros(),
+            self.p99.as_micros()
+        );
+    }
+}
 
 struct Rate {
     per_second: f64,
