@@ -96,6 +96,8 @@ services:
   vips: ["/10.96.0.10"]
   ports:
     80: 8080
+  appProtocols:
+    80: http11
 "#
     );
     let path = Path::new("test.yaml");
@@ -471,4 +473,86 @@ async fn unknown_destination_tunnel_is_refused() {
         Err(err) => err,
     };
     assert_eq!(err.status(), Some(StatusCode::SERVICE_UNAVAILABLE));
+}
+
+/// Sends `bytes` on a fresh tunnel and returns what the waypoint answered within `wait`, and
+/// whether it closed the tunnel by then.
+async fn raw_exchange(mesh: &Mesh, bytes: &[u8], wait: Duration) -> (String, bool) {
+    let mut tunnel = mesh.tunnel().await;
+    tunnel.write_all(bytes).await.unwrap();
+    let mut answer = Vec::new();
+    let closed = tokio::time::timeout(wait, tunnel.read_to_end(&mut answer))
+        .await
+        .is_ok();
+    (String::from_utf8_lossy(&answer).into_owned(), closed)
+}
+
+#[tokio::test]
+async fn malformed_and_smuggling_requests_are_refused_and_others_still_served() {
+    let mesh = mesh(10, [(true, true); 2], ProxySettings::default()).await;
+    let huge_header = format!(
+        "GET / HTTP/1.1\r\nhost: {HOST}\r\nx-big: {}\r\n\r\n",
+        "a".repeat(100 * 1024)
+    );
+    // Content-Length beside chunked, the classic smuggling request: the chunked framing wins
+    // (RFC 9112 §6.1), the request is re-framed towards the endpoint, and the connection is
+    // not kept alive after the one response, so the request hidden behind it is never read.
+    let (answer, _) = raw_exchange(
+        &mesh,
+        b"POST / HTTP/1.1\r\nhost: echo\r\ncontent-length: 4\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nhost: echo\r\n\r\n",
+        Duration::from_secs(1),
+    )
+    .await;
+    assert_eq!(
+        answer.matches("HTTP/1.1 ").count(),
+        1,
+        "one response, then the connection closes: {answer}"
+    );
+    let cases: [(&str, &[u8], &str); 5] = [
+        (
+            "conflicting content-length",
+            b"POST / HTTP/1.1\r\nhost: echo\r\ncontent-length: 5\r\ncontent-length: 6\r\n\r\nhello!",
+            "HTTP/1.1 400",
+        ),
+        (
+            "a control byte in a header name",
+            b"GET / HTTP/1.1\r\nhost: echo\r\nbad\x01name: v\r\n\r\n",
+            "HTTP/1.1 400",
+        ),
+        (
+            "obsolete line folding",
+            b"GET / HTTP/1.1\r\nhost: echo\r\nx-folded: a\r\n  b\r\n\r\n",
+            "HTTP/1.1 400",
+        ),
+        (
+            "a chunk size that is not hex",
+            b"POST / HTTP/1.1\r\nhost: echo\r\ntransfer-encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n",
+            // The head was already forwarded when the body broke: the attempt fails (Envoy
+            // answers 400 there; either way no request completes).
+            "HTTP/1.1 503",
+        ),
+        // 431, unless the tunnel is reset first for the unread rest of the 100 KiB.
+        ("headers over the limit", huge_header.as_bytes(), ""),
+    ];
+    for (what, bytes, expected) in cases {
+        let (answer, closed) = raw_exchange(&mesh, bytes, Duration::from_secs(5)).await;
+        assert!(closed, "{what}: the tunnel stayed open after {answer:?}");
+        assert!(
+            answer.is_empty()
+                || answer.starts_with("HTTP/1.1 4")
+                || answer.starts_with("HTTP/1.1 5"),
+            "{what}: {answer}"
+        );
+        assert!(
+            answer.starts_with(expected),
+            "{what}: expected {expected:?}, got {:?}",
+            answer.lines().next()
+        );
+        assert!(
+            !answer.contains("HTTP/1.1 200"),
+            "{what}: a request got through: {answer}"
+        );
+    }
+    let (status, _, _) = mesh.get("/").await;
+    assert_eq!(status, StatusCode::OK, "others are still served");
 }

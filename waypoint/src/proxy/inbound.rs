@@ -22,6 +22,10 @@ use super::{pipeline, tcp, Context};
 
 /// Bytes buffered in each direction of the pipe between the tunnel and the HTTP server.
 const PIPE_BUFFER: usize = 64 * 1024;
+/// The largest request head (request line and headers) accepted: Envoy's default
+/// `max_request_headers_kb` (60 KiB). Larger ones are answered 431 on HTTP/1.1 and reset on
+/// HTTP/2.
+const MAX_REQUEST_HEAD: usize = 60 * 1024;
 
 /// One accepted tunnel, as each of its requests sees it.
 pub struct TunnelInfo {
@@ -132,7 +136,13 @@ where
     });
     let mut builder = auto::Builder::new(TokioExecutor::new());
     // A client may half-close once its request is sent and still expect the response.
-    builder.http1().half_close(true);
+    builder
+        .http1()
+        .half_close(true)
+        .max_buf_size(MAX_REQUEST_HEAD);
+    builder
+        .http2()
+        .max_header_list_size(MAX_REQUEST_HEAD as u32);
     // With upgrades: a WebSocket handshake answered 101 turns the connection into a byte stream.
     if let Err(err) = builder
         .serve_connection_with_upgrades(TokioIo::new(io), service)
