@@ -17,7 +17,10 @@
 //!   routing, telemetry) → pooled HBONE + HTTP/1.1 to an echo pod → app;
 //! - **waypoint + 1 filter**: the same with one WasmPlugin, `ambit-filter-headers` removing,
 //!   setting and adding request headers and removing and setting response headers;
-//! - **waypoint + 3 filters**: three such WasmPlugins in a chain.
+//! - **waypoint + 3 filters**: three such WasmPlugins in a chain;
+//! - **HTTP/2 direct** / **HTTP/2 waypoint**: the client speaks HTTP/2 (prior knowledge) inside
+//!   its tunnel instead, one request at a time per connection; the app serves HTTP/2 directly,
+//!   the waypoint forwards over HTTP/1.1 as it always does.
 //!
 //! Rows:
 //!
@@ -75,7 +78,7 @@ use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::Incoming;
 use hyper::client::conn::http1::SendRequest;
 use hyper::{Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
@@ -185,13 +188,20 @@ async fn run(config: Config) {
             "  {:<24}{:>12}{:>16}{:>18}{:>10}",
             "path", "requests/s", "CPU µs/request", "added by waypoint", "errors"
         );
-        let direct = bench.throughput(None, &config).await;
+        let direct = bench.throughput(None, Http::One, &config).await;
         direct.print("direct (baseline)", None);
         for (name, l7) in &configs {
             let waypoint = bench.waypoint(l7.as_deref()).await;
-            let rate = bench.throughput(Some(&waypoint), &config).await;
+            let rate = bench.throughput(Some(&waypoint), Http::One, &config).await;
             rate.print(name, Some(&direct));
         }
+        let direct = bench.throughput(None, Http::Two, &config).await;
+        direct.print("HTTP/2 direct (baseline)", None);
+        let waypoint = bench.waypoint(None).await;
+        bench
+            .throughput(Some(&waypoint), Http::Two, &config)
+            .await
+            .print("HTTP/2 waypoint", Some(&direct));
         println!();
     }
 
@@ -205,15 +215,22 @@ async fn run(config: Config) {
             "  {:<24}{:>10}{:>10}{:>10}{:>10}{:>10}{:>8}",
             "path", "p50", "p99", "p99.9", "max", "mean", "slow"
         );
-        let direct = bench.latency(None, &config).await;
+        let direct = bench.latency(None, Http::One, &config).await;
         direct.print("direct (baseline)", None);
         for (name, l7) in &configs[..2] {
             let waypoint = bench.waypoint(l7.as_deref()).await;
             bench
-                .latency(Some(&waypoint), &config)
+                .latency(Some(&waypoint), Http::One, &config)
                 .await
                 .print(name, Some(&direct));
         }
+        let direct = bench.latency(None, Http::Two, &config).await;
+        direct.print("HTTP/2 direct (baseline)", None);
+        let waypoint = bench.waypoint(None).await;
+        bench
+            .latency(Some(&waypoint), Http::Two, &config)
+            .await
+            .print("HTTP/2 waypoint", Some(&direct));
         println!();
     }
 
@@ -411,7 +428,7 @@ async fn start_pods(certificates: &Arc<CertificateManager>) {
                     let service = hyper::service::service_fn(move |request| async move {
                         Ok::<_, Infallible>(app(name, request).await)
                     });
-                    let _ = hyper::server::conn::http1::Builder::new()
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                         .serve_connection(TokioIo::new(stream), service)
                         .await;
                 });
@@ -477,11 +494,16 @@ impl Bench {
     }
 
     /// Requests/s and CPU per request over `config.conns` connections.
-    async fn throughput(&self, waypoint: Option<&InProcessWaypoint>, config: &Config) -> Rate {
+    async fn throughput(
+        &self,
+        waypoint: Option<&InProcessWaypoint>,
+        http: Http,
+        config: &Config,
+    ) -> Rate {
         let address = waypoint.map(|w| w.address);
         let mut connections = Vec::new();
         for i in 0..config.conns {
-            let mut connection = connect(&self.client, address, i).await;
+            let mut connection = connect(&self.client, address, i, http).await;
             let headers = connection.get().await.expect("first request");
             if let Some(waypoint) = waypoint {
                 waypoint.check(&headers);
@@ -527,8 +549,13 @@ impl Bench {
     }
 
     /// Paced requests on one connection.
-    async fn latency(&self, waypoint: Option<&InProcessWaypoint>, config: &Config) -> Latencies {
-        let mut connection = connect(&self.client, waypoint.map(|w| w.address), 0).await;
+    async fn latency(
+        &self,
+        waypoint: Option<&InProcessWaypoint>,
+        http: Http,
+        config: &Config,
+    ) -> Latencies {
+        let mut connection = connect(&self.client, waypoint.map(|w| w.address), 0, http).await;
         let headers = connection.get().await.expect("first request");
         if let Some(waypoint) = waypoint {
             waypoint.check(&headers);
@@ -571,7 +598,7 @@ impl Bench {
         settle().await;
         let started = rss(pid);
 
-        let mut first = connect(&self.client, Some(address), 0).await;
+        let mut first = connect(&self.client, Some(address), 0, Http::One).await;
         let headers = first.get().await.expect("first request");
         assert_eq!(
             headers.contains_key("x-frame-options"),
@@ -614,7 +641,7 @@ impl Bench {
             }
             let client = self.client.clone();
             opening.spawn(async move {
-                let mut connection = connect(&client, Some(address), i).await;
+                let mut connection = connect(&client, Some(address), i, Http::One).await;
                 connection.get().await.expect("request");
                 connection
             });
@@ -662,14 +689,45 @@ fn tunnel_request(
     }
 }
 
-async fn connect(client: &Client, waypoint: Option<SocketAddr>, index: usize) -> Connection {
+async fn connect(
+    client: &Client,
+    waypoint: Option<SocketAddr>,
+    index: usize,
+    http: Http,
+) -> Connection {
     let request = tunnel_request(waypoint, index, VIP, 8080);
-    let tunnel = client.connect(&request).await.expect("tunnel");
-    let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tunnel))
-        .await
-        .expect("HTTP/1.1 handshake");
-    tokio::spawn(connection);
+    let tunnel = TokioIo::new(client.connect(&request).await.expect("tunnel"));
+    let sender = match http {
+        Http::One => {
+            let (sender, connection) = hyper::client::conn::http1::handshake(tunnel)
+                .await
+                .expect("HTTP/1.1 handshake");
+            tokio::spawn(connection);
+            Sender::One(sender)
+        }
+        Http::Two => {
+            let (sender, connection) =
+                hyper::client::conn::http2::handshake(TokioExecutor::new(), tunnel)
+                    .await
+                    .expect("HTTP/2 handshake");
+            tokio::spawn(connection);
+            Sender::Two(sender)
+        }
+    };
     Connection { sender }
+}
+
+/// What the client speaks inside its tunnel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Http {
+    One,
+    /// HTTP/2 with prior knowledge, one request at a time on each connection.
+    Two,
+}
+
+enum Sender {
+    One(SendRequest<Empty<Bytes>>),
+    Two(hyper::client::conn::http2::SendRequest<Empty<Bytes>>),
 }
 
 /// Kills and reaps the child waypoint when dropped.
@@ -710,25 +768,35 @@ impl Drop for InProcessWaypoint {
 }
 
 struct Connection {
-    sender: SendRequest<Empty<Bytes>>,
+    sender: Sender,
 }
 
 impl Connection {
     /// One GET, its whole response read; the response headers.
     async fn get(&mut self) -> Result<http::HeaderMap, String> {
-        self.sender.ready().await.map_err(|e| e.to_string())?;
-        let request = Request::get("/api/v1/items?page=2")
+        // HTTP/2 carries the authority in the URI (`:authority`); HTTP/1.1 in origin form.
+        let uri = match self.sender {
+            Sender::One(_) => "/api/v1/items?page=2".to_owned(),
+            Sender::Two(_) => format!("http://{HOST}/api/v1/items?page=2"),
+        };
+        let request = Request::get(uri)
             .header("host", HOST)
             .header("user-agent", "ambit-bench")
             .header("accept", "*/*")
             .header("x-debug", "1")
             .body(Empty::new())
             .expect("request");
-        let response = self
-            .sender
-            .send_request(request)
-            .await
-            .map_err(|e| e.to_string())?;
+        let response = match &mut self.sender {
+            Sender::One(sender) => {
+                sender.ready().await.map_err(|e| e.to_string())?;
+                sender.send_request(request).await
+            }
+            Sender::Two(sender) => {
+                sender.ready().await.map_err(|e| e.to_string())?;
+                sender.send_request(request).await
+            }
+        }
+        .map_err(|e| e.to_string())?;
         let (parts, body) = response.into_parts();
         body.collect().await.map_err(|e| e.to_string())?;
         if parts.status != StatusCode::OK {
