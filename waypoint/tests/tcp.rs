@@ -2,7 +2,7 @@
 //! (HTTP-looking bytes included), an undeclared port is sniffed (a binary client-first protocol
 //! at once, a server-first one after the detection timeout), HTTP on an undeclared port is still
 //! served at L7, and AuthorizationPolicy applies Istio's TCP rule. Real HBONE, TLS and sockets
-//! throughout (fixture: `support/l7mesh.rs`, nets 127.78.{11,37,38,39}.x). Least-request
+//! throughout (fixture: `support/l7mesh.rs`, nets 127.78.{11,12,13,37,38,39}.x). Least-request
 //! balancing is checked here too, with an L4 connection as the long request.
 
 #[path = "support/l7mesh.rs"]
@@ -254,4 +254,45 @@ async fn least_request_keeps_new_requests_off_a_busy_endpoint() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     assert_eq!(seen.len(), 2, "{seen:?}");
+}
+
+/// A WasmPlugin on the echo service running the example headers filter in `phase`.
+fn headers_plugin(phase: &str) -> String {
+    let module = ambit_wasm_host::testing::build_filter("ambit-filter-headers");
+    format!(
+        r#"apiVersion: extensions.istio.io/v1alpha1
+kind: WasmPlugin
+metadata: {{name: headers, namespace: default}}
+spec:
+  targetRefs: [{{kind: Service, group: "", name: echo}}]
+  url: file://{}
+  phase: {phase}
+  pluginConfig: {{request: {{set: {{x-env: prod}}}}}}
+"#,
+        module.display()
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_authn_wasm_plugin_closes_the_l4_path_and_a_stats_one_does_not() {
+    // An HTTP filter that authenticates cannot check raw TCP: such connections are refused
+    // rather than let past it.
+    let mesh = L7Mesh::start(12, &headers_plugin("AUTHN"), settings()).await;
+    let mut tunnel = mesh.tunnel_as("sleep", ECHO_TCP_VIP).await;
+    let _ = tunnel.write_all(b"data").await;
+    let mut buf = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), tunnel.read_to_end(&mut buf))
+        .await
+        .expect("the refused tunnel is closed");
+    assert!(read.is_err() || buf.is_empty(), "nothing came back");
+    assert_eq!(tcp_connections(&mesh, &["echo-a", "echo-b"]), 0);
+    let (status, _, _) = mesh.get("/", &[]).await;
+    assert_eq!(status, 200, "HTTP still passes through the filter");
+    drop(mesh);
+
+    // A STATS plugin promises nothing about access: TCP passes, as in Istio.
+    let mesh = L7Mesh::start(13, &headers_plugin("STATS"), settings()).await;
+    let mut tunnel = mesh.tunnel_as("sleep", ECHO_TCP_VIP).await;
+    tunnel.write_all(b"data").await.unwrap();
+    assert_eq!(read_n(&mut tunnel, 4).await, b"data");
 }
