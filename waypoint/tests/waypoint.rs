@@ -527,9 +527,9 @@ async fn malformed_and_smuggling_requests_are_refused_and_others_still_served() 
         (
             "a chunk size that is not hex",
             b"POST / HTTP/1.1\r\nhost: echo\r\ntransfer-encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n",
-            // The head was already forwarded when the body broke: the attempt fails (Envoy
-            // answers 400 there; either way no request completes).
-            "HTTP/1.1 503",
+            // The head was already forwarded when the body broke: the attempt is abandoned and
+            // the client told its request was malformed, as Envoy does.
+            "HTTP/1.1 400",
         ),
         // 431, unless the tunnel is reset first for the unread rest of the 100 KiB.
         ("headers over the limit", huge_header.as_bytes(), ""),

@@ -8,7 +8,8 @@
 //! after an exponential backoff with full jitter (Envoy's: `rand(0, base × 2^(n-1))`, capped at
 //! ten times the base). A request body that was streamed (too large to keep) cannot be sent
 //! twice, so once an attempt has taken it no retry happens. Failures are answered the way Envoy
-//! answers them (503 `UF,URX`, 503 `UH`, 503 `UC`, 504 `UT`), with the same response flags.
+//! answers them (503 `UF,URX`, 503 `UH`, 503 `UC`, 504 `UT`, and 400 `DPE` when the client's own
+//! body breaks off), with the same response flags.
 
 use std::collections::hash_map::RandomState;
 use std::hash::BuildHasher;
@@ -205,6 +206,14 @@ pub async fn forward(
                     break;
                 }
                 tried.push(endpoint.workload);
+            }
+            Attempt::Failed(Failure::ClientBody(reason)) => {
+                tracing::debug!(endpoint = %endpoint.workload.uid, attempt, %reason, "the client's request body broke off");
+                return Err(LocalReply::new(
+                    StatusCode::BAD_REQUEST,
+                    "DPE",
+                    "malformed request body",
+                ));
             }
             Attempt::Failed(Failure::Reset(reason)) => {
                 tracing::debug!(endpoint = %endpoint.workload.uid, attempt, %reason, "upstream reset before response headers");

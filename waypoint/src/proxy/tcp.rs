@@ -155,7 +155,7 @@ async fn connect(
                 }
                 tried.push(endpoint.workload);
             }
-            Err(Failure::Reset(reason)) => {
+            Err(Failure::Reset(reason) | Failure::ClientBody(reason)) => {
                 tracing::debug!(endpoint = %endpoint.workload.uid, attempt, %reason, "L4 upstream reset");
                 context.upstreams.record(&endpoint.workload, true);
                 tried.push(endpoint.workload);

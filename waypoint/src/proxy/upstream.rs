@@ -61,6 +61,19 @@ pub enum Failure {
     Connect { message: String, retryable: bool },
     /// The connection failed after the request was (partly) sent, before response headers.
     Reset(String),
+    /// The client's request body broke off while it was being sent (malformed chunked framing,
+    /// a reset): the endpoint is not to blame and no retry can help.
+    ClientBody(String),
+}
+
+/// What a failed exchange on an upstream connection means for the attempt. Hyper reports an
+/// error of the request body it was sending as a "user" error.
+fn exchange_failure(err: hyper::Error) -> Failure {
+    if err.is_user() {
+        Failure::ClientBody(err.to_string())
+    } else {
+        Failure::Reset(err.to_string())
+    }
 }
 
 /// One endpoint's outlier record.
@@ -267,7 +280,7 @@ impl Upstreams {
                     // The idle connection was gone before the request left: nothing was sent,
                     // so the request goes on another connection as it is.
                     Some(unsent) => request = Some(unsent),
-                    None => return Err(Failure::Reset(err.into_error().to_string())),
+                    None => return Err(exchange_failure(err.into_error())),
                 },
             }
         }
@@ -287,7 +300,7 @@ impl Upstreams {
         let response = sender
             .send_request(request)
             .await
-            .map_err(|e| Failure::Reset(e.to_string()))?;
+            .map_err(exchange_failure)?;
         if !upgrade {
             self.checkin(key, sender);
         }
