@@ -10,6 +10,7 @@
 use std::net::IpAddr;
 use std::sync::Arc;
 
+use ambit_mesh::copy::splice;
 use ambit_mesh::state::{Snapshot, Workload};
 use ambit_mesh::telemetry::{Reporter, TrafficLabels};
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -19,6 +20,10 @@ use super::pipeline::{addressed, service_name};
 use super::upstream::{open, Failure, Target};
 use super::{forward, Context};
 use crate::l7::authz::{RequestAttributes, Verdict};
+
+/// Bytes buffered per direction while splicing (as ztunnel's HBONE splices: 16 KiB moves bytes
+/// as fast as 64 KiB at a quarter of the memory per connection).
+const SPLICE_BUFFER: usize = 16 * 1024;
 
 /// Proxies one tunnel at L4 until either side closes it. `client` is the tunnel's end (with any
 /// bytes protocol detection read put back in front).
@@ -58,16 +63,13 @@ where
     labels.destination_principal = endpoint.identity().ok();
     labels.destination = Some(endpoint);
     context.metrics.connection_opened(&labels);
-    let (received, sent) = match tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
-        Ok(counts) => counts,
-        Err(err) => {
-            // The byte counts of a connection cut short are not returned by the copy; the
-            // connection is still counted as closed.
-            tracing::debug!(error = %err, target = %tunnel.connect.target, "L4 connection ended with an error");
-            (0, 0)
-        }
-    };
-    context.metrics.connection_closed(&labels, received, sent);
+    let transfer = splice(&mut client, &mut upstream, SPLICE_BUFFER).await;
+    if let Some(err) = &transfer.error {
+        tracing::debug!(error = %err, target = %tunnel.connect.target, "L4 connection ended with an error");
+    }
+    context
+        .metrics
+        .connection_closed(&labels, transfer.forward, transfer.backward);
 }
 
 /// A connection that goes no further: counted as opened and closed with the reason's flag, and
