@@ -1,6 +1,6 @@
 //! WasmPlugins in the waypoint: which plugins apply to a request (targetRefs, ports), in which
-//! order (phase, then priority), and loading them (`file://` modules, `sha256` checked) into the
-//! process's one Wasm runtime. A changed plugin is loaded beside the old one and swapped in;
+//! order (phase, then priority), and loading them (`file://` modules, or `https://`/`http://`
+//! ones [fetched](remote) and cached, `sha256` checked) into the process's one Wasm runtime. A changed plugin is loaded beside the old one and swapped in;
 //! requests in flight keep the plugin they started with. A plugin that fails to load leaves the
 //! previous version (if any) in force and is reported.
 
@@ -16,11 +16,17 @@ use sha2::{Digest, Sha256};
 
 use crate::l7::WaypointName;
 
+pub mod remote;
+
+use remote::{FetchError, RemoteModules};
+
 /// Why a WasmPlugin is not running.
 #[derive(Debug, thiserror::Error)]
 pub enum WasmPluginError {
-    #[error("WasmPlugin {plugin}: url {url}: only file:// modules (or absolute paths) can be loaded by this waypoint; fetch the module to a file and point the url at it")]
+    #[error("WasmPlugin {plugin}: url {url}: this waypoint loads file://, https:// and http:// modules (or absolute paths); OCI images are not fetched yet: pull the module and serve it over https, or point the url at a file")]
     UnsupportedUrl { plugin: String, url: String },
+    #[error("WasmPlugin {plugin}: fetching the module: {source}")]
+    Fetch { plugin: String, source: FetchError },
     #[error("WasmPlugin {plugin}: reading {path}: {source}")]
     Read {
         plugin: String,
@@ -94,6 +100,8 @@ pub struct WasmFilters {
     namespace: String,
     loaded: Mutex<HashMap<LoadKey, Arc<Plugin>>>,
     current: ArcSwap<Vec<Attached>>,
+    /// Modules downloaded from http(s) URLs.
+    remote: RemoteModules,
 }
 
 impl WasmFilters {
@@ -104,6 +112,7 @@ impl WasmFilters {
             namespace: namespace.into(),
             loaded: Mutex::new(HashMap::new()),
             current: ArcSwap::from_pointee(Vec::new()),
+            remote: RemoteModules::default(),
         }
     }
 
@@ -146,7 +155,7 @@ impl WasmFilters {
                     .flat_map(|m| m.ports.iter().copied())
                     .collect(),
             };
-            match self.load(wasm) {
+            match off_the_runtime(|| self.load(wasm)) {
                 Ok((key, plugin)) => {
                     keep.push(key);
                     entry.plugin = Ok(plugin);
@@ -168,6 +177,8 @@ impl WasmFilters {
             }
         }
         attached.sort_by_key(|a| (phase_rank(a.phase), -a.priority));
+        let urls: Vec<&str> = plugins.iter().map(|p| p.spec.url.as_str()).collect();
+        self.remote.retain(&urls);
         let mut loaded = self.loaded.lock().expect("plugin cache lock");
         let in_force: Vec<Arc<Plugin>> = attached
             .iter()
@@ -186,22 +197,7 @@ impl WasmFilters {
         if wasm.spec.plugin_type == ambit_local::manifest::WasmPluginType::Network {
             return Err(WasmPluginError::Network { plugin: name });
         }
-        let url = wasm.spec.url.as_str();
-        let path = match url.strip_prefix("file://") {
-            Some(path) => PathBuf::from(path),
-            None if url.starts_with('/') => PathBuf::from(url),
-            None => {
-                return Err(WasmPluginError::UnsupportedUrl {
-                    plugin: name,
-                    url: url.to_owned(),
-                })
-            }
-        };
-        let module = std::fs::read(&path).map_err(|source| WasmPluginError::Read {
-            plugin: name.clone(),
-            path: path.clone(),
-            source,
-        })?;
+        let module = self.module(&name, wasm)?;
         let digest = hex(&Sha256::digest(&module));
         if let Some(expected) = &wasm.spec.sha256 {
             if !expected.eq_ignore_ascii_case(&digest) {
@@ -262,6 +258,40 @@ impl WasmFilters {
         Ok((key, plugin))
     }
 
+    /// The module's bytes, from a file or (cached) from an http(s) server.
+    fn module(&self, name: &str, wasm: &WasmPlugin) -> Result<bytes::Bytes, WasmPluginError> {
+        let url = wasm.spec.url.as_str();
+        if url.starts_with("https://") || url.starts_with("http://") {
+            // Istio: `Always` pulls again whenever the plugin is applied; otherwise a module
+            // already fetched is reused.
+            let always = wasm.spec.image_pull_policy.as_deref() == Some("Always");
+            return self
+                .remote
+                .module(url, always)
+                .map_err(|source| WasmPluginError::Fetch {
+                    plugin: name.to_owned(),
+                    source,
+                });
+        }
+        let path = match url.strip_prefix("file://") {
+            Some(path) => PathBuf::from(path),
+            None if url.starts_with('/') => PathBuf::from(url),
+            None => {
+                return Err(WasmPluginError::UnsupportedUrl {
+                    plugin: name.to_owned(),
+                    url: url.to_owned(),
+                })
+            }
+        };
+        std::fs::read(&path)
+            .map(bytes::Bytes::from)
+            .map_err(|source| WasmPluginError::Read {
+                plugin: name.to_owned(),
+                path,
+                source,
+            })
+    }
+
     /// The plugins for a request to `service` (namespace, name; `None` for a workload) on
     /// `port`, in chain order.
     pub fn select(&self, service: Option<(&str, &str)>, port: u16) -> Selected {
@@ -297,6 +327,17 @@ impl WasmFilters {
             }
         }
         selected
+    }
+}
+
+/// Runs `work` (a download, a compile: up to seconds) without stalling the other tasks of the
+/// Tokio worker it is called on: they move to another worker meanwhile.
+fn off_the_runtime<T>(work: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current() {
+        Ok(handle) if handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(work)
+        }
+        _ => work(),
     }
 }
 
