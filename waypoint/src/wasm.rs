@@ -1,7 +1,10 @@
 //! WasmPlugins in the waypoint: which plugins apply to a request (targetRefs, ports), in which
-//! order (phase, then priority), and loading them (`file://` modules, or `https://`/`http://`
-//! ones [fetched](remote) and cached, `sha256` checked) into the process's one Wasm runtime. A changed plugin is loaded beside the old one and swapped in;
-//! requests in flight keep the plugin they started with. A plugin that fails to load leaves the
+//! order (phase, then priority), and loading them into the process's one Wasm runtime. Modules
+//! come from files (`file://` or an absolute path, `sha256` checked) or are [fetched](remote)
+//! and cached as Istio's agent does: `https://`/`http://` URLs, and OCI images (`oci://`, or a
+//! url without a scheme), with `sha256` and `imagePullPolicy` as Istio reads them. A changed
+//! plugin is loaded beside the old one and swapped in; requests in flight keep the plugin they
+//! started with. A plugin that fails to load (or whose module cannot be fetched) leaves the
 //! previous version (if any) in force and is reported.
 
 use std::collections::HashMap;
@@ -18,12 +21,12 @@ use crate::l7::WaypointName;
 
 pub mod remote;
 
-use remote::{FetchError, RemoteModules};
+use remote::{FetchError, Pull, PullPolicy, RemoteModules};
 
 /// Why a WasmPlugin is not running.
 #[derive(Debug, thiserror::Error)]
 pub enum WasmPluginError {
-    #[error("WasmPlugin {plugin}: url {url}: this waypoint loads file://, https:// and http:// modules (or absolute paths); OCI images are not fetched yet: pull the module and serve it over https, or point the url at a file")]
+    #[error("WasmPlugin {plugin}: url {url}: the scheme is none of file://, http://, https:// and oci:// (a url without a scheme is an OCI image)")]
     UnsupportedUrl { plugin: String, url: String },
     #[error("WasmPlugin {plugin}: fetching the module: {source}")]
     Fetch { plugin: String, source: FetchError },
@@ -100,8 +103,11 @@ pub struct WasmFilters {
     namespace: String,
     loaded: Mutex<HashMap<LoadKey, Arc<Plugin>>>,
     current: ArcSwap<Vec<Attached>>,
-    /// Modules downloaded from http(s) URLs.
+    /// Modules downloaded from http(s) URLs and OCI registries.
     remote: RemoteModules,
+    /// The WasmPlugins of the last update, by name: a plugin that differs is a new "resource
+    /// version", when `imagePullPolicy: Always` pulls its module again.
+    applied: Mutex<HashMap<String, WasmPlugin>>,
 }
 
 impl WasmFilters {
@@ -113,6 +119,7 @@ impl WasmFilters {
             loaded: Mutex::new(HashMap::new()),
             current: ArcSwap::from_pointee(Vec::new()),
             remote: RemoteModules::default(),
+            applied: Mutex::new(HashMap::new()),
         }
     }
 
@@ -137,6 +144,7 @@ impl WasmFilters {
         let mut attached = Vec::new();
         let mut errors = Vec::new();
         let mut keep = Vec::new();
+        let mut applied = self.applied.lock().expect("applied plugins lock");
         for wasm in plugins {
             let Some(services) = targets(wasm, me) else {
                 continue;
@@ -155,7 +163,8 @@ impl WasmFilters {
                     .flat_map(|m| m.ports.iter().copied())
                     .collect(),
             };
-            match off_the_runtime(|| self.load(wasm)) {
+            let changed = applied.get(&name) != Some(wasm);
+            match off_the_runtime(|| self.load(wasm, changed)) {
                 Ok((key, plugin)) => {
                     keep.push(key);
                     entry.plugin = Ok(plugin);
@@ -177,8 +186,16 @@ impl WasmFilters {
             }
         }
         attached.sort_by_key(|a| (phase_rank(a.phase), -a.priority));
-        let urls: Vec<&str> = plugins.iter().map(|p| p.spec.url.as_str()).collect();
-        self.remote.retain(&urls);
+        *applied = plugins
+            .iter()
+            .map(|wasm| (plugin_name(wasm), wasm.clone()))
+            .collect();
+        drop(applied);
+        let in_use: Vec<(&str, Option<&str>)> = plugins
+            .iter()
+            .map(|p| (p.spec.url.as_str(), p.spec.sha256.as_deref()))
+            .collect();
+        self.remote.retain(&in_use);
         let mut loaded = self.loaded.lock().expect("plugin cache lock");
         let in_force: Vec<Arc<Plugin>> = attached
             .iter()
@@ -192,22 +209,18 @@ impl WasmFilters {
         errors
     }
 
-    fn load(&self, wasm: &WasmPlugin) -> Result<(LoadKey, Arc<Plugin>), WasmPluginError> {
+    /// Loads `wasm`; `changed`: it differs from (or was not in) the previous update.
+    fn load(
+        &self,
+        wasm: &WasmPlugin,
+        changed: bool,
+    ) -> Result<(LoadKey, Arc<Plugin>), WasmPluginError> {
         let name = plugin_name(wasm);
         if wasm.spec.plugin_type == ambit_local::manifest::WasmPluginType::Network {
             return Err(WasmPluginError::Network { plugin: name });
         }
-        let module = self.module(&name, wasm)?;
+        let module = self.module(&name, wasm, changed)?;
         let digest = hex(&Sha256::digest(&module));
-        if let Some(expected) = &wasm.spec.sha256 {
-            if !expected.eq_ignore_ascii_case(&digest) {
-                return Err(WasmPluginError::Digest {
-                    plugin: name,
-                    expected: expected.clone(),
-                    actual: digest,
-                });
-            }
-        }
         let config = wasm
             .spec
             .plugin_config
@@ -258,38 +271,59 @@ impl WasmFilters {
         Ok((key, plugin))
     }
 
-    /// The module's bytes, from a file or (cached) from an http(s) server.
-    fn module(&self, name: &str, wasm: &WasmPlugin) -> Result<bytes::Bytes, WasmPluginError> {
+    /// The module's bytes, from a file or (cached) from an http(s) server or OCI registry. The
+    /// plugin's `sha256` names the module of a file or URL, and the manifest of an image: a
+    /// file's is checked here, the others by the fetcher.
+    fn module(
+        &self,
+        name: &str,
+        wasm: &WasmPlugin,
+        changed: bool,
+    ) -> Result<bytes::Bytes, WasmPluginError> {
         let url = wasm.spec.url.as_str();
-        if url.starts_with("https://") || url.starts_with("http://") {
-            // Istio: `Always` pulls again whenever the plugin is applied; otherwise a module
-            // already fetched is reused.
-            let always = wasm.spec.image_pull_policy.as_deref() == Some("Always");
-            return self
-                .remote
-                .module(url, always)
-                .map_err(|source| WasmPluginError::Fetch {
-                    plugin: name.to_owned(),
-                    source,
-                });
-        }
-        let path = match url.strip_prefix("file://") {
-            Some(path) => PathBuf::from(path),
+        let path = match url.split_once("://") {
+            Some(("file", path)) => PathBuf::from(path),
             None if url.starts_with('/') => PathBuf::from(url),
-            None => {
+            Some(("http" | "https" | "oci", _)) | None => {
+                if wasm.spec.image_pull_secret.is_some() {
+                    tracing::warn!(plugin = %name, "imagePullSecret is not supported: pulling anonymously");
+                }
+                let pull = Pull {
+                    sha256: wasm.spec.sha256.as_deref(),
+                    policy: PullPolicy::from_manifest(wasm.spec.image_pull_policy.as_deref()),
+                    changed,
+                };
+                return self
+                    .remote
+                    .module(url, pull)
+                    .map_err(|source| WasmPluginError::Fetch {
+                        plugin: name.to_owned(),
+                        source,
+                    });
+            }
+            Some(_) => {
                 return Err(WasmPluginError::UnsupportedUrl {
                     plugin: name.to_owned(),
                     url: url.to_owned(),
                 })
             }
         };
-        std::fs::read(&path)
-            .map(bytes::Bytes::from)
-            .map_err(|source| WasmPluginError::Read {
-                plugin: name.to_owned(),
-                path,
-                source,
-            })
+        let module = std::fs::read(&path).map_err(|source| WasmPluginError::Read {
+            plugin: name.to_owned(),
+            path,
+            source,
+        })?;
+        if let Some(expected) = &wasm.spec.sha256 {
+            let actual = hex(&Sha256::digest(&module));
+            if !expected.eq_ignore_ascii_case(&actual) {
+                return Err(WasmPluginError::Digest {
+                    plugin: name.to_owned(),
+                    expected: expected.clone(),
+                    actual,
+                });
+            }
+        }
+        Ok(module.into())
     }
 
     /// The plugins for a request to `service` (namespace, name; `None` for a workload) on

@@ -5,6 +5,8 @@
 //! fetched module and `Always` fetches it again. Fixture: `support/l7mesh.rs`, nets
 //! 127.78.{14,15,16}.x.
 
+#[path = "support/fetched.rs"]
+mod fetched;
 #[path = "support/l7mesh.rs"]
 mod l7mesh;
 
@@ -12,56 +14,17 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use ambit_waypoint::proxy::ProxySettings;
-use ambit_waypoint::wasm::remote::CA_FILE_ENV;
 use bytes::Bytes;
+use fetched::{pki, plugin, trusted, wait_for_tag, TestPki};
 use http_body_util::Full;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use l7mesh::{write_config, L7Mesh};
-use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
 use tokio::net::TcpListener;
-
-/// A CA and a certificate for 127.0.0.1 signed by it.
-struct TestPki {
-    ca_pem: String,
-    cert_der: Vec<u8>,
-    key_der: Vec<u8>,
-}
-
-fn pki() -> TestPki {
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let ca_key = KeyPair::generate().unwrap();
-    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
-    let issuer = Issuer::new(ca_params, ca_key);
-    let key = KeyPair::generate().unwrap();
-    let cert = CertificateParams::new(vec!["127.0.0.1".to_owned()])
-        .unwrap()
-        .signed_by(&key, &issuer)
-        .unwrap();
-    TestPki {
-        ca_pem: ca_cert.pem(),
-        cert_der: cert.der().to_vec(),
-        key_der: key.serialize_der(),
-    }
-}
-
-/// The trusted CA, written once and named in the waypoint's environment for this test binary.
-fn trusted() -> &'static TestPki {
-    static PKI: OnceLock<TestPki> = OnceLock::new();
-    PKI.get_or_init(|| {
-        let pki = pki();
-        let path = std::env::temp_dir().join(format!("ambit-wasm-ca-{}.pem", std::process::id()));
-        std::fs::write(&path, &pki.ca_pem).unwrap();
-        // Set once, before any fetch, to the same value for every test of this binary.
-        std::env::set_var(CA_FILE_ENV, &path);
-        pki
-    })
-}
 
 /// An HTTPS server with `pki`'s certificate: `/headers.wasm` is the example headers filter,
 /// `/moved.wasm` redirects to it, anything else is 404. Counts the module downloads.
@@ -71,19 +34,7 @@ struct ModuleServer {
 }
 
 async fn serve_modules(pki: &TestPki, module: PathBuf) -> ModuleServer {
-    let certs = vec![rustls::pki_types::CertificateDer::from(
-        pki.cert_der.clone(),
-    )];
-    let key = rustls::pki_types::PrivateKeyDer::try_from(pki.key_der.clone()).unwrap();
-    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_no_client_auth()
-    .with_single_cert(certs, key)
-    .unwrap();
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let acceptor = pki.acceptor();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = listener.local_addr().unwrap();
     let downloads = Arc::new(AtomicUsize::new(0));
@@ -136,38 +87,6 @@ fn sha256(path: &PathBuf) -> String {
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect()
-}
-
-/// A fail-closed WasmPlugin on the waypoint setting `x-test: <tag>` on requests.
-fn plugin(url: &str, extra: &str, tag: &str) -> String {
-    format!(
-        r#"apiVersion: extensions.istio.io/v1alpha1
-kind: WasmPlugin
-metadata: {{name: remote, namespace: default}}
-spec:
-  targetRefs: [{{kind: Gateway, group: gateway.networking.k8s.io, name: waypoint}}]
-  url: {url}
-{extra}  pluginConfig: {{request: {{set: {{x-test: {tag}}}}}}}
-"#
-    )
-}
-
-/// Polls until the echo app reports `x-test: want` (the plugin is in force), or 10 s pass.
-async fn wait_for_tag(mesh: &L7Mesh, want: &str) -> (StatusCode, String) {
-    let mut last = (StatusCode::OK, String::new());
-    for _ in 0..100 {
-        let (status, headers, body) = mesh.get("/", &[]).await;
-        let seen = headers
-            .get("x-seen-test")
-            .map(|v| v.to_str().unwrap().to_owned())
-            .unwrap_or_default();
-        if status == StatusCode::OK && seen == want {
-            return (status, seen);
-        }
-        last = (status, format!("{seen} / {body}"));
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    last
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
