@@ -75,6 +75,21 @@ impl WorkloadLabels {
             cluster: or_unknown(&w.cluster_id),
         }
     }
+
+    /// These as the `source_*` labels, with the client's principal, in the order every Istio
+    /// metric (TCP and HTTP alike) lists them.
+    pub fn source_pairs(self, source_principal: Option<&Identity>) -> [(&'static str, String); 8] {
+        [
+            ("source_workload", self.workload),
+            ("source_canonical_service", self.canonical_service),
+            ("source_canonical_revision", self.canonical_revision),
+            ("source_workload_namespace", self.namespace),
+            ("source_principal", principal(source_principal)),
+            ("source_app", self.app),
+            ("source_version", self.version),
+            ("source_cluster", self.cluster),
+        ]
+    }
 }
 
 /// Which side of a connection reports it.
@@ -103,8 +118,7 @@ pub struct TrafficLabels {
 
 impl TrafficLabels {
     /// Label names and values in Istio's order.
-    pub fn pairs(&self) -> [(&'static str, String); 23] {
-        let s = WorkloadLabels::of(self.source.as_deref());
+    pub fn pairs(&self) -> Vec<(&'static str, String)> {
         let d = WorkloadLabels::of(self.destination.as_deref());
         let (svc_host, svc_namespace, svc_name) = match &self.destination_service {
             Some((host, namespace, name)) => (host.clone(), namespace.clone(), name.clone()),
@@ -114,27 +128,19 @@ impl TrafficLabels {
                 "unknown".to_owned(),
             ),
         };
-        [
-            (
-                "reporter",
-                match self.reporter {
-                    Reporter::Source => "source",
-                    Reporter::Destination => "destination",
-                    Reporter::Waypoint => "waypoint",
-                }
-                .to_owned(),
-            ),
-            ("source_workload", s.workload),
-            ("source_canonical_service", s.canonical_service),
-            ("source_canonical_revision", s.canonical_revision),
-            ("source_workload_namespace", s.namespace),
-            (
-                "source_principal",
-                principal(self.source_principal.as_ref()),
-            ),
-            ("source_app", s.app),
-            ("source_version", s.version),
-            ("source_cluster", s.cluster),
+        let mut pairs = vec![(
+            "reporter",
+            match self.reporter {
+                Reporter::Source => "source",
+                Reporter::Destination => "destination",
+                Reporter::Waypoint => "waypoint",
+            }
+            .to_owned(),
+        )];
+        pairs.extend(
+            WorkloadLabels::of(self.source.as_deref()).source_pairs(self.source_principal.as_ref()),
+        );
+        pairs.extend([
             ("destination_service", svc_host),
             ("destination_service_namespace", svc_namespace),
             ("destination_service_name", svc_name),
@@ -160,6 +166,7 @@ impl TrafficLabels {
                 }
                 .to_owned(),
             ),
-        ]
+        ]);
+        pairs
     }
 }

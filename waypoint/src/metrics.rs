@@ -180,19 +180,9 @@ impl RequestLabels {
         } else {
             self.response_flags.clone()
         };
-        let pairs: [(&'static str, String); 25] = [
-            ("reporter", "waypoint".to_owned()),
-            ("source_workload", s.workload),
-            ("source_canonical_service", s.canonical_service),
-            ("source_canonical_revision", s.canonical_revision),
-            ("source_workload_namespace", s.namespace),
-            (
-                "source_principal",
-                principal(self.source_principal.as_ref()),
-            ),
-            ("source_app", s.app),
-            ("source_version", s.version),
-            ("source_cluster", s.cluster),
+        let mut pairs = vec![("reporter", "waypoint".to_owned())];
+        pairs.extend(s.source_pairs(self.source_principal.as_ref()));
+        pairs.extend([
             ("destination_workload", d.workload),
             ("destination_workload_namespace", d.namespace),
             (
@@ -212,7 +202,7 @@ impl RequestLabels {
             ("grpc_response_status", self.grpc_response_status.clone()),
             ("response_flags", flags),
             ("connection_security_policy", "mutual_tls".to_owned()),
-        ];
+        ]);
         pairs
             .into_iter()
             .map(|(key, value)| Label::new(key, value))

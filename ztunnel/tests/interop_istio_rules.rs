@@ -16,8 +16,11 @@
 //! Needs root, iproute2, iptables (`iptables-restore`; the `REDIRECT`, `CONNMARK`, `CT` targets
 //! of the nf_tables or legacy backend) and `python3`.
 
+#[path = "support/python_zds_agent.rs"]
+mod python_zds_agent;
+
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
@@ -26,9 +29,7 @@ use ambit_ztunnel::app::Ztunnel;
 use ambit_ztunnel::testing::{
     app_call, app_server, config, http_get, netns_exec, uid, PodNet, Topology,
 };
-use serde_json::Value;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::process::{Child, ChildStdout, Command};
+use python_zds_agent::PythonAgent;
 
 /// istio/istio `cni/pkg/iptables/testdata/default.golden` at 86c9f01fd735fb01d8192f5bcaf0d424afb7f14c
 /// (last changed in fa104c4886e, #53153): the `iptables-restore` input istio-cni writes for a pod
@@ -94,8 +95,6 @@ const ISTIO_CNI_ROUTING: &[&[&str]] = &[
 ];
 
 const VIP: &str = "10.96.0.10";
-const PEER_TIMEOUT: Duration = Duration::from_secs(20);
-
 /// Applies istio-cni's rules and routing inside `pod`'s namespace, as istio-cni would.
 fn apply_istio_cni_rules(pod: &PodNet) {
     let input = ISTIO_CNI_DEFAULT_GOLDEN;
@@ -135,12 +134,6 @@ fn apply_istio_cni_rules(pod: &PodNet) {
     }
 }
 
-fn script(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../tests/interop")
-        .join(name)
-}
-
 fn state_yaml(sleep: &PodNet, echo: &PodNet) -> String {
     format!(
         r#"
@@ -176,56 +169,6 @@ services:
         echo_uid = uid(echo),
         echo_ip = echo.ip,
     )
-}
-
-struct PythonAgent {
-    node: usize,
-    lines: tokio::io::Lines<BufReader<ChildStdout>>,
-    child: Child,
-}
-
-impl PythonAgent {
-    async fn start(node: usize, socket: &Path, pod: &PodNet, service_account: &str) -> Self {
-        let spec = format!(
-            "uid={},name={},namespace=default,sa={service_account},netns=/var/run/netns/{}",
-            uid(pod),
-            pod.name,
-            pod.netns
-        );
-        let mut child = Command::new("python3")
-            .arg(script("zds_agent.py"))
-            .arg("--socket")
-            .arg(socket)
-            .arg("--pod")
-            .arg(spec)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap_or_else(|e| panic!("python ZDS agent (node {node}): python3 runs: {e}"));
-        let lines = BufReader::new(child.stdout.take().unwrap()).lines();
-        let mut agent = PythonAgent { node, lines, child };
-        agent.next_json("listening on its socket").await;
-        agent
-    }
-
-    async fn next_json(&mut self, what: &str) -> Value {
-        let node = self.node;
-        let line = tokio::time::timeout(PEER_TIMEOUT, self.lines.next_line())
-            .await
-            .unwrap_or_else(|_| panic!("python ZDS agent (node {node}): {what}: nothing in 20 s"))
-            .unwrap()
-            .unwrap_or_else(|| panic!("python ZDS agent (node {node}): {what}: exited early"));
-        serde_json::from_str(&line)
-            .unwrap_or_else(|e| panic!("python ZDS agent (node {node}): {what}: {line:?}: {e}"))
-    }
-
-    async fn stop(mut self) {
-        if let Some(mut stdin) = self.child.stdin.take() {
-            let _ = stdin.shutdown().await;
-        }
-        let _ = tokio::time::timeout(Duration::from_secs(5), self.child.wait()).await;
-    }
 }
 
 /// The `istio_tcp_connections_opened_total` line for `reporter` and `destination` (a service

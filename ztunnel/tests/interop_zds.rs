@@ -11,27 +11,19 @@
 //!
 //! Needs root, iproute2, iptables and `python3`, like `tests/inpod.rs`.
 
+#[path = "support/python_zds_agent.rs"]
+mod python_zds_agent;
+
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::Stdio;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use ambit_cni::rules::{self, Backend, RuleOptions};
 use ambit_mesh::identity::CertificateAuthority;
 use ambit_ztunnel::app::Ztunnel;
 use ambit_ztunnel::testing::{app_call, app_server, config, http_get, uid, PodNet, Topology};
+use python_zds_agent::{script, PythonAgent};
 use serde_json::Value;
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, ChildStdout, Command};
-
-/// Upper bound for the Python agent's startup and handshake.
-const PEER_TIMEOUT: Duration = Duration::from_secs(20);
-
-fn script(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../tests/interop")
-        .join(name)
-}
 
 fn state_yaml(sleep: &PodNet, echo: &PodNet) -> String {
     format!(
@@ -61,63 +53,6 @@ workloads:
         echo_uid = uid(echo),
         echo_ip = echo.ip,
     )
-}
-
-/// One running `zds_agent.py`, listening at `socket` and handing over `pod`.
-struct PythonAgent {
-    node: usize,
-    lines: tokio::io::Lines<BufReader<ChildStdout>>,
-    /// Its stdin stays open while the agent should hold the ZDS connection.
-    child: Child,
-}
-
-impl PythonAgent {
-    async fn start(node: usize, socket: &Path, pod: &PodNet, service_account: &str) -> Self {
-        let spec = format!(
-            "uid={},name={},namespace=default,sa={service_account},netns=/var/run/netns/{}",
-            uid(pod),
-            pod.name,
-            pod.netns
-        );
-        let mut child = Command::new("python3")
-            .arg(script("zds_agent.py"))
-            .arg("--socket")
-            .arg(socket)
-            .arg("--pod")
-            .arg(spec)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap_or_else(|e| panic!("python ZDS agent (node {node}): python3 runs: {e}"));
-        let lines = BufReader::new(child.stdout.take().unwrap()).lines();
-        let mut agent = PythonAgent { node, lines, child };
-        let listening = agent.next_json("listening on its socket").await;
-        assert_eq!(
-            listening["listening"].as_str(),
-            socket.to_str(),
-            "python ZDS agent (node {node}): listening line"
-        );
-        agent
-    }
-
-    async fn next_json(&mut self, what: &str) -> Value {
-        let node = self.node;
-        let line = tokio::time::timeout(PEER_TIMEOUT, self.lines.next_line())
-            .await
-            .unwrap_or_else(|_| panic!("python ZDS agent (node {node}): {what}: nothing in 20 s"))
-            .unwrap()
-            .unwrap_or_else(|| panic!("python ZDS agent (node {node}): {what}: exited early"));
-        eprintln!("python ZDS agent (node {node}): {line}");
-        serde_json::from_str(&line)
-            .unwrap_or_else(|e| panic!("python ZDS agent (node {node}): {what}: {line:?}: {e}"))
-    }
-
-    /// Closes the agent's stdin, which ends it (and its ZDS connection).
-    async fn stop(mut self) {
-        drop(self.child.stdin.take());
-        let _ = tokio::time::timeout(Duration::from_secs(5), self.child.wait()).await;
-    }
 }
 
 #[tokio::test]
@@ -164,6 +99,11 @@ async fn python_zds_agent_enrolls_pods_and_traffic_is_mutual_tls() {
     for (node, (pod, service_account)) in pods.iter().enumerate() {
         let socket = dir.join(format!("node{node}.sock"));
         let agent = PythonAgent::start(node, &socket, pod, service_account).await;
+        assert_eq!(
+            agent.listening["listening"].as_str(),
+            socket.to_str(),
+            "python ZDS agent (node {node}): listening line"
+        );
         let ztunnel = Ztunnel::start(config(&dir, &state_path, &socket), Default::default())
             .await
             .unwrap_or_else(|e| panic!("ambit-ztunnel (node {node}) starts: {e:#}"));

@@ -516,33 +516,32 @@ mod tests {
         )
     }
 
-    fn check(t: &PolicyTable, sa: &str, method: &str, path: &str) -> Verdict {
-        let identity = Identity::new("cluster.local", "default", sa).unwrap();
-        let headers = HeaderMap::new();
-        let normalized = normalize_path(path);
-        t.evaluate(&RequestAttributes {
-            source_principal: Some(&identity),
-            source_ip: "10.0.0.1".parse().unwrap(),
-            destination: "10.96.0.10:80".parse().unwrap(),
-            service: Some(("default", "echo")),
-            http: Some(HttpAttributes {
-                method,
-                path: &normalized,
-                host: "echo.default.svc.cluster.local:80",
-                headers: &headers,
-            }),
-        })
-    }
-
-    fn check_l4(t: &PolicyTable, sa: &str, port: u16) -> Verdict {
+    /// The verdict for `default/<sa>` calling the echo service on `port`.
+    fn verdict(t: &PolicyTable, sa: &str, port: u16, http: Option<HttpAttributes<'_>>) -> Verdict {
         let identity = Identity::new("cluster.local", "default", sa).unwrap();
         t.evaluate(&RequestAttributes {
             source_principal: Some(&identity),
             source_ip: "10.0.0.1".parse().unwrap(),
             destination: format!("10.96.0.10:{port}").parse().unwrap(),
             service: Some(("default", "echo")),
-            http: None,
+            http,
         })
+    }
+
+    fn check(t: &PolicyTable, sa: &str, method: &str, path: &str) -> Verdict {
+        let headers = HeaderMap::new();
+        let normalized = normalize_path(path);
+        let http = HttpAttributes {
+            method,
+            path: &normalized,
+            host: "echo.default.svc.cluster.local:80",
+            headers: &headers,
+        };
+        verdict(t, sa, 80, Some(http))
+    }
+
+    fn check_l4(t: &PolicyTable, sa: &str, port: u16) -> Verdict {
+        verdict(t, sa, port, None)
     }
 
     #[test]

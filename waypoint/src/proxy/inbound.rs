@@ -34,6 +34,16 @@ pub struct TunnelInfo {
     pub source: Option<Arc<Workload>>,
 }
 
+impl TunnelInfo {
+    /// The client's address: what the source ztunnel said (`forwarded: for`), else the peer.
+    pub fn client_address(&self) -> std::net::SocketAddr {
+        self.connect
+            .headers
+            .forwarded_for
+            .unwrap_or(self.connect.peer_addr)
+    }
+}
+
 /// The waypoint's [`ConnectHandler`]: accepts tunnels to services and workloads it knows.
 pub struct Inbound {
     context: Arc<Context>,

@@ -15,12 +15,11 @@
 //! metrics record.
 
 use std::convert::Infallible;
-use std::net::IpAddr;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Instant;
 
-use ambit_mesh::state::{Service, Snapshot};
+use ambit_mesh::state::Snapshot;
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderValue};
 use http::{Request, Response, StatusCode};
@@ -305,16 +304,8 @@ fn authorize(
     if l7.policies.is_empty() {
         return Ok(());
     }
-    let source_ip: IpAddr = tunnel
-        .connect
-        .headers
-        .forwarded_for
-        .unwrap_or(tunnel.connect.peer_addr)
-        .ip();
-    let service = match target {
-        Target::Service { service, .. } => Some(service_name(service)),
-        Target::Workload { .. } => None,
-    };
+    let source_ip = tunnel.client_address().ip();
+    let (service, _) = target.service_and_port();
     let path = normalize_path(head.path());
     let host = head.authority();
     let verdict = l7.policies.evaluate(&RequestAttributes {
@@ -340,10 +331,6 @@ fn authorize(
             ))
         }
     }
-}
-
-pub(super) fn service_name(service: &Service) -> (&str, &str) {
-    (service.namespace.as_str(), service.name.as_str())
 }
 
 /// Phase 2: the matching HTTPRoute rule (and the PathPrefix it matched), `None` when no route
@@ -423,10 +410,7 @@ fn wasm_plugins(
     tunnel: &TunnelInfo,
     target: &Target,
 ) -> Result<Option<RequestPlugins>, LocalReply> {
-    let (service, port) = match target {
-        Target::Service { service, port } => (Some(service_name(service)), *port),
-        Target::Workload { port, .. } => (None, *port),
-    };
+    let (service, port) = target.service_and_port();
     let selected = context.wasm.select(service, port);
     if let Some((plugin, reason)) = &selected.unavailable {
         tracing::debug!(%plugin, %reason, "request refused: a fail-closed WasmPlugin is not running");

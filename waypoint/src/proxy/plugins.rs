@@ -334,7 +334,7 @@ pub fn stream_info(context: &Context, tunnel: &TunnelInfo, target: &Target) -> S
     let connect = &tunnel.connect;
     StreamInfo {
         connection_id: 0,
-        source: Some(connect.headers.forwarded_for.unwrap_or(connect.peer_addr)),
+        source: Some(tunnel.client_address()),
         destination: Some(connect.target),
         mtls: true,
         source_principal: Some(connect.peer_identity.to_string()),

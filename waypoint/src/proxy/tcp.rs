@@ -7,7 +7,6 @@
 //! to the port is a promise that traffic is checked, so the connection is refused rather than
 //! let past it unchecked; STATS and unphased plugins are skipped, as in Istio.
 
-use std::net::IpAddr;
 use std::sync::Arc;
 
 use ambit_mesh::copy::splice;
@@ -16,7 +15,7 @@ use ambit_mesh::telemetry::{Reporter, TrafficLabels};
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::inbound::TunnelInfo;
-use super::pipeline::{addressed, service_name};
+use super::pipeline::addressed;
 use super::upstream::{open, Failure, Target};
 use super::{forward, Context};
 use crate::l7::authz::{RequestAttributes, Verdict};
@@ -82,10 +81,7 @@ fn refuse(context: &Context, mut labels: TrafficLabels, flag: &'static str) {
 
 /// Authorization and the Wasm guard, before any endpoint is contacted.
 fn admit(context: &Context, tunnel: &TunnelInfo, target: &Target) -> Result<(), &'static str> {
-    let (service, port) = match target {
-        Target::Service { service, port } => (Some(service_name(service)), *port),
-        Target::Workload { port, .. } => (None, *port),
-    };
+    let (service, port) = target.service_and_port();
     let selected = context.wasm.select(service, port);
     if let Some((plugin, _)) = &selected.unavailable {
         tracing::debug!(%plugin, target = %tunnel.connect.target, "L4 connection refused: a fail-closed WasmPlugin applies and is not running");
@@ -99,15 +95,9 @@ fn admit(context: &Context, tunnel: &TunnelInfo, target: &Target) -> Result<(), 
     if l7.policies.is_empty() {
         return Ok(());
     }
-    let source_ip: IpAddr = tunnel
-        .connect
-        .headers
-        .forwarded_for
-        .unwrap_or(tunnel.connect.peer_addr)
-        .ip();
     let verdict = l7.policies.evaluate(&RequestAttributes {
         source_principal: Some(&tunnel.connect.peer_identity),
-        source_ip,
+        source_ip: tunnel.client_address().ip(),
         destination: tunnel.connect.target,
         service,
         http: None,

@@ -45,6 +45,20 @@ pub enum Target {
     Workload { workload: Arc<Workload>, port: u16 },
 }
 
+impl Target {
+    /// The addressed Service's (namespace, name), `None` for pod-addressed traffic, and the
+    /// port: what policies and plugins are selected by.
+    pub fn service_and_port(&self) -> (Option<(&str, &str)>, u16) {
+        match self {
+            Target::Service { service, port } => (
+                Some((service.namespace.as_str(), service.name.as_str())),
+                *port,
+            ),
+            Target::Workload { port, .. } => (None, *port),
+        }
+    }
+}
+
 /// The endpoint chosen for one attempt.
 #[derive(Clone, Debug)]
 pub struct Endpoint {
@@ -357,18 +371,9 @@ fn pool_key(tunnel: &TunnelInfo, endpoint: &Endpoint) -> PoolKey {
     (
         endpoint.workload.uid.clone(),
         target,
-        Some(forwarded_for(tunnel).ip()),
+        Some(tunnel.client_address().ip()),
         endpoint.service.as_ref().map(|s| s.hostname.clone()),
     )
-}
-
-/// The client address the destination should see: what the source ztunnel said, else the peer.
-fn forwarded_for(tunnel: &TunnelInfo) -> SocketAddr {
-    tunnel
-        .connect
-        .headers
-        .forwarded_for
-        .unwrap_or(tunnel.connect.peer_addr)
 }
 
 /// Opens the byte stream to an endpoint: HBONE to `podIP:15008` when it is in the mesh, plain
@@ -405,7 +410,7 @@ pub(super) async fn open(
         hbone_address: SocketAddr::new(ip, HBONE_PORT),
         target,
         headers: ConnectHeaders {
-            forwarded_for: Some(forwarded_for(tunnel)),
+            forwarded_for: Some(tunnel.client_address()),
             forwarded_host: endpoint.service.as_ref().map(|s| s.hostname.clone()),
             baggage: None,
             traceparent: tunnel.connect.headers.traceparent.clone(),
