@@ -1,5 +1,6 @@
 //! What the data path knows about the mesh: workloads, services and authorization policies,
-//! following Istio's WDS model, indexed for O(1) lookups by workload IP, service VIP and uid.
+//! following Istio's WDS model, indexed for O(1) lookups by workload IP, service VIP, uid and
+//! namespace/name.
 //!
 //! A [`Snapshot`] is immutable and complete; a [`StateStore`] swaps whole snapshots atomically, so
 //! a connection resolves against one consistent view and updates never stall traffic. Sources (the
@@ -67,6 +68,9 @@ pub enum Destination {
 pub struct Snapshot {
     workloads: HashMap<String, Arc<Workload>>,
     workloads_by_address: HashMap<(String, IpAddr), Arc<Workload>>,
+    /// Namespace → name → workloads: how a node finds the workload of a pod its node agent
+    /// names (several clusters or nodes may hold the same name).
+    workloads_by_name: HashMap<String, HashMap<String, Vec<Arc<Workload>>>>,
     services: HashMap<String, Arc<Service>>,
     services_by_vip: HashMap<(String, IpAddr), Arc<Service>>,
     /// Service key → the workloads backing it, in uid order (stable endpoint picking).
@@ -143,6 +147,13 @@ impl Snapshot {
                     });
                 }
             }
+            snapshot
+                .workloads_by_name
+                .entry(workload.namespace.clone())
+                .or_default()
+                .entry(workload.name.clone())
+                .or_default()
+                .push(workload.clone());
             for key in workload.services.keys() {
                 snapshot
                     .endpoints
@@ -174,6 +185,14 @@ impl Snapshot {
 
     pub fn workload(&self, uid: &str) -> Option<&Arc<Workload>> {
         self.workloads.get(uid)
+    }
+
+    /// Every workload called `name` in `namespace`, on any node, in no particular order.
+    pub fn workloads_named(&self, namespace: &str, name: &str) -> &[Arc<Workload>] {
+        self.workloads_by_name
+            .get(namespace)
+            .and_then(|names| names.get(name))
+            .map_or(&[], Vec::as_slice)
     }
 
     pub fn workload_by_ip(&self, network: &str, ip: IpAddr) -> Option<&Arc<Workload>> {

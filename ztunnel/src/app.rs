@@ -124,6 +124,7 @@ impl Ztunnel {
             certificates: certificates.clone(),
             hbone: hbone_settings,
             network: config.network.clone(),
+            node: config.node_name.clone(),
             metrics: metrics.clone(),
             connections: connections.clone(),
             enforce_waypoint: config.enforce_waypoint,

@@ -37,6 +37,7 @@ use tokio::task::JoinHandle;
 
 use crate::metrics::Metrics;
 use crate::netns::PodNetns;
+use crate::proxy::local::LocalWorkload;
 
 pub use forward::{set_upstream, upstream_servers};
 
@@ -66,10 +67,9 @@ pub struct PodDns {
     /// The node's network: only VIPs on it are answered.
     pub network: String,
     pub metrics: Arc<Metrics>,
-    /// The pod's workload uid, for the metrics' source labels.
-    pub uid: String,
-    /// The pod's namespace: among services sharing a hostname, its own namespace's wins.
-    pub namespace: String,
+    /// The pod: its workload gives the metrics' source labels, and among services sharing a
+    /// hostname, its own namespace's wins.
+    pub local: Arc<LocalWorkload>,
 }
 
 /// Binds the pod's DNS sockets inside `netns` and starts serving them. The returned tasks own

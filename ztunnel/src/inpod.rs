@@ -4,6 +4,12 @@
 //!
 //! Pods keep running across a lost ZDS connection (the agent comes back and replays its
 //! snapshot); a snapshot that no longer names a pod drains it.
+//!
+//! A pod's uid is the node agent's key for it (istio-cni sends the Kubernetes pod UID): Keep, Del
+//! and the snapshot name pods by it, and nothing else does. The pod's workload is found by its
+//! `WorkloadInfo` ([`crate::proxy::local`]), so an Add without one is refused, as Istio does; an
+//! Add whose workload the state lacks is acked and served once the state delivers it, since the
+//! agent's Add for a new pod routinely overtakes the control plane's push.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::os::fd::OwnedFd;
@@ -12,10 +18,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use ambit_mesh::state::StateStore;
 use ambit_mesh::zds::{WorkloadEvent, ZdsClient, ZdsError};
 use serde::Serialize;
 
 use crate::netns::PodNetns;
+use crate::proxy::local::LocalWorkload;
 use crate::proxy::{PodInfo, PodProxy, ProxyContext};
 
 /// How often a pod whose proxy failed to start is tried again (Istio's period).
@@ -25,20 +33,29 @@ const MAX_BACKOFF: Duration = Duration::from_secs(15);
 
 /// What the admin endpoints show about a pod.
 #[derive(Clone, Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct PodStatus {
+    /// The node agent's key for the pod.
     pub uid: String,
     pub name: String,
     pub namespace: String,
+    pub service_account: String,
     pub identity: String,
     pub netns_inode: u64,
     pub state: &'static str,
+    /// The uid of the workload the pod matched in the current state.
+    pub workload: Option<String>,
+    /// Why it matched none.
+    pub workload_error: Option<String>,
+    #[serde(skip)]
+    local: Arc<LocalWorkload>,
 }
 
 /// Shared view of the manager for readiness and config dumps.
-#[derive(Default)]
 pub struct InpodStatus {
     ready: AtomicBool,
     pods: Mutex<BTreeMap<String, PodStatus>>,
+    state: Arc<StateStore>,
 }
 
 impl InpodStatus {
@@ -47,13 +64,23 @@ impl InpodStatus {
         self.ready.load(Ordering::Acquire)
     }
 
+    /// Every pod, with the workload it matches in the current state.
     pub fn pods(&self) -> Vec<PodStatus> {
-        self.pods
+        let snapshot = self.state.load();
+        let mut pods: Vec<PodStatus> = self
+            .pods
             .lock()
             .expect("status lock")
             .values()
             .cloned()
-            .collect()
+            .collect();
+        for pod in &mut pods {
+            match pod.local.find(&snapshot) {
+                Ok(workload) => pod.workload = Some(workload.uid.clone()),
+                Err(err) => pod.workload_error = Some(err.to_string()),
+            }
+        }
+        pods
     }
 }
 
@@ -76,13 +103,18 @@ pub struct WorkloadManager {
 
 impl WorkloadManager {
     pub fn new(context: Arc<ProxyContext>, socket: PathBuf) -> Self {
+        let status = Arc::new(InpodStatus {
+            ready: AtomicBool::new(false),
+            pods: Mutex::default(),
+            state: context.state.clone(),
+        });
         WorkloadManager {
             context,
             socket,
             pods: HashMap::new(),
             pending: HashMap::new(),
             snapshot: None,
-            status: Arc::new(InpodStatus::default()),
+            status,
         }
     }
 
@@ -147,7 +179,19 @@ impl WorkloadManager {
         match event {
             WorkloadEvent::Add { uid, info, netns } => {
                 self.note_in_snapshot(&uid);
-                let info = info.unwrap_or_default();
+                let Some(info) = info else {
+                    return Err(format!(
+                        "AddWorkload for pod {uid} has no WorkloadInfo; ztunnel finds a pod's \
+                         workload by its name, namespace and service account"
+                    ));
+                };
+                if info.name.is_empty() || info.namespace.is_empty() {
+                    return Err(format!(
+                        "AddWorkload for pod {uid}: WorkloadInfo needs the pod's name and \
+                         namespace (got name {:?}, namespace {:?})",
+                        info.name, info.namespace
+                    ));
+                }
                 let info = PodInfo {
                     uid: uid.clone(),
                     name: info.name,
@@ -213,6 +257,16 @@ impl WorkloadManager {
     async fn add(&mut self, info: PodInfo, netns: OwnedFd) -> Result<(), String> {
         let uid = info.uid.clone();
         let netns = PodNetns::new(netns).map_err(|e| format!("pod {uid}: {e}"))?;
+        let enrolled = (self.pods.get(&uid).map(|p| &p.info))
+            .or_else(|| self.pending.get(&uid).map(|p| &p.info));
+        if let Some(enrolled) = enrolled.filter(|enrolled| **enrolled != info) {
+            // One key for two pods would let a Del or a snapshot for one remove the other.
+            return Err(format!(
+                "uid {uid} already names pod {}/{}; the node agent must delete it before \
+                 reusing the uid for pod {}/{}",
+                enrolled.namespace, enrolled.name, info.namespace, info.name
+            ));
+        }
         if let Some(existing) = self.pods.get(&uid) {
             if existing.netns_inode() == netns.inode() {
                 return Ok(());
@@ -262,31 +316,35 @@ impl WorkloadManager {
     }
 
     fn publish(&self) {
+        let status = |info: &PodInfo, identity: String, netns_inode, state| PodStatus {
+            uid: info.uid.clone(),
+            name: info.name.clone(),
+            namespace: info.namespace.clone(),
+            service_account: info.service_account.clone(),
+            identity,
+            netns_inode,
+            state,
+            workload: None,
+            workload_error: None,
+            local: Arc::new(LocalWorkload {
+                pod: info.clone(),
+                node: self.context.node.clone(),
+            }),
+        };
         let mut pods = BTreeMap::new();
         for (uid, proxy) in &self.pods {
-            pods.insert(
-                uid.clone(),
-                PodStatus {
-                    uid: uid.clone(),
-                    name: proxy.info.name.clone(),
-                    namespace: proxy.info.namespace.clone(),
-                    identity: proxy.identity.to_string(),
-                    netns_inode: proxy.netns_inode(),
-                    state: "running",
-                },
+            let running = status(
+                &proxy.info,
+                proxy.identity.to_string(),
+                proxy.netns_inode(),
+                "running",
             );
+            pods.insert(uid.clone(), running);
         }
         for (uid, pending) in &self.pending {
             pods.insert(
                 uid.clone(),
-                PodStatus {
-                    uid: uid.clone(),
-                    name: pending.info.name.clone(),
-                    namespace: pending.info.namespace.clone(),
-                    identity: String::new(),
-                    netns_inode: 0,
-                    state: "pending",
-                },
+                status(&pending.info, String::new(), 0, "pending"),
             );
         }
         *self.status.pods.lock().expect("status lock") = pods;

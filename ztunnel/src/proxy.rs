@@ -13,6 +13,7 @@
 
 pub mod connections;
 mod inbound;
+pub mod local;
 mod outbound;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -26,6 +27,7 @@ use ambit_mesh::state::{
 use tokio::task::JoinHandle;
 
 use crate::netns::{NetnsError, PodNetns};
+use local::LocalWorkload;
 
 /// Istio's in-pod ports.
 pub const OUTBOUND_PORT: u16 = 15001;
@@ -54,6 +56,8 @@ pub struct ProxyContext {
     pub hbone: hbone::Settings,
     /// The node's network (Istio `NETWORK`); addresses resolve within it.
     pub network: String,
+    /// The node's name (`NODE_NAME`): enrolled pods' workloads are looked for among its own.
+    pub node: String,
     pub metrics: Arc<crate::metrics::Metrics>,
     /// Live inbound connections, re-checked when policy changes.
     pub connections: Arc<connections::ConnectionTracker>,
@@ -62,8 +66,9 @@ pub struct ProxyContext {
     pub enforce_waypoint: bool,
 }
 
-/// What ZDS says about a pod when it is added.
-#[derive(Clone, Debug, Default)]
+/// What ZDS says about a pod when it is added: `uid` is the node agent's key for it, the rest
+/// its `WorkloadInfo`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct PodInfo {
     pub uid: String,
     pub name: String,
@@ -96,7 +101,11 @@ impl PodProxy {
         netns: PodNetns,
     ) -> Result<PodProxy, ProxyError> {
         let uid = info.uid.clone();
-        let identity = pod_identity(&context, &info).map_err(|reason| ProxyError::Identity {
+        let local = Arc::new(LocalWorkload {
+            pod: info.clone(),
+            node: context.node.clone(),
+        });
+        let identity = pod_identity(&context, &local).map_err(|reason| ProxyError::Identity {
             uid: uid.clone(),
             reason,
         })?;
@@ -124,6 +133,7 @@ impl PodProxy {
         let pod = Arc::new(Pod {
             context: context.clone(),
             uid: uid.clone(),
+            local: local.clone(),
             identity: identity.clone(),
             netns: netns.clone(),
             client,
@@ -136,8 +146,7 @@ impl PodProxy {
                 state: context.state.clone(),
                 network: context.network.clone(),
                 metrics: context.metrics.clone(),
-                uid: uid.clone(),
-                namespace: info.namespace.clone(),
+                local: local.clone(),
             },
         )
         .await
@@ -152,6 +161,7 @@ impl PodProxy {
             tokio::spawn(inbound::serve_hbone(pod, hbone_listener)),
         ];
         tasks.extend(dns_tasks);
+        tasks.push(tokio::spawn(report_workload(context.clone(), local)));
         tracing::info!(pod = %uid, identity = %identity, netns = netns.inode(), "pod proxy started");
         Ok(PodProxy {
             info,
@@ -170,6 +180,8 @@ impl PodProxy {
 pub(crate) struct Pod {
     pub context: Arc<ProxyContext>,
     pub uid: String,
+    /// How its workload is found in the state.
+    pub local: Arc<LocalWorkload>,
     pub identity: Identity,
     pub netns: Arc<PodNetns>,
     /// HBONE connections opened from inside this pod, so their source address is the pod's.
@@ -218,17 +230,34 @@ async fn accept_loop<F, Fut>(
     }
 }
 
-/// The pod's identity: from the state when it knows the pod, else from what ZDS said.
-fn pod_identity(context: &ProxyContext, info: &PodInfo) -> Result<Identity, String> {
-    if let Some(workload) = context.state.load().workload(&info.uid) {
+/// The pod's identity: from its workload when the state has it, else from what ZDS said (the
+/// workload's service account and namespace are the pod's by construction; only a trust domain
+/// other than the default comes from the state).
+fn pod_identity(context: &ProxyContext, local: &LocalWorkload) -> Result<Identity, String> {
+    if let Ok(workload) = local.find(&context.state.load()) {
         return workload.identity().map_err(|e| e.to_string());
     }
-    let service_account = if info.service_account.is_empty() {
-        "default"
-    } else {
-        &info.service_account
-    };
-    Identity::new(DEFAULT_TRUST_DOMAIN, &info.namespace, service_account).map_err(|e| e.to_string())
+    Identity::new(
+        DEFAULT_TRUST_DOMAIN,
+        &local.pod.namespace,
+        local.service_account(),
+    )
+    .map_err(|e| e.to_string())
+}
+
+/// Says once, for the operator, whether the pod's workload reached the state within the wait:
+/// connections fail until it does, and this line says why.
+async fn report_workload(context: Arc<ProxyContext>, local: Arc<LocalWorkload>) {
+    match local.wait(&context.state, local::WAIT).await {
+        Ok((_, workload)) => {
+            tracing::info!(pod = %local.pod.uid, workload = %workload.uid, "pod matched to its workload")
+        }
+        Err(err) => tracing::warn!(
+            pod = %local.pod.uid, error = %err,
+            "pod has no workload after {}s; its connections are refused until the control plane delivers one",
+            local::WAIT.as_secs()
+        ),
+    }
 }
 
 /// A waypoint ([`GatewayAddress`]) resolved in one snapshot, for an outbound connection.

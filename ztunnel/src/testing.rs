@@ -38,6 +38,8 @@ pub struct Node {
 #[derive(Clone, Debug)]
 pub struct PodNet {
     pub name: String,
+    /// Its Kubernetes pod UID (a random UUID), the key a node agent hands it over ZDS with.
+    pub uid: String,
     pub netns: String,
     pub ip: Ipv4Addr,
     pub node: usize,
@@ -112,6 +114,7 @@ impl Topology {
         let net = self.inner().add_pod(node, name).expect("add pod");
         let pod = PodNet {
             name: name.to_owned(),
+            uid: pod_uid(),
             netns: net.netns,
             ip: net.ip,
             node,
@@ -164,13 +167,14 @@ fn state_yaml(
     echo: &PodNet,
     plain: &PodNet,
     waypoint: Option<&PodNet>,
+    extra_workloads: &str,
     policies: &str,
 ) -> String {
     let (waypoint_workload, service_waypoint) = match waypoint {
         Some(pod) => (
             format!(
                 r#"
-- uid: cluster1//v1/Pod/default/waypoint
+- uid: Kubernetes//Pod/default/waypoint
   name: waypoint
   namespace: default
   serviceAccount: waypoint
@@ -194,7 +198,7 @@ fn state_yaml(
     format!(
         r#"
 workloads:
-- uid: cluster1//v1/Pod/default/sleep
+- uid: Kubernetes//Pod/default/sleep
   name: sleep
   namespace: default
   serviceAccount: sleep
@@ -203,7 +207,7 @@ workloads:
   node: node-1
   canonicalName: sleep
   services: {{}}
-- uid: cluster1//v1/Pod/default/echo
+- uid: Kubernetes//Pod/default/echo
   name: echo
   namespace: default
   serviceAccount: echo
@@ -214,13 +218,14 @@ workloads:
   canonicalRevision: v1
   services:
     "default/echo.default.svc.cluster.local": {{80: 8080}}
-- uid: cluster1//v1/Pod/default/plain
+- uid: Kubernetes//Pod/default/plain
   name: plain
   namespace: default
   workloadIps: ["{plain}"]
   protocol: TCP
   node: node-2
   services: {{}}{waypoint_workload}
+{extra_workloads}
 services:
 - name: echo
   namespace: default
@@ -302,7 +307,7 @@ impl Cluster {
         let state_path = dir.join("state.yaml");
         std::fs::write(
             &state_path,
-            state_yaml(&sleep, &echo, &plain, waypoint.as_ref(), ""),
+            state_yaml(&sleep, &echo, &plain, waypoint.as_ref(), "", ""),
         )
         .unwrap();
 
@@ -320,6 +325,10 @@ impl Cluster {
         let mut servers = Vec::new();
         let enrolled: [Vec<(&PodNet, &str)>; 2] = [vec![(&sleep, "sleep")], vec![(&echo, "echo")]];
         for (node, pods) in enrolled.iter().enumerate() {
+            let config = |dir: &Path, state: &Path, socket: &Path| Config {
+                node_name: format!("node-{}", node + 1),
+                ..config(dir, state, socket)
+            };
             if let Some((_, socket)) = custom_agent.filter(|(custom, _)| *custom == node) {
                 let config = config(&dir, &state_path, socket);
                 ztunnels.push(Ztunnel::start(config, Default::default()).await.unwrap());
@@ -361,13 +370,25 @@ impl Cluster {
     }
 
     pub fn set_policies(&self, policies: &str) {
-        let text = state_yaml(
+        self.write_state(&self.state_text("", policies));
+    }
+
+    /// The cluster's state file: its workloads (uids in istiod's format, see [`workload_uid`])
+    /// plus `extra_workloads` (YAML list items), its services, then `policies` (top-level YAML).
+    pub fn state_text(&self, extra_workloads: &str, policies: &str) -> String {
+        state_yaml(
             &self.sleep,
             &self.echo,
             &self.plain,
             self.waypoint.as_ref(),
+            extra_workloads,
             policies,
-        );
+        )
+    }
+
+    /// Replaces the state file in one step, as a ConfigMap update would, so the watcher reads
+    /// exactly `text` (never a half-written file, unless that is the point).
+    pub fn write_state(&self, text: &str) {
         let temp = self.dir.join("state.yaml.tmp");
         std::fs::write(&temp, text).unwrap();
         std::fs::rename(temp, &self.state_path).unwrap();
@@ -392,8 +413,22 @@ impl Drop for Cluster {
     }
 }
 
+/// The key a node agent hands `pod` over ZDS with: its Kubernetes pod UID, as istio-cni sends.
 pub fn uid(pod: &PodNet) -> String {
-    format!("cluster1//v1/Pod/default/{}", pod.name)
+    pod.uid.clone()
+}
+
+/// The uid of `pod`'s workload in the state, in istiod's format for a pod of namespace `default`.
+pub fn workload_uid(pod: &PodNet) -> String {
+    format!("Kubernetes//Pod/default/{}", pod.name)
+}
+
+/// A fresh random (v4) UUID, the shape of a Kubernetes `metadata.uid`.
+pub fn pod_uid() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/uuid")
+        .expect("the kernel's UUID source")
+        .trim()
+        .to_owned()
 }
 
 /// A ztunnel configuration for tests: state from the local file `state`, the CA saved in

@@ -16,7 +16,7 @@ use ambit_mesh::zds::ZdsError;
 use ambit_ztunnel::app::Ztunnel;
 use ambit_ztunnel::netns::PodNetns;
 use ambit_ztunnel::testing::{
-    app_call, app_server, config, http_get, netns_exec, uid, PodNet, Topology,
+    app_call, app_server, config, http_get, netns_exec, uid, workload_uid, PodNet, Topology,
 };
 
 /// Two nodes, `sleep` on node 1 and `echo` on node 2, each node with its agent and ztunnel.
@@ -45,7 +45,7 @@ fn state_yaml(pods: &[(&PodNet, &str)]) -> String {
             "- uid: {uid}\n  name: {name}\n  namespace: default\n  serviceAccount: {name}\n  \
              workloadIps: [\"{ip}\"]\n  protocol: HBONE\n  node: {node}\n  canonicalName: {name}\n  \
              services: {{}}\n",
-            uid = uid(pod),
+            uid = workload_uid(pod),
             name = pod.name,
             ip = pod.ip,
         ));

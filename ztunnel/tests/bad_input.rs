@@ -124,8 +124,9 @@ fn del(pod_uid: &str) -> Vec<u8> {
     }))
 }
 
-/// A uid no node agent ever handed over.
-const GHOST: &str = "cluster1//v1/Pod/default/ghost";
+/// A ZDS uid no node agent ever handed over, and the WDS uid of a workload no pod matches.
+const GHOST: &str = "0b5ad5e1-9e0d-4c57-8f3a-7d1c9a6f2e00";
+const GHOST_WORKLOAD: &str = "Kubernetes//Pod/default/ghost";
 
 /// A pipe whose open copies in this process can be counted exactly (by its inode, through
 /// /proc/self/fd), even while other tests open and close fds: proof that ztunnel closed every
@@ -475,6 +476,30 @@ async fn an_add_workload_whose_fd_is_not_a_netns_is_nacked() {
     assert_serving(&cluster, "AddWorkload with fds that are not netns").await;
 }
 
+/// Istio's ztunnel refuses an Add without `WorkloadInfo` ("workload_info is required"): the pod's
+/// workload is found by it, never by the node agent's uid.
+#[tokio::test]
+async fn an_add_workload_without_workload_info_is_nacked() {
+    let RawCluster { cluster, agent, .. } = RawCluster::start().await;
+    let inode = echo_inode(&cluster);
+    let pipe = TrackedPipe::new();
+    let bare = request(Payload::Add(AddWorkload {
+        uid: GHOST.to_owned(),
+        workload_info: None,
+    }));
+    let reason = agent
+        .expect_nack(&bare, vec![pipe.copy()], "AddWorkload without WorkloadInfo")
+        .await;
+    assert!(
+        reason.contains(GHOST) && reason.contains("has no WorkloadInfo"),
+        "{reason}"
+    );
+    pipe.assert_only_ours_open("AddWorkload without WorkloadInfo");
+    assert_eq!(cluster.ztunnels[ECHO_NODE].inpod.pods().len(), 1);
+    assert_eq!(echo_inode(&cluster), inode);
+    assert_serving(&cluster, "AddWorkload without WorkloadInfo").await;
+}
+
 // --- 4. Requests out of order after the snapshot ---
 
 #[tokio::test]
@@ -512,14 +537,6 @@ async fn keep_workload_or_a_second_snapshot_after_the_snapshot_is_nacked() {
 
 // --- 5. A corrupt state file ---
 
-/// Replaces the state file in one step, as a ConfigMap update would, so the watcher reads exactly
-/// `text` (never a half-written file, unless that is the point).
-fn write_state(cluster: &Cluster, text: &str) {
-    let temp = cluster.dir.join("bad-input-state.tmp");
-    std::fs::write(&temp, text).unwrap();
-    std::fs::rename(&temp, &cluster.state_path).unwrap();
-}
-
 #[tokio::test]
 async fn a_corrupt_state_file_keeps_the_previous_state() {
     let cluster = Cluster::start().await;
@@ -540,7 +557,7 @@ async fn a_corrupt_state_file_keeps_the_previous_state() {
     );
     let duplicate_ip = {
         let ghost = format!(
-            "- uid: {GHOST}\n  name: ghost\n  namespace: default\n  workloadIps: [\"{}\"]\n  \
+            "- uid: {GHOST_WORKLOAD}\n  name: ghost\n  namespace: default\n  workloadIps: [\"{}\"]\n  \
              protocol: TCP\n  node: node-2\n",
             cluster.echo.ip
         );
@@ -558,7 +575,7 @@ async fn a_corrupt_state_file_keeps_the_previous_state() {
             .and_then(|config| config.into_snapshot(&cluster.state_path));
         assert!(parsed.is_err(), "{what} should not load");
 
-        write_state(&cluster, text);
+        cluster.write_state(text);
         tokio::time::sleep(STATE_SETTLE).await;
         for (ztunnel, before) in cluster.ztunnels.iter().zip(&before) {
             assert!(

@@ -7,7 +7,9 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use ambit_ztunnel::testing::{app_call, app_connect, app_server, http_get, Cluster, Topology, VIP};
+use ambit_ztunnel::testing::{
+    app_call, app_connect, app_server, http_get, uid, workload_uid, Cluster, Topology, VIP,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Captures TCP on node 1's link to the other nodes into a pcap until stopped. (On the bridge
@@ -135,7 +137,11 @@ async fn service_traffic_is_mtls_on_the_wire_and_the_server_sees_the_client() {
     // The admin endpoints show the pods and their certificates.
     let dump = http_get(cluster.ztunnels[1].admin_address, "/config_dump").await;
     assert!(
-        dump.contains("cluster1//v1/Pod/default/echo") && dump.contains("\"state\": \"running\""),
+        dump.contains(&format!(
+            "\"workload\": \"{}\"",
+            workload_uid(&cluster.echo)
+        )) && dump.contains(&format!("\"uid\": \"{}\"", uid(&cluster.echo)))
+            && dump.contains("\"state\": \"running\""),
         "{dump}"
     );
     let ready = http_get(cluster.ztunnels[1].readiness_address, "/healthz/ready").await;

@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 use ambit_mesh::identity::CertificateAuthority;
 use ambit_ztunnel::app::Ztunnel;
 use ambit_ztunnel::testing::{
-    app_call, app_server, config, http_get, netns_exec, uid, PodNet, Topology,
+    app_call, app_server, config, http_get, netns_exec, uid, workload_uid, PodNet, Topology,
 };
 use python_zds_agent::PythonAgent;
 
@@ -164,9 +164,9 @@ services:
   vips: ["/{VIP}"]
   ports: {{80: 8080}}
 "#,
-        sleep_uid = uid(sleep),
+        sleep_uid = workload_uid(sleep),
         sleep_ip = sleep.ip,
-        echo_uid = uid(echo),
+        echo_uid = workload_uid(echo),
         echo_ip = echo.ip,
     )
 }

@@ -2,11 +2,17 @@
 //! stdlib script that encodes the `istio.workload.zds` protobufs by hand from their field numbers
 //! and passes each pod's netns fd with `SCM_RIGHTS` over `SOCK_SEQPACKET`.
 //!
+//! The agent behaves as istio-cni does: each pod's uid is a Kubernetes pod UID (a random UUID)
+//! with `WorkloadInfo` filled, while the state names workloads as istiod does
+//! (`Kubernetes//Pod/<ns>/<name>`), so ztunnel must match them by name, namespace, service
+//! account and node (`NODE_NAME`), never by uid.
+//!
 //! Two nodes (network namespaces from the [`Topology`] fixture), one in-process ambit-ztunnel and
 //! one Python agent per node, Istio's in-pod rules installed in both pods with
 //! [`ambit_cni::rules::install`]. The agents get a `ZdsHello` (V1) and an ack for every message;
-//! each ztunnel lists its pod as running with the identity from the agent's `WorkloadInfo`; a
-//! call from `sleep` to `echo` then crosses as HBONE and both ztunnels count it as `mutual_tls`.
+//! each ztunnel lists its pod as running with the identity from the agent's `WorkloadInfo` and
+//! matched to its workload; calls from `sleep` to `echo`'s service VIP and from `echo` to
+//! `sleep`'s then cross as HBONE and both ztunnels count them as `mutual_tls`.
 //! A second test checks the agent's hand-written encoding against prost's, message by message.
 //!
 //! Needs root, iproute2, iptables and `python3`, like `tests/inpod.rs`.
@@ -21,9 +27,15 @@ use std::time::{Duration, Instant};
 use ambit_cni::rules::{self, Backend, RuleOptions};
 use ambit_mesh::identity::CertificateAuthority;
 use ambit_ztunnel::app::Ztunnel;
-use ambit_ztunnel::testing::{app_call, app_server, config, http_get, uid, PodNet, Topology};
+use ambit_ztunnel::config::Config;
+use ambit_ztunnel::testing::{
+    app_call, app_server, config, http_get, uid, workload_uid, PodNet, Topology,
+};
 use python_zds_agent::{script, PythonAgent};
 use serde_json::Value;
+
+const ECHO_VIP: &str = "10.96.0.10";
+const SLEEP_VIP: &str = "10.96.0.11";
 
 fn state_yaml(sleep: &PodNet, echo: &PodNet) -> String {
     format!(
@@ -37,7 +49,8 @@ workloads:
   protocol: HBONE
   node: node-1
   canonicalName: sleep
-  services: {{}}
+  services:
+    "default/sleep.default.svc.cluster.local": {{80: 8080}}
 - uid: {echo_uid}
   name: echo
   namespace: default
@@ -46,11 +59,23 @@ workloads:
   protocol: HBONE
   node: node-2
   canonicalName: echo
-  services: {{}}
+  services:
+    "default/echo.default.svc.cluster.local": {{80: 8080}}
+services:
+- name: echo
+  namespace: default
+  hostname: echo.default.svc.cluster.local
+  vips: ["/{ECHO_VIP}"]
+  ports: {{80: 8080}}
+- name: sleep
+  namespace: default
+  hostname: sleep.default.svc.cluster.local
+  vips: ["/{SLEEP_VIP}"]
+  ports: {{80: 8080}}
 "#,
-        sleep_uid = uid(sleep),
+        sleep_uid = workload_uid(sleep),
         sleep_ip = sleep.ip,
-        echo_uid = uid(echo),
+        echo_uid = workload_uid(echo),
         echo_ip = echo.ip,
     )
 }
@@ -104,7 +129,11 @@ async fn python_zds_agent_enrolls_pods_and_traffic_is_mutual_tls() {
             socket.to_str(),
             "python ZDS agent (node {node}): listening line"
         );
-        let ztunnel = Ztunnel::start(config(&dir, &state_path, &socket), Default::default())
+        let config = Config {
+            node_name: format!("node-{}", node + 1),
+            ..config(&dir, &state_path, &socket)
+        };
+        let ztunnel = Ztunnel::start(config, Default::default())
             .await
             .unwrap_or_else(|e| panic!("ambit-ztunnel (node {node}) starts: {e:#}"));
         agents.push(agent);
@@ -158,6 +187,12 @@ async fn python_zds_agent_enrolls_pods_and_traffic_is_mutual_tls() {
                 assert_eq!(found.name, pod.name, "{step}: pod name");
                 assert_eq!(found.namespace, "default", "{step}: pod namespace");
                 assert_eq!(
+                    found.workload.as_deref(),
+                    Some(workload_uid(pod).as_str()),
+                    "{step}: the workload the pod matched ({:?})",
+                    found.workload_error
+                );
+                assert_eq!(
                     found.identity,
                     format!("spiffe://cluster.local/ns/default/sa/{service_account}"),
                     "{step}: pod identity"
@@ -173,19 +208,28 @@ async fn python_zds_agent_enrolls_pods_and_traffic_is_mutual_tls() {
         }
     }
 
-    // Traffic between the two enrolled pods goes through both ztunnels as HBONE.
+    // Traffic between the two enrolled pods, each way through the other's service VIP, goes
+    // through both ztunnels as HBONE.
     app_server(&echo, 8080).await;
-    let target = SocketAddr::new(echo.ip.into(), 8080);
-    let payload = b"interop: pods enrolled by a python ZDS agent".repeat(50);
-    let reply = app_call(&sleep, target, &payload)
-        .await
-        .unwrap_or_else(|e| panic!("sleep → echo {target} after python ZDS enrollment: {e}"));
-    let expected = [format!("peer={}\n", sleep.ip).into_bytes(), payload.clone()].concat();
-    assert_eq!(
-        String::from_utf8_lossy(&reply),
-        String::from_utf8_lossy(&expected),
-        "sleep → echo {target} after python ZDS enrollment: reply"
-    );
+    app_server(&sleep, 8080).await;
+    for (client, server, vip) in [(&sleep, &echo, ECHO_VIP), (&echo, &sleep, SLEEP_VIP)] {
+        let target = SocketAddr::new(vip.parse().unwrap(), 80);
+        let step = format!("{} → {} VIP {target}", client.name, server.name);
+        let payload = b"interop: pods enrolled by a python ZDS agent".repeat(50);
+        let reply = app_call(client, target, &payload)
+            .await
+            .unwrap_or_else(|e| panic!("{step} after python ZDS enrollment: {e}"));
+        let expected = [
+            format!("peer={}\n", client.ip).into_bytes(),
+            payload.clone(),
+        ]
+        .concat();
+        assert_eq!(
+            String::from_utf8_lossy(&reply),
+            String::from_utf8_lossy(&expected),
+            "{step} after python ZDS enrollment: reply"
+        );
+    }
 
     tokio::time::sleep(Duration::from_millis(200)).await;
     for (node, reporter) in [(1, "destination"), (0, "source")] {
@@ -203,6 +247,9 @@ async fn python_zds_agent_enrolls_pods_and_traffic_is_mutual_tls() {
             "connection_security_policy=\"mutual_tls\"",
             "source_principal=\"spiffe://cluster.local/ns/default/sa/sleep\"",
             "destination_principal=\"spiffe://cluster.local/ns/default/sa/echo\"",
+            // From the workloads each ztunnel matched its own pod to.
+            "source_canonical_service=\"sleep\"",
+            "destination_canonical_service=\"echo\"",
         ] {
             assert!(
                 line.contains(label),

@@ -14,7 +14,9 @@ use ambit_mesh::zds::{WorkloadInfo, ZdsServer};
 use ambit_xds::testing::FakeIstiod;
 use ambit_ztunnel::app::Ztunnel;
 use ambit_ztunnel::config::IstioEnv;
-use ambit_ztunnel::testing::{app_call, app_server, config, uid, PodNet, Topology, VIP};
+use ambit_ztunnel::testing::{
+    app_call, app_server, config, uid, workload_uid, PodNet, Topology, VIP,
+};
 
 fn state(sleep: &PodNet, echo: &PodNet) -> LocalConfig {
     let yaml = format!(
@@ -51,8 +53,8 @@ policies:
   rules:
   - - - principals: [!Exact "cluster.local/ns/default/sa/sleep"]
 "#,
-        sleep_uid = uid(sleep),
-        echo_uid = uid(echo),
+        sleep_uid = workload_uid(sleep),
+        echo_uid = workload_uid(echo),
         sleep_ip = sleep.ip,
         echo_ip = echo.ip,
     );

@@ -119,7 +119,7 @@ impl Handler {
         let labels = DnsLabels {
             query_type: query.query_type().to_string(),
             protocol: transport.label(),
-            source: self.pod.state.load().workload(&self.pod.uid).cloned(),
+            source: self.pod.local.find(&self.pod.state.load()).ok(),
         };
         self.pod.metrics.dns_request(&labels);
         let name = query.name();
@@ -137,7 +137,7 @@ impl Handler {
                     snapshot: &snapshot,
                     index: &self.index,
                     network: &self.pod.network,
-                    namespace: &self.pod.namespace,
+                    namespace: &self.pod.local.pod.namespace,
                 }
                 .resolve(host, family)
             }
@@ -306,6 +306,8 @@ async fn serve_connection(handler: Arc<Handler>, mut stream: TcpStream) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::proxy::local::LocalWorkload;
+    use crate::proxy::PodInfo;
     use ambit_mesh::state::{NetworkAddress, Service, Snapshot, StateStore};
     use hickory_proto::op::Query;
     use hickory_proto::rr::Name;
@@ -333,8 +335,15 @@ mod tests {
                 state: Arc::new(StateStore::new(snapshot)),
                 network: String::new(),
                 metrics: Default::default(),
-                uid: "pod".into(),
-                namespace: "default".into(),
+                local: Arc::new(LocalWorkload {
+                    pod: PodInfo {
+                        uid: "pod".into(),
+                        name: "pod".into(),
+                        namespace: "default".into(),
+                        service_account: "default".into(),
+                    },
+                    node: String::new(),
+                }),
             },
             Forwarder::unreachable(),
         )

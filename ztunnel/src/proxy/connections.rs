@@ -11,12 +11,14 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
 use ambit_mesh::rbac::{ConnectionInfo, Decision};
-use ambit_mesh::state::{Snapshot, StateStore};
+use ambit_mesh::state::{Snapshot, StateStore, Workload};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
+use super::local::{LocalWorkload, LocalWorkloadError};
+
 struct Tracked {
-    pod_uid: String,
+    pod: Arc<LocalWorkload>,
     connection: ConnectionInfo,
     cancel: CancellationToken,
 }
@@ -28,18 +30,24 @@ pub struct ConnectionTracker {
     live: Mutex<HashMap<u64, Tracked>>,
 }
 
-/// Authorizes `connection` to `pod_uid` against `snapshot`; `None` when the pod is not in it.
+/// Authorizes `connection` to `pod` against `snapshot`, finding the pod's workload in it afresh;
+/// an error when it has none.
 pub fn authorize(
     snapshot: &Snapshot,
-    pod_uid: &str,
+    pod: &LocalWorkload,
     connection: &ConnectionInfo,
-) -> Option<Decision> {
-    let workload = snapshot.workload(pod_uid)?;
-    Some(snapshot.policies().evaluate(
+) -> Result<Decision, LocalWorkloadError> {
+    let workload = pod.find(snapshot)?;
+    Ok(evaluate(snapshot, &workload, connection))
+}
+
+/// Authorizes `connection` to `workload` against `snapshot`'s policies.
+pub fn evaluate(snapshot: &Snapshot, workload: &Workload, connection: &ConnectionInfo) -> Decision {
+    snapshot.policies().evaluate(
         &workload.namespace,
         &workload.authorization_policies,
         connection,
-    ))
+    )
 }
 
 impl ConnectionTracker {
@@ -60,18 +68,18 @@ impl ConnectionTracker {
     /// registered: whatever changes from now on, some check sees it.
     pub fn track<T>(
         self: &Arc<Self>,
-        pod_uid: &str,
+        pod: &Arc<LocalWorkload>,
         connection: ConnectionInfo,
         upstream: T,
     ) -> Revocable<T> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let cancel = CancellationToken::new();
-        let allowed_now = authorize(&self.state.load(), pod_uid, &connection)
-            .is_some_and(|decision| decision.allowed);
+        let allowed_now =
+            authorize(&self.state.load(), pod, &connection).is_ok_and(|decision| decision.allowed);
         self.live.lock().expect("tracker lock").insert(
             id,
             Tracked {
-                pod_uid: pod_uid.to_owned(),
+                pod: pod.clone(),
                 connection,
                 cancel: cancel.clone(),
             },
@@ -103,17 +111,18 @@ impl ConnectionTracker {
         let live = self.live.lock().expect("tracker lock");
         let mut closed = 0;
         for tracked in live.values() {
-            // A pod that left the state no longer admits anyone, as new connections find.
-            let decision = authorize(snapshot, &tracked.pod_uid, &tracked.connection);
-            let allowed = decision.as_ref().is_some_and(|d| d.allowed);
+            // A pod whose workload left the state no longer admits anyone, as new connections
+            // find.
+            let decision = authorize(snapshot, &tracked.pod, &tracked.connection);
+            let allowed = decision.as_ref().is_ok_and(|d| d.allowed);
             if !allowed && !tracked.cancel.is_cancelled() {
-                let reason = decision.map_or_else(
-                    || "the pod left the mesh state".to_owned(),
-                    |d| d.to_string(),
-                );
+                let reason = match decision {
+                    Ok(decision) => decision.to_string(),
+                    Err(err) => err.to_string(),
+                };
                 tracing::info!(
                     target: "access",
-                    pod = %tracked.pod_uid, connection = %tracked.connection, %reason,
+                    pod = %tracked.pod.pod.uid, connection = %tracked.connection, %reason,
                     "policy changed; closing a connection it no longer allows"
                 );
                 tracked.cancel.cancel();

@@ -20,6 +20,7 @@ use ambit_mesh::hbone::server::{
 };
 use ambit_mesh::identity::{BoxFuture, Identity};
 use ambit_mesh::rbac::ConnectionInfo;
+use ambit_mesh::state::{Snapshot, Workload};
 use tokio::net::{TcpListener, TcpStream};
 
 use super::{connections, Pod};
@@ -49,9 +50,11 @@ impl ConnectHandler for HboneInbound {
     ) -> BoxFuture<'_, Result<Box<dyn Upstream>, Rejection>> {
         Box::pin(async move {
             let client = request.peer_addr;
-            check_waypoint(&self.pod, &request)?;
+            let (snapshot, workload) = local_workload(&self.pod).await?;
+            check_waypoint(&self.pod, &snapshot, &workload, &request)?;
             let connection = authorize(
-                &self.pod,
+                &snapshot,
+                &workload,
                 Some(&request.peer_identity),
                 client,
                 request.target,
@@ -68,11 +71,11 @@ impl ConnectHandler for HboneInbound {
                 .context
                 .metrics
                 .connection_opened(&labels(&self.pod, &request, true));
-            let upstream = self
-                .pod
-                .context
-                .connections
-                .track(&self.pod.uid, connection, upstream);
+            let upstream =
+                self.pod
+                    .context
+                    .connections
+                    .track(&self.pod.local, connection, upstream);
             Ok(Box::new(upstream) as Box<dyn Upstream>)
         })
     }
@@ -118,7 +121,7 @@ fn inbound_labels(
         reporter: Reporter::Destination,
         source: snapshot.workload_by_ip(network, client.ip()).cloned(),
         source_principal: peer,
-        destination: snapshot.workload(&pod.uid).cloned(),
+        destination: pod.local.find(&snapshot).ok(),
         destination_principal: mutual_tls.then(|| pod.identity.clone()),
         destination_service: service_host.map(|host| {
             // Kubernetes hostnames are <name>.<namespace>.svc.<domain>.
@@ -132,16 +135,25 @@ fn inbound_labels(
     }
 }
 
+/// The pod's workload, waited for as Istio waits ([`super::local`]); 503 with the reason when
+/// the state does not deliver it in time.
+async fn local_workload(pod: &Pod) -> Result<(Arc<Snapshot>, Arc<Workload>), Rejection> {
+    pod.local
+        .wait(&pod.context.state, super::local::WAIT)
+        .await
+        .map_err(|err| Rejection::Unavailable(err.to_string()))
+}
+
 /// Refuses (401) a tunnel that bypassed the waypoint its addressing requires (module docs).
-fn check_waypoint(pod: &Pod, request: &ConnectRequest) -> Result<(), Rejection> {
+fn check_waypoint(
+    pod: &Pod,
+    snapshot: &Snapshot,
+    workload: &Workload,
+    request: &ConnectRequest,
+) -> Result<(), Rejection> {
     if !pod.context.enforce_waypoint {
         return Ok(());
     }
-    let snapshot = pod.context.state.load();
-    // An unknown pod is refused by `authorize`, with a better reason.
-    let Some(workload) = snapshot.workload(&pod.uid) else {
-        return Ok(());
-    };
     let service = request.headers.forwarded_host.as_deref().and_then(|host| {
         workload
             .services
@@ -154,16 +166,19 @@ fn check_waypoint(pod: &Pod, request: &ConnectRequest) -> Result<(), Rejection> 
             service.waypoint.as_ref(),
             format!("service {}", service.hostname),
         ),
-        None => (workload.waypoint.as_ref(), format!("pod {}", pod.uid)),
+        None => (
+            workload.waypoint.as_ref(),
+            format!("pod {}/{}", workload.namespace, workload.name),
+        ),
     };
     let Some(gateway) = gateway else {
         return Ok(());
     };
     // The waypoint's own pod receives its traffic directly.
-    if super::is_waypoint(&snapshot, gateway, workload) {
+    if super::is_waypoint(snapshot, gateway, workload) {
         return Ok(());
     }
-    let allowed = super::waypoint_identities(&snapshot, gateway);
+    let allowed = super::waypoint_identities(snapshot, gateway);
     if allowed.contains(&request.peer_identity) {
         return Ok(());
     }
@@ -181,35 +196,29 @@ const PROXY_PORTS: [u16; 4] = [
     crate::dns::DNS_PORT,
 ];
 
-/// Checks that `target` is this pod and that policy lets `peer` reach it; returns what the
-/// decision was made on, so the connection can be re-checked when policy changes.
+/// Checks that `target` is the pod's `workload` and that policy lets `peer` reach it; returns
+/// what the decision was made on, so the connection can be re-checked when policy changes.
 fn authorize(
-    pod: &Pod,
+    snapshot: &Snapshot,
+    workload: &Workload,
     peer: Option<&Identity>,
     client: SocketAddr,
     target: SocketAddr,
 ) -> Result<ConnectionInfo, Rejection> {
-    let snapshot = pod.context.state.load();
-    let Some(workload) = snapshot.workload(&pod.uid) else {
-        return Err(Rejection::Unavailable(format!(
-            "pod {} is not in the mesh state",
-            pod.uid
-        )));
-    };
     // ztunnel's own listeners in the pod are not destinations: a tunnel to them would loop
     // through the pod's proxy again, without end.
     if PROXY_PORTS.contains(&target.port()) {
         return Err(Rejection::BadRequest(format!(
             "port {} of pod {} is ztunnel's own",
             target.port(),
-            pod.uid
+            workload.uid
         )));
     }
     if !workload.workload_ips.contains(&target.ip()) {
         return Err(Rejection::BadRequest(format!(
             "{} is not an address of pod {}",
             target.ip(),
-            pod.uid
+            workload.uid
         )));
     }
     let connection = ConnectionInfo {
@@ -218,13 +227,11 @@ fn authorize(
         destination_ip: target.ip(),
         destination_port: target.port(),
     };
-    match connections::authorize(&snapshot, &pod.uid, &connection) {
-        Some(decision) if decision.allowed => Ok(connection),
-        Some(decision) => Err(Rejection::Unauthorized(decision.to_string())),
-        None => Err(Rejection::Unavailable(format!(
-            "pod {} left the mesh state",
-            pod.uid
-        ))),
+    let decision = connections::evaluate(snapshot, workload, &connection);
+    if decision.allowed {
+        Ok(connection)
+    } else {
+        Err(Rejection::Unauthorized(decision.to_string()))
     }
 }
 
@@ -240,7 +247,11 @@ async fn plaintext(pod: Arc<Pod>, mut downstream: TcpStream, client: SocketAddr)
             return;
         }
     };
-    let connection = match authorize(&pod, None, client, target) {
+    let decided = match local_workload(&pod).await {
+        Ok((snapshot, workload)) => authorize(&snapshot, &workload, None, client, target),
+        Err(rejection) => Err(rejection),
+    };
+    let connection = match decided {
         Ok(connection) => connection,
         Err(rejection) => {
             tracing::info!(target: "access", pod = %pod.uid, src = %client, dst = %target, reason = %rejection, "inbound plaintext refused");
@@ -251,7 +262,7 @@ async fn plaintext(pod: Arc<Pod>, mut downstream: TcpStream, client: SocketAddr)
         Ok(upstream) => pod
             .context
             .connections
-            .track(&pod.uid, connection, upstream),
+            .track(&pod.local, connection, upstream),
         Err(err) => {
             tracing::info!(pod = %pod.uid, %client, %target, error = %err, "inbound plaintext connect failed");
             return;

@@ -97,7 +97,7 @@ fn route(pod: &Pod, client: SocketAddr, destination: SocketAddr) -> Route {
         forwarded_for: Some(client),
         ..Default::default()
     };
-    let source = snapshot.workload(&pod.uid).cloned();
+    let source = pod.local.find(&snapshot).ok();
     let pick = rand::random::<u32>() as usize;
     // A waypoint's own connections (it is not captured in Istio, but may be enrolled here)
     // must never loop back into it.
