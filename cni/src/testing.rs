@@ -52,6 +52,26 @@ pub struct RecordedPatch {
 }
 
 /// A pod to create with [`FakeApiServer::add_pod`].
+/// The Kubernetes UID (`metadata.uid`) the fake API server gives pod `namespace/name`: shaped as
+/// the API server's (a v4 UUID), derived from the name so that tests can predict it.
+pub fn pod_uid(namespace: &str, name: &str) -> String {
+    // FNV-1a, twice with different offsets, for 128 bits.
+    let hash = |offset: u64| {
+        format!("{namespace}/{name}").bytes().fold(offset, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+        })
+    };
+    let (a, b) = (hash(0xcbf2_9ce4_8422_2325), hash(0x8422_2325_cbf2_9ce4));
+    format!(
+        "{:08x}-{:04x}-4{:03x}-{:04x}-{:012x}",
+        a >> 32,
+        (a >> 16) & 0xffff,
+        a & 0xfff,
+        0x8000 | (b >> 48) & 0x3fff,
+        b & 0xffff_ffff_ffff
+    )
+}
+
 #[derive(Clone, Debug)]
 pub struct FakePod {
     pub namespace: String,
@@ -66,12 +86,12 @@ pub struct FakePod {
 }
 
 impl FakePod {
-    /// A running pod on `node` with address `ip`, uid `uid-<ns>-<name>`.
+    /// A running pod on `node` with address `ip`, uid [`pod_uid`]`(namespace, name)`.
     pub fn new(namespace: &str, name: &str, node: &str, ip: Option<IpAddr>) -> Self {
         FakePod {
             namespace: namespace.into(),
             name: name.into(),
-            uid: format!("uid-{namespace}-{name}"),
+            uid: pod_uid(namespace, name),
             node: node.into(),
             ip,
             labels: BTreeMap::new(),

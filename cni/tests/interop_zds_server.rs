@@ -146,7 +146,7 @@ fn rule_options() -> RuleOptions {
 
 fn pod(netns: &Netns, name: &str) -> EnrolledPod {
     EnrolledPod {
-        uid: format!("Kubernetes//Pod/bookinfo/{name}"),
+        uid: ambit_cni::testing::pod_uid("bookinfo", name),
         namespace: "bookinfo".into(),
         name: name.into(),
         service_account: "bookinfo-reviews".into(),
@@ -212,7 +212,7 @@ async fn node_agent_drives_an_independent_ztunnel_side_peer() {
     let mut first = Peer::connect(
         "first connection",
         &socket,
-        &["Kubernetes//Pod/bookinfo/refused"],
+        &[&ambit_cni::testing::pod_uid("bookinfo", "refused")],
     )
     .await;
     first

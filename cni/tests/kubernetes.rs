@@ -54,7 +54,7 @@ impl Drop for Harness {
 }
 
 fn uid(name: &str) -> String {
-    format!("uid-{NS}-{name}")
+    ambit_cni::testing::pod_uid(NS, name)
 }
 
 impl Harness {

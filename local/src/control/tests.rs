@@ -176,6 +176,7 @@ fn status_listings() {
         ip("10.0.0.7"),
         ip("172.18.0.2"),
         "node-2",
+        "5f1d0c3e-0000-4000-8000-000000000002",
     );
     assert_eq!(env, vec![("POD_NAME".to_owned(), "echo-1".to_owned())]);
 }

@@ -43,14 +43,15 @@ impl Pod {
 
     /// The environment of `container` (one of this pod's) as the kubelet would set it, with the
     /// downward-API references resolved from the pod's runtime facts: `status.podIP(s)` →
-    /// `pod_ip`, `status.hostIP(s)` → `host_ip`, `spec.nodeName` → `node`, `metadata.uid` → the
-    /// workload uid ztunnel knows it by.
+    /// `pod_ip`, `status.hostIP(s)` → `host_ip`, `spec.nodeName` → `node`, `metadata.uid` → `uid`
+    /// (the pod's Kubernetes UID, which the node agent hands to ztunnel).
     pub fn container_env(
         &self,
         container: &Container,
         pod_ip: IpAddr,
         host_ip: IpAddr,
         node: &str,
+        uid: &str,
     ) -> Vec<(String, String)> {
         let meta = &self.metadata;
         let bracketed = |path: &str, prefix: &str| -> Option<String> {
@@ -67,9 +68,7 @@ impl Pod {
                     EnvValue::FieldRef(path) => match path.as_str() {
                         "metadata.name" => meta.name.clone(),
                         "metadata.namespace" => meta.namespace.clone(),
-                        "metadata.uid" => {
-                            format!("Kubernetes//Pod/{}/{}", meta.namespace, meta.name)
-                        }
+                        "metadata.uid" => uid.to_owned(),
                         "spec.nodeName" => node.to_owned(),
                         "spec.serviceAccountName" => self.spec.service_account_name.clone(),
                         "status.podIP" | "status.podIPs" => pod_ip.to_string(),

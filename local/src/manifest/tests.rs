@@ -116,7 +116,8 @@ fn parses_a_pod() {
             c,
             "10.0.0.5".parse().unwrap(),
             "172.18.0.2".parse().unwrap(),
-            "node-1"
+            "node-1",
+            "5f1d0c3e-0000-4000-8000-000000000001"
         ),
         vec![
             ("MODE".to_owned(), "test".to_owned()),
