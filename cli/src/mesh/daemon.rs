@@ -435,7 +435,8 @@ impl Mesh {
             PodRuntime {
                 net,
                 node,
-                uid: format!("Kubernetes//Pod/{namespace}/{name}"),
+                // What Kubernetes gives a pod, and istio-cni sends as the ZDS uid.
+                uid: pod_uid()?,
                 identity: format!("spiffe://{TRUST_DOMAIN}/ns/{namespace}/sa/{service_account}"),
                 enrolled: false,
                 reason: waypoint.then(|| "a waypoint: it terminates HBONE itself".to_owned()),
@@ -629,6 +630,7 @@ impl Mesh {
                     IpAddr::V4(runtime.net.ip),
                     IpAddr::V4(node.address),
                     &node.name,
+                    &runtime.uid,
                 ))
                 .stdin(Stdio::null())
                 .stdout(log.try_clone()?)
@@ -844,4 +846,11 @@ fn run_in(netns: &str, program: &str, args: &[&str], stdin: Option<&str>) -> any
 
 fn key_of(pod: &Pod) -> (String, String) {
     (pod.metadata.namespace.clone(), pod.metadata.name.clone())
+}
+
+/// A fresh Kubernetes-style pod UID (a random v4 UUID, from the kernel).
+fn pod_uid() -> anyhow::Result<String> {
+    let uuid = std::fs::read_to_string("/proc/sys/kernel/random/uuid")
+        .context("reading a pod UID from /proc/sys/kernel/random/uuid")?;
+    Ok(uuid.trim().to_owned())
 }
