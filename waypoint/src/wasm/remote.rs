@@ -83,6 +83,24 @@ pub enum FetchError {
     Oci { image: String, source: OciError },
 }
 
+impl FetchError {
+    /// The server or the path to it may answer later (connection refused or reset, a name that
+    /// does not resolve yet, a TLS failure, a timeout, `5xx`, `408`, `429`): worth pulling
+    /// again. Everything else (a digest or format that is wrong, credentials wanted, a bad URL,
+    /// `404`) stays wrong until the plugin changes.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            FetchError::Transport { .. } | FetchError::Timeout { .. } => true,
+            FetchError::Status { status, .. } => {
+                status.is_server_error()
+                    || *status == StatusCode::REQUEST_TIMEOUT
+                    || *status == StatusCode::TOO_MANY_REQUESTS
+            }
+            _ => false,
+        }
+    }
+}
+
 /// `imagePullPolicy`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum PullPolicy {
@@ -614,6 +632,35 @@ mod tests {
                 .contains("refusing to connect to 169.254.169.254"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn only_failures_that_may_pass_are_transient() {
+        let url = || "https://filters.example/f.wasm".to_owned();
+        let status = |status| FetchError::Status { url: url(), status };
+        assert!(FetchError::Transport {
+            url: url(),
+            reason: "connection refused".into()
+        }
+        .is_transient());
+        assert!(FetchError::Timeout { url: url() }.is_transient());
+        assert!(status(StatusCode::SERVICE_UNAVAILABLE).is_transient());
+        assert!(status(StatusCode::TOO_MANY_REQUESTS).is_transient());
+        assert!(!status(StatusCode::NOT_FOUND).is_transient());
+        assert!(!FetchError::Digest {
+            url: url(),
+            expected: "a".into(),
+            actual: "b".into()
+        }
+        .is_transient());
+        assert!(!FetchError::Oci {
+            image: url(),
+            source: OciError::ImageDigest {
+                expected: "a".into(),
+                actual: "b".into()
+            }
+        }
+        .is_transient());
     }
 
     #[test]
