@@ -451,6 +451,31 @@ fn print_status(status: &Status) {
             if pod.enrolled { "ambient" } else { "-" },
             pod.identity
         );
+        for container in &pod.containers {
+            if container.restarts == 0 && container.state == "running" {
+                continue;
+            }
+            print!(
+                "    {}: {}, {} restarts",
+                container.name, container.state, container.restarts
+            );
+            match &container.last_exit {
+                Some(exit) => println!(
+                    "; last exit {} (exit code {}{}{})",
+                    exit.reason,
+                    exit.exit_code,
+                    exit.signal
+                        .as_deref()
+                        .map(|s| format!(", {s}"))
+                        .unwrap_or_default(),
+                    exit.message
+                        .as_deref()
+                        .map(|m| format!(": {m}"))
+                        .unwrap_or_default()
+                ),
+                None => println!(),
+            }
+        }
     }
     println!("SERVICES");
     for service in &status.services {
@@ -466,5 +491,29 @@ fn print_status(status: &Status) {
     }
     if !status.waypoints.is_empty() {
         println!("WAYPOINTS\n  {}", status.waypoints.join("\n  "));
+    }
+    let plugins: Vec<_> = status
+        .pods
+        .iter()
+        .flat_map(|pod| pod.plugins.iter().flatten().map(move |p| (pod, p)))
+        .collect();
+    if !plugins.is_empty() {
+        println!("WASMPLUGINS");
+        for (pod, plugin) in plugins {
+            let state = serde_json::to_value(plugin.state).unwrap_or_default();
+            print!(
+                "  {:<24} {:<24} {}",
+                format!("{}/{}", pod.namespace, pod.name),
+                plugin.name,
+                state.as_str().unwrap_or("?")
+            );
+            if plugin.failures > 0 {
+                print!(" ({} failures)", plugin.failures);
+            }
+            match &plugin.last_error {
+                Some(error) => println!(": {error}"),
+                None => println!(),
+            }
+        }
     }
 }

@@ -5,7 +5,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
@@ -574,5 +574,234 @@ fn the_nftables_rules_backend_carries_the_mesh_too() {
                 && l.contains("connection_security_policy=\"mutual_tls\"")),
         "{metrics}"
     );
+    mesh.ok(&["down"]);
+}
+
+/// Polls until a request from the client to the server comes through the waypoint at
+/// `waypoint_ip`, for at most `limit`; returns how long it took.
+fn wait_through_waypoint(mesh: &Mesh, waypoint_ip: &str, limit: Duration) -> Option<Duration> {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        let out = mesh.fetch("client", "app", "http://server.app.svc.cluster.local/");
+        let text = String::from_utf8_lossy(&out.stdout);
+        if out.status.success() && text.contains(&format!("peer={waypoint_ip}:")) {
+            return Some(start.elapsed());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    None
+}
+
+#[test]
+fn a_killed_waypoint_is_restarted_and_serves_again_by_itself() {
+    let mesh = Mesh::new("k");
+    let manifests = mesh.write("k.yaml", WAYPOINT_MESH);
+    mesh.ok(&["up", "-f", manifests.to_str().unwrap()]);
+    let labelled = mesh.write("k-use-waypoint.yaml", SERVER_USES_WAYPOINT);
+    mesh.ok(&["apply", "-f", labelled.to_str().unwrap()]);
+    let status = mesh.status();
+    let waypoint = pod(&status, "app", "waypoint");
+    let waypoint_ip = waypoint["ip"].as_str().unwrap().to_owned();
+    assert!(
+        wait_through_waypoint(&mesh, &waypoint_ip, Duration::from_secs(10)).is_some(),
+        "the request never came through the waypoint"
+    );
+    let old_pid = waypoint["pids"][0].as_u64().unwrap();
+    assert_eq!(waypoint["restarts"], 0);
+
+    // A WasmPlugin whose module server is not up: `status` shows it retrying, and why.
+    let plugin = mesh.write(
+        "k-plugin.yaml",
+        r#"apiVersion: extensions.istio.io/v1alpha1
+kind: WasmPlugin
+metadata: {name: unreachable, namespace: app}
+spec:
+  targetRefs: [{kind: Gateway, group: gateway.networking.k8s.io, name: waypoint}]
+  url: http://127.0.0.1:1/filter.wasm
+  failStrategy: FAIL_OPEN
+"#,
+    );
+    mesh.ok(&["apply", "-f", plugin.to_str().unwrap()]);
+    let retrying = |status: &Value| {
+        let plugins = &pod(status, "app", "waypoint")["plugins"];
+        plugins[0]["name"] == "app.unreachable"
+            && plugins[0]["state"] == "retrying"
+            && plugins[0]["failures"].as_u64().unwrap_or(0) >= 1
+            && plugins[0]["lastError"]
+                .as_str()
+                .is_some_and(|e| e.contains("Connection refused"))
+    };
+    let mut status = mesh.status();
+    for _ in 0..50 {
+        if retrying(&status) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        status = mesh.status();
+    }
+    assert!(retrying(&status), "{:#}", pod(&status, "app", "waypoint"));
+    let text = mesh.ok(&["status"]);
+    assert!(
+        text.contains("WASMPLUGINS")
+            && text.contains("app.unreachable")
+            && text.contains("retrying"),
+        "{text}"
+    );
+
+    let killed = Command::new("kill")
+        .args(["-KILL", &old_pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    // No command to the mesh: the daemon notices and starts the waypoint again.
+    let back = wait_through_waypoint(&mesh, &waypoint_ip, Duration::from_secs(10));
+    assert!(
+        back.is_some_and(|took| took < Duration::from_secs(3)),
+        "served through the waypoint again after {back:?}"
+    );
+
+    let status = mesh.status();
+    let waypoint = pod(&status, "app", "waypoint");
+    let pids = waypoint["pids"].as_array().unwrap();
+    assert_eq!(pids.len(), 1, "{waypoint:#}");
+    assert_ne!(pids[0].as_u64().unwrap(), old_pid);
+    assert!(process_alive(pids[0].as_u64().unwrap()));
+    assert!(
+        !Path::new(&format!("/proc/{old_pid}")).exists(),
+        "the killed waypoint was reaped, not left <defunct>"
+    );
+    assert_eq!(waypoint["restarts"], 1);
+    let container = &waypoint["containers"][0];
+    assert_eq!(container["state"], "running");
+    assert_eq!(container["lastExit"]["reason"], "Error");
+    assert_eq!(container["lastExit"]["exitCode"], 137);
+    assert_eq!(container["lastExit"]["signal"], "SIGKILL");
+    let text = mesh.ok(&["status"]);
+    assert!(text.contains("SIGKILL"), "{text}");
+    // The new process reports its own plugins.
+    assert!(
+        pod(&status, "app", "waypoint")["plugins"][0]["name"] == "app.unreachable",
+        "{status:#}"
+    );
+    mesh.ok(&["down"]);
+}
+
+const RESTART_POLICIES: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: rp}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: always, namespace: rp}
+spec:
+  containers: [{name: echo, image: ambit/echo}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: crashes, namespace: rp}
+spec:
+  restartPolicy: OnFailure
+  containers:
+  - name: crash
+    image: busybox
+    command: [sh, -c, "date +%s.%N; sleep 0.3; exit 3"]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: completes, namespace: rp}
+spec:
+  restartPolicy: OnFailure
+  containers: [{name: job, image: busybox, command: [sh, -c, "exit 0"]}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: never, namespace: rp}
+spec:
+  restartPolicy: Never
+  containers: [{name: job, image: busybox, command: [sh, -c, "exit 1"]}]
+"#;
+
+#[test]
+fn pod_processes_restart_per_their_restart_policy_with_kubelets_backoff() {
+    let mesh = Mesh::new("r");
+    let manifests = mesh.write("r.yaml", RESTART_POLICIES);
+    // A short first delay (kubelet's is 10 s), doubling as kubelet's does.
+    let out = mesh
+        .command(&["up", "-f", manifests.to_str().unwrap()])
+        .env("AMBIT_MESH_RESTART_BACKOFF_MS", "400")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let always = pod(&mesh.status(), "rp", "always")["pids"][0]
+        .as_u64()
+        .unwrap();
+    Command::new("kill")
+        .args(["-KILL", &always.to_string()])
+        .status()
+        .unwrap();
+
+    // The crashing pod starts at once after its first exit, then 0.4 s, 0.8 s, 1.6 s after
+    // each previous start.
+    let log = mesh.dir.join("logs/pods/rp_crashes.log");
+    let mut starts: Vec<f64> = Vec::new();
+    let begin = Instant::now();
+    while starts.len() < 5 && begin.elapsed() < Duration::from_secs(20) {
+        std::thread::sleep(Duration::from_millis(200));
+        starts = std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.trim().parse().ok())
+            .collect();
+    }
+    assert_eq!(starts.len(), 5, "{starts:?}");
+    let gaps: Vec<f64> = starts.windows(2).map(|w| w[1] - w[0]).collect();
+    // Each run takes 0.3 s; the restart waits for the backoff (less a little for scheduling).
+    for (gap, least) in gaps.iter().zip([0.3, 0.4, 0.8, 1.6]) {
+        assert!(*gap >= least - 0.1, "gaps {gaps:?}");
+    }
+    assert!(gaps[3] > 1.4 * gaps[1], "the delay grows: {gaps:?}");
+
+    let status = mesh.status();
+    let crashes = pod(&status, "rp", "crashes");
+    assert!(crashes["restarts"].as_u64().unwrap() >= 4, "{crashes:#}");
+    let crash = &crashes["containers"][0];
+    assert_eq!(crash["lastExit"]["reason"], "Error");
+    assert_eq!(crash["lastExit"]["exitCode"], 3);
+
+    // Always: the killed echo server runs again, reaped and replaced.
+    let restarted = pod(&status, "rp", "always");
+    assert_eq!(restarted["restarts"], 1, "{restarted:#}");
+    let pid = restarted["pids"][0].as_u64().unwrap();
+    assert_ne!(pid, always);
+    assert!(process_alive(pid));
+    assert!(!Path::new(&format!("/proc/{always}")).exists());
+    assert_eq!(restarted["containers"][0]["lastExit"]["signal"], "SIGKILL");
+    let out = mesh.run(&[
+        "exec",
+        "always",
+        "-n",
+        "rp",
+        "--",
+        env!("CARGO_BIN_EXE_ambit"),
+        "mesh",
+        "fetch",
+        "http://127.0.0.1:8080/",
+    ]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("hostname=always"),
+        "{out:?}"
+    );
+
+    // OnFailure after a success, and Never: left terminated, no pid reported.
+    for (name, reason, code) in [("completes", "Completed", 0), ("never", "Error", 1)] {
+        let done = pod(&status, "rp", name);
+        assert_eq!(done["restarts"], 0, "{done:#}");
+        assert_eq!(done["pids"].as_array().unwrap().len(), 0, "{done:#}");
+        let container = &done["containers"][0];
+        assert_eq!(container["state"], "terminated", "{done:#}");
+        assert_eq!(container["lastExit"]["reason"], reason);
+        assert_eq!(container["lastExit"]["exitCode"], code);
+    }
     mesh.ok(&["down"]);
 }

@@ -190,6 +190,11 @@ fn invalid_meshes_are_refused_naming_the_object() {
     assert!(err.to_string().contains("10.96.0.999"), "{err}");
 }
 
+/// The state with one workload fewer.
+fn without_db_0() -> String {
+    MESH.replace("- uid: cluster1//v1/Pod/legacy/db-0\n  name: db-0\n  namespace: legacy\n  workloadIps: [\"10.0.3.10\"]\n  protocol: TCP\n  services: {}\n", "")
+}
+
 #[tokio::test]
 async fn reload_swaps_valid_files_and_keeps_state_on_corrupt_ones() {
     let dir = std::env::temp_dir().join(format!("ambit-state-{}", std::process::id()));
@@ -211,7 +216,7 @@ async fn reload_swaps_valid_files_and_keeps_state_on_corrupt_ones() {
     assert_eq!(count(&store), 4);
 
     // A valid file with one workload fewer replaces it.
-    let fewer = MESH.replace("- uid: cluster1//v1/Pod/legacy/db-0\n  name: db-0\n  namespace: legacy\n  workloadIps: [\"10.0.3.10\"]\n  protocol: TCP\n  services: {}\n", "");
+    let fewer = without_db_0();
     std::fs::write(&path, fewer).unwrap();
     let deadline = std::time::Instant::now() + Duration::from_secs(3);
     while count(&store) != 3 {
@@ -227,6 +232,34 @@ async fn reload_swaps_valid_files_and_keeps_state_on_corrupt_ones() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(held.workloads().count(), 3);
     assert_eq!(count(&store), 4);
+    watcher.abort();
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[tokio::test]
+async fn a_version_written_before_the_watcher_starts_is_read() {
+    let dir = std::env::temp_dir().join(format!("ambit-state-late-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("state.yaml");
+    std::fs::write(&path, MESH).unwrap();
+    let store = Arc::new(StateStore::new(LocalConfig::load(&path).unwrap()));
+    // Rewritten after the load, before the watcher looks (a process starting while its state
+    // changes): the watcher must still bring it in.
+    let fewer = without_db_0();
+    std::fs::write(&path, fewer).unwrap();
+    let watcher = tokio::spawn(local::watch(
+        path.clone(),
+        store.clone(),
+        Duration::from_millis(50),
+    ));
+    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    while store.load().workloads().count() != 3 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the version written before the watcher started was never read"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     watcher.abort();
     std::fs::remove_dir_all(dir).unwrap();
 }

@@ -111,6 +111,7 @@ impl Waypoint {
         };
         let wasm = Arc::new(WasmFilters::new(hooks, options.name.namespace.clone()));
         let metrics = Arc::new(Metrics::default().with_wasm(wasm.clone()));
+        let l7_seen = options.l7_path.as_deref().and_then(l7::fingerprint);
         let config = match &options.l7_path {
             Some(path) => L7Config::load(path, &options.name)?,
             None => L7Config::default(),
@@ -129,7 +130,7 @@ impl Waypoint {
             network: options.network.clone(),
             settings: options.proxy.clone(),
             upstreams: Upstreams::new(options.proxy.clone()),
-            wasm,
+            wasm: wasm.clone(),
         });
         calls.bind(&context);
         let hbone_listener = TcpListener::bind(options.hbone_address)
@@ -142,17 +143,21 @@ impl Waypoint {
             Arc::new(Inbound::new(context)),
             options.hbone.clone(),
         );
-        let mut tasks = vec![tokio::spawn(async move {
-            if let Err(err) = server.serve(hbone_listener).await {
-                tracing::error!(error = %err, "HBONE listener failed");
-            }
-        })];
+        let mut tasks = vec![
+            tokio::spawn(async move {
+                if let Err(err) = server.serve(hbone_listener).await {
+                    tracing::error!(error = %err, "HBONE listener failed");
+                }
+            }),
+            tokio::spawn(wasm.clone().retry()),
+        ];
         if let Some(path) = options.l7_path.clone() {
             tasks.push(tokio::spawn(l7::watch(
                 path,
                 options.name.clone(),
                 l7.clone(),
                 L7_POLL,
+                l7_seen,
             )));
         }
         let mut bind = async |address: SocketAddr, endpoints: Endpoints| {

@@ -165,9 +165,17 @@ impl L7Store {
 }
 
 /// Polls `path` every `interval` and swaps in each change that compiles; one that does not is
-/// logged and the previous configuration stays.
-pub async fn watch(path: PathBuf, me: WaypointName, store: Arc<L7Store>, interval: Duration) {
-    let mut last_seen = fingerprint(&path);
+/// logged and the previous configuration stays. `loaded` is the file's [`fingerprint`] taken
+/// before the configuration in force was read: a version written since (while a waypoint
+/// starts) is not missed.
+pub async fn watch(
+    path: PathBuf,
+    me: WaypointName,
+    store: Arc<L7Store>,
+    interval: Duration,
+    loaded: Option<Fingerprint>,
+) {
+    let mut last_seen = loaded;
     loop {
         tokio::time::sleep(interval).await;
         let now = fingerprint(&path);
@@ -188,9 +196,12 @@ pub async fn watch(path: PathBuf, me: WaypointName, store: Arc<L7Store>, interva
     }
 }
 
+/// What tells one version of a file from the next.
+pub type Fingerprint = (SystemTime, u64, u64);
+
 /// Modification time, inode and size: a rewrite in place or a rename over the file both change
 /// it, even within one mtime tick (the size or inode moves).
-fn fingerprint(path: &Path) -> Option<(SystemTime, u64, u64)> {
+pub fn fingerprint(path: &Path) -> Option<Fingerprint> {
     use std::os::unix::fs::MetadataExt;
     let meta = std::fs::metadata(path).ok()?;
     Some((meta.modified().ok()?, meta.ino(), meta.size()))

@@ -93,8 +93,11 @@ impl Metrics {
     /// Prometheus text exposition of everything recorded.
     pub fn render(&self) -> String {
         let mut text = self.handle.render();
-        if let Some(runtime) = self.wasm.as_ref().and_then(|w| w.runtime()) {
-            text.push_str(&runtime.render_metrics());
+        if let Some(wasm) = &self.wasm {
+            text.push_str(&wasm.render_status());
+            if let Some(runtime) = wasm.runtime() {
+                text.push_str(&runtime.render_metrics());
+            }
         }
         text
     }

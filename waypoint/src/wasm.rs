@@ -6,16 +6,27 @@
 //! plugin is loaded beside the old one and swapped in; requests in flight keep the plugin they
 //! started with. A plugin that fails to load (or whose module cannot be fetched) leaves the
 //! previous version (if any) in force and is reported.
+//!
+//! A module that could not be fetched for a reason that may pass (the server is not up yet,
+//! `5xx`, a timeout) is fetched again by [`WasmFilters::retry`] with a backoff (1 s doubling to
+//! 10 s, Envoy's defaults for remote Wasm sources), for as long as the plugin stays configured,
+//! with no configuration change; anything else (a digest mismatch, a module that does not
+//! compile) waits for the plugin to change. Each plugin's [state](PluginStatus) and last error
+//! are on `/metrics`.
 
 use std::collections::HashMap;
+use std::fmt::Write as _;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 use ambit_local::manifest::{FailStrategy as ManifestFailStrategy, WasmPhase, WasmPlugin};
 use ambit_wasm_host::runtime::RuntimeError;
 use ambit_wasm_host::{FailStrategy, Plugin, PluginConfig, PluginHooks, Runtime, RuntimeConfig};
 use arc_swap::ArcSwap;
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
+use tokio::sync::Notify;
 
 use crate::l7::WaypointName;
 
@@ -50,6 +61,79 @@ pub enum WasmPluginError {
     Load(#[from] ambit_wasm_host::PluginError),
     #[error(transparent)]
     Runtime(#[from] RuntimeError),
+}
+
+impl WasmPluginError {
+    /// Loading again later may succeed with the same configuration.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, WasmPluginError::Fetch { source, .. } if source.is_transient())
+    }
+}
+
+/// The first wait before a failed fetch is tried again; it doubles up to [`RETRY_MAX`].
+pub const RETRY_INITIAL: Duration = Duration::from_secs(1);
+pub const RETRY_MAX: Duration = Duration::from_secs(10);
+
+/// Where a configured plugin stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum PluginState {
+    /// The plugin as configured is in force.
+    Running,
+    /// Its module could not be fetched yet; fetched again after a backoff.
+    Retrying,
+    /// It cannot load as configured (digest mismatch, bad module...): not tried again until the
+    /// plugin changes.
+    Failed,
+}
+
+impl PluginState {
+    const ALL: [PluginState; 3] = [
+        PluginState::Running,
+        PluginState::Retrying,
+        PluginState::Failed,
+    ];
+
+    fn as_str(self) -> &'static str {
+        match self {
+            PluginState::Running => "running",
+            PluginState::Retrying => "retrying",
+            PluginState::Failed => "failed",
+        }
+    }
+
+    fn parse(text: &str) -> Option<Self> {
+        PluginState::ALL.into_iter().find(|s| s.as_str() == text)
+    }
+}
+
+/// One configured plugin's state, for the operator.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PluginStatus {
+    /// `namespace.name`.
+    pub name: String,
+    pub state: PluginState,
+    /// Some version of the plugin serves requests (the previous one, while a new one fails).
+    pub in_force: bool,
+    /// Failed attempts since the plugin last loaded or changed.
+    pub failures: u32,
+    pub last_error: Option<String>,
+}
+
+/// A plugin whose module is fetched again at `at`.
+#[derive(Clone, Copy)]
+struct Retry {
+    failures: u32,
+    at: Instant,
+}
+
+/// The waypoint's last configuration, for the retries.
+#[derive(Default)]
+struct Applied {
+    plugins: Vec<WasmPlugin>,
+    me: Option<WaypointName>,
+    retries: HashMap<String, Retry>,
 }
 
 /// A plugin in force, with what decides where it applies.
@@ -105,9 +189,16 @@ pub struct WasmFilters {
     current: ArcSwap<Vec<Attached>>,
     /// Modules downloaded from http(s) URLs and OCI registries.
     remote: RemoteModules,
-    /// The WasmPlugins of the last update, by name: a plugin that differs is a new "resource
-    /// version", when `imagePullPolicy: Always` pulls its module again.
-    applied: Mutex<HashMap<String, WasmPlugin>>,
+    /// The WasmPlugins of the last update: a plugin that differs is a new "resource
+    /// version", when `imagePullPolicy: Always` pulls its module again. Its lock also makes
+    /// updates and retries take turns.
+    applied: Mutex<Applied>,
+    status: ArcSwap<Vec<PluginStatus>>,
+    /// The earliest retry, apart from `applied`: an update holds that lock for as long as its
+    /// downloads and compiles take, and the retry task must not wait on it to learn this.
+    next_retry: Mutex<Option<Instant>>,
+    /// Woken when a retry is scheduled.
+    retry_scheduled: Notify,
 }
 
 impl WasmFilters {
@@ -119,7 +210,10 @@ impl WasmFilters {
             loaded: Mutex::new(HashMap::new()),
             current: ArcSwap::from_pointee(Vec::new()),
             remote: RemoteModules::default(),
-            applied: Mutex::new(HashMap::new()),
+            applied: Mutex::new(Applied::default()),
+            status: ArcSwap::from_pointee(Vec::new()),
+            next_retry: Mutex::new(None),
+            retry_scheduled: Notify::new(),
         }
     }
 
@@ -138,14 +232,66 @@ impl WasmFilters {
 
     /// Makes `plugins` (all WasmPlugins of the waypoint's configuration) the ones in force.
     /// Plugins that target something else are skipped; ones that fail to load keep their
-    /// previous version, and the errors are returned for the operator.
+    /// previous version, and the errors are returned for the operator. Modules that could not
+    /// be fetched for now are fetched again by [`retry`](Self::retry).
     pub fn update(&self, plugins: &[WasmPlugin], me: &WaypointName) -> Vec<WasmPluginError> {
+        let mut applied = self.applied.lock().expect("applied plugins lock");
+        applied.me = Some(me.clone());
+        self.apply(&mut applied, plugins.to_vec(), me, false)
+    }
+
+    /// Fetches again, until they load, the modules that could not be fetched, each after its
+    /// backoff. Runs as long as the waypoint does.
+    pub async fn retry(self: Arc<Self>) {
+        loop {
+            let next = *self.next_retry.lock().expect("next retry lock");
+            let Some(at) = next else {
+                self.retry_scheduled.notified().await;
+                continue;
+            };
+            tokio::select! {
+                () = tokio::time::sleep_until(at.into()) => {}
+                // An update in between may have loaded the plugin or moved its retry.
+                () = self.retry_scheduled.notified() => continue,
+            }
+            for error in off_the_runtime(|| self.retry_due()) {
+                tracing::warn!(%error, "WasmPlugin still not loaded");
+            }
+        }
+    }
+
+    /// Loads the plugins whose retry is due (the rest stay as they are).
+    fn retry_due(&self) -> Vec<WasmPluginError> {
+        let mut applied = self.applied.lock().expect("applied plugins lock");
+        let Some(me) = applied.me.clone() else {
+            return Vec::new();
+        };
+        let plugins = applied.plugins.clone();
+        self.apply(&mut applied, plugins, &me, true)
+    }
+
+    /// Each configured plugin's state.
+    pub fn status(&self) -> Arc<Vec<PluginStatus>> {
+        self.status.load_full()
+    }
+
+    /// `plugins` in force; `retrying`: only those whose retry is due are loaded again.
+    fn apply(
+        &self,
+        applied: &mut Applied,
+        plugins: Vec<WasmPlugin>,
+        me: &WaypointName,
+        retrying: bool,
+    ) -> Vec<WasmPluginError> {
         let previous = self.current.load_full();
+        let old_status = self.status.load_full();
+        let now = Instant::now();
         let mut attached = Vec::new();
         let mut errors = Vec::new();
         let mut keep = Vec::new();
-        let mut applied = self.applied.lock().expect("applied plugins lock");
-        for wasm in plugins {
+        let mut status = Vec::new();
+        let mut retries = HashMap::new();
+        for wasm in &plugins {
             let Some(services) = targets(wasm, me) else {
                 continue;
             };
@@ -163,17 +309,44 @@ impl WasmFilters {
                     .flat_map(|m| m.ports.iter().copied())
                     .collect(),
             };
-            let changed = applied.get(&name) != Some(wasm);
+            let old = previous.iter().find(|a| a.name == name);
+            let edited = !applied.plugins.iter().any(|p| p == wasm);
+            // A change starts the backoff over.
+            let retry = applied.retries.get(&name).copied().filter(|_| !edited);
+            if retrying && retry.is_none_or(|r| r.at > now) {
+                // Not due: what is in force stays, and so does its state.
+                if let Some(old) = old {
+                    attached.push(old.clone());
+                }
+                if let Some(retry) = retry {
+                    retries.insert(name.clone(), retry);
+                }
+                status.extend(old_status.iter().find(|s| s.name == name).cloned());
+                continue;
+            }
+            // A module never fetched is pulled whatever the policy says.
+            let changed = edited || retry.is_some();
+            let failures = retry.map_or(0, |r| r.failures);
             match off_the_runtime(|| self.load(wasm, changed)) {
                 Ok((key, plugin)) => {
+                    if failures > 0 {
+                        tracing::info!(plugin = %name, failures, "WasmPlugin loaded after failed fetches");
+                    }
                     keep.push(key);
                     entry.plugin = Ok(plugin);
                     attached.push(entry);
+                    status.push(PluginStatus {
+                        name,
+                        state: PluginState::Running,
+                        in_force: true,
+                        failures: 0,
+                        last_error: None,
+                    });
                 }
                 Err(error) => {
                     // The version in force stays; with none, a fail-closed plugin refuses its
                     // requests and a fail-open one is left out.
-                    let old = previous.iter().find(|a| a.name == name && a.plugin.is_ok());
+                    let old = old.filter(|a| a.plugin.is_ok());
                     if let Some(old) = old {
                         entry.plugin = old.plugin.clone();
                         attached.push(entry);
@@ -181,16 +354,26 @@ impl WasmFilters {
                         entry.plugin = Err(Arc::from(error.to_string()));
                         attached.push(entry);
                     }
+                    let failures = failures + 1;
+                    let state = if error.is_transient() {
+                        let at = now + backoff(failures);
+                        retries.insert(name.clone(), Retry { failures, at });
+                        PluginState::Retrying
+                    } else {
+                        PluginState::Failed
+                    };
+                    status.push(PluginStatus {
+                        name,
+                        state,
+                        in_force: old.is_some(),
+                        failures,
+                        last_error: Some(error.to_string()),
+                    });
                     errors.push(error);
                 }
             }
         }
         attached.sort_by_key(|a| (phase_rank(a.phase), -a.priority));
-        *applied = plugins
-            .iter()
-            .map(|wasm| (plugin_name(wasm), wasm.clone()))
-            .collect();
-        drop(applied);
         let in_use: Vec<(&str, Option<&str>)> = plugins
             .iter()
             .map(|p| (p.spec.url.as_str(), p.spec.sha256.as_deref()))
@@ -206,7 +389,60 @@ impl WasmFilters {
         });
         drop(loaded);
         self.current.store(Arc::new(attached));
+        self.status.store(Arc::new(status));
+        let next = retries.values().map(|r| r.at).min();
+        *self.next_retry.lock().expect("next retry lock") = next;
+        applied.plugins = plugins;
+        applied.retries = retries;
+        if next.is_some() {
+            self.retry_scheduled.notify_one();
+        }
         errors
+    }
+
+    /// Each plugin's state and failures in Prometheus' text format: `ambit_wasm_plugin_state`
+    /// (1 for the state it is in), `ambit_wasm_plugin_in_force`, `ambit_wasm_plugin_failures`
+    /// and `ambit_wasm_plugin_last_error` (its text in the `error` label, 1 while it stands).
+    pub fn render_status(&self) -> String {
+        let status = self.status.load();
+        let mut out = String::new();
+        if status.is_empty() {
+            return out;
+        }
+        let plugin = |p: &PluginStatus| format!("plugin=\"{}\"", label(&p.name));
+        gauge(
+            &mut out,
+            "ambit_wasm_plugin_state",
+            "Each WasmPlugin's state: 1 for the state it is in.",
+            status.iter().flat_map(|p| {
+                PluginState::ALL.map(|state| {
+                    let labels = format!("{},state=\"{}\"", plugin(p), state.as_str());
+                    (labels, u64::from(p.state == state))
+                })
+            }),
+        );
+        gauge(
+            &mut out,
+            "ambit_wasm_plugin_in_force",
+            "1 while some version of the WasmPlugin serves requests.",
+            status.iter().map(|p| (plugin(p), u64::from(p.in_force))),
+        );
+        gauge(
+            &mut out,
+            "ambit_wasm_plugin_failures",
+            "Failed loads of the WasmPlugin since it last loaded or changed.",
+            status.iter().map(|p| (plugin(p), u64::from(p.failures))),
+        );
+        gauge(
+            &mut out,
+            "ambit_wasm_plugin_last_error",
+            "Why the WasmPlugin's last load failed.",
+            status.iter().filter_map(|p| {
+                let error = p.last_error.as_deref()?;
+                Some((format!("{},error=\"{}\"", plugin(p), label(error)), 1))
+            }),
+        );
+        out
     }
 
     /// Loads `wasm`; `changed`: it differs from (or was not in) the previous update.
@@ -407,6 +643,152 @@ fn phase_rank(phase: WasmPhase) -> u8 {
     }
 }
 
+/// The plugin states a waypoint's `/metrics` text reports (what
+/// [`WasmFilters::render_status`] wrote), for tools that read a waypoint from outside.
+pub fn parse_status(metrics: &str) -> Vec<PluginStatus> {
+    let mut plugins: Vec<PluginStatus> = Vec::new();
+    for line in metrics.lines() {
+        let Some((name, rest)) = line.split_once('{') else {
+            continue;
+        };
+        if !name.starts_with("ambit_wasm_plugin_") {
+            continue;
+        }
+        let Some((labels, value)) = rest.rsplit_once("} ") else {
+            continue;
+        };
+        let labels = parse_labels(labels);
+        let label = |key: &str| {
+            labels
+                .iter()
+                .find(|(k, _)| k == key)
+                .map(|(_, v)| v.as_str())
+        };
+        let Some(plugin) = label("plugin") else {
+            continue;
+        };
+        let index = match plugins.iter().position(|p| p.name == plugin) {
+            Some(index) => index,
+            None => {
+                plugins.push(PluginStatus {
+                    name: plugin.to_owned(),
+                    state: PluginState::Running,
+                    in_force: false,
+                    failures: 0,
+                    last_error: None,
+                });
+                plugins.len() - 1
+            }
+        };
+        let entry = &mut plugins[index];
+        let value = value.trim();
+        match name {
+            "ambit_wasm_plugin_state" if value == "1" => {
+                if let Some(state) = label("state").and_then(PluginState::parse) {
+                    entry.state = state;
+                }
+            }
+            "ambit_wasm_plugin_in_force" => entry.in_force = value == "1",
+            "ambit_wasm_plugin_failures" => entry.failures = value.parse().unwrap_or(0),
+            "ambit_wasm_plugin_last_error" => entry.last_error = label("error").map(str::to_owned),
+            _ => {}
+        }
+    }
+    plugins
+}
+
+/// `key="value",...` with Prometheus' escapes undone.
+fn parse_labels(text: &str) -> Vec<(String, String)> {
+    let mut labels = Vec::new();
+    let mut rest = text;
+    while let Some((key, after)) = rest.split_once("=\"") {
+        let mut value = String::new();
+        let mut chars = after.char_indices();
+        let mut end = after.len();
+        while let Some((i, c)) = chars.next() {
+            match c {
+                '\\' => match chars.next() {
+                    Some((_, 'n')) => value.push('\n'),
+                    Some((_, other)) => value.push(other),
+                    None => {}
+                },
+                '"' => {
+                    end = i + 1;
+                    break;
+                }
+                c => value.push(c),
+            }
+        }
+        labels.push((key.trim_start_matches(',').to_owned(), value));
+        rest = &after[end..];
+    }
+    labels
+}
+
+/// The wait after `failures` failed fetches: 1 s, 2 s, 4 s, 8 s, then 10 s.
+fn backoff(failures: u32) -> Duration {
+    RETRY_INITIAL
+        .saturating_mul(1 << failures.saturating_sub(1).min(16))
+        .min(RETRY_MAX)
+}
+
+/// One gauge family in Prometheus' text format: `samples` are (labels, value).
+fn gauge(out: &mut String, name: &str, help: &str, samples: impl Iterator<Item = (String, u64)>) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
+    for (labels, value) in samples {
+        let _ = writeln!(out, "{name}{{{labels}}} {value}");
+    }
+}
+
+/// A Prometheus label value: backslash, quote and newline escaped.
+fn label(value: &str) -> String {
+    value
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retries_back_off_from_one_second_to_ten() {
+        let waits: Vec<u64> = (1..=6).map(|n| backoff(n).as_secs()).collect();
+        assert_eq!(waits, [1, 2, 4, 8, 10, 10]);
+        assert_eq!(backoff(u32::MAX), RETRY_MAX);
+    }
+
+    #[test]
+    fn the_status_reads_back_from_the_metrics_text() {
+        let filters = WasmFilters::new(PluginHooks::default(), "default");
+        let status = vec![
+            PluginStatus {
+                name: "default.a".into(),
+                state: PluginState::Retrying,
+                in_force: false,
+                failures: 3,
+                last_error: Some("x: \"connecting\" failed\\\nagain, {a=b}".into()),
+            },
+            PluginStatus {
+                name: "default.b".into(),
+                state: PluginState::Running,
+                in_force: true,
+                failures: 0,
+                last_error: None,
+            },
+        ];
+        filters.status.store(Arc::new(status.clone()));
+        let text = format!("other{{plugin=\"x\"}} 1\n{}", filters.render_status());
+        assert_eq!(parse_status(&text), status);
+    }
+
+    #[test]
+    fn label_values_are_escaped() {
+        assert_eq!(label("a \"b\"\\\nc"), r#"a \"b\"\\\nc"#);
+    }
 }

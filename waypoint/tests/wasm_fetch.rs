@@ -6,8 +6,10 @@
 //! filter requests end to end; a `sha256` that is not the image's digest, a layer that does not
 //! match its digest and an untrusted registry keep a fail-closed plugin out (its requests are
 //! refused); the pull policies decide what is pulled again; a registry answering in plain HTTP
-//! is asked again over HTTP, as Istio does. `https://` modules: `wasm_remote.rs`. Fixture:
-//! `support/l7mesh.rs`, nets 127.78.{40..45}.x.
+//! is asked again over HTTP, as Istio does. A registry that is not up yet (refusing
+//! connections, then answering 503) is pulled from again until it answers, with no
+//! configuration change; a digest mismatch is reported and not pulled again. `https://`
+//! modules: `wasm_remote.rs`. Fixture: `support/l7mesh.rs`, nets 127.78.{40..45,86}.x.
 
 #[path = "support/fetched.rs"]
 mod fetched;
@@ -21,6 +23,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use ambit_local::manifest::Object;
 use ambit_wasm_host::PluginHooks;
@@ -173,6 +176,8 @@ struct RegistryState {
     requests: AtomicUsize,
     /// The token endpoint refuses anonymous requests (a private image).
     private: AtomicBool,
+    /// Every request is answered 503 (a registry whose storage is not up yet).
+    unavailable: AtomicBool,
 }
 
 /// The registry stand-in: `https://127.0.0.1:<port>` (or plain HTTP without a certificate).
@@ -183,8 +188,11 @@ struct Registry {
 
 impl Registry {
     async fn start(pki: Option<&TestPki>) -> Registry {
+        Registry::serve(TcpListener::bind("127.0.0.1:0").await.unwrap(), pki)
+    }
+
+    fn serve(listener: TcpListener, pki: Option<&TestPki>) -> Registry {
         let acceptor = pki.map(TestPki::acceptor);
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap();
         let scheme = if acceptor.is_some() { "https" } else { "http" };
         let realm = format!("{scheme}://{address}/token");
@@ -277,6 +285,9 @@ fn percent_decode(text: &str) -> String {
 /// the scope `repository:<repository>:pull`; blobs answer with a redirect to `/storage/`.
 fn answer<B>(state: &RegistryState, realm: &str, request: &Request<B>) -> Response<Full<Bytes>> {
     state.requests.fetch_add(1, Ordering::SeqCst);
+    if state.unavailable.load(Ordering::SeqCst) {
+        return status(StatusCode::SERVICE_UNAVAILABLE);
+    }
     let path = request.uri().path();
     if path == "/token" {
         let query: HashMap<String, String> = request
@@ -536,9 +547,102 @@ async fn a_sha256_that_is_not_the_images_digest_is_refused_before_the_layer_is_p
     assert_refused(&mesh).await;
     assert_eq!(registry.counts(), (1, 0, 1), "the manifest only");
     let image = artifact_image(&module).digest();
-    assert_error(
-        &config,
-        &format!("the image's digest is sha256:{image}, but the plugin's sha256 is"),
+    let wanted = format!("the image's digest is sha256:{image}, but the plugin's sha256 is");
+    // Reported, and not pulled again: a retry would bring the same image. Longer than the
+    // first two retries of a fetch that failed for want of a server.
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    assert_eq!(registry.counts(), (1, 0, 1), "never pulled again");
+    assert_error(&config, &wanted);
+    let metrics = mesh.metrics().await;
+    assert!(
+        metrics.contains(r#"ambit_wasm_plugin_state{plugin="default.remote",state="failed"} 1"#)
+            && metrics.contains(r#"ambit_wasm_plugin_failures{plugin="default.remote"} 1"#)
+            && metrics.lines().any(|l| l
+                .starts_with(r#"ambit_wasm_plugin_last_error{plugin="default.remote",error="#)
+                && l.contains(&wanted)),
+        "{metrics}"
+    );
+    assert_refused(&mesh).await;
+}
+
+/// The value of the sample `line_start` (a metric and its labels), if present.
+fn sample(metrics: &str, line_start: &str) -> Option<u64> {
+    metrics
+        .lines()
+        .find(|l| l.starts_with(line_start))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_registry_that_starts_after_the_waypoint_is_pulled_from_once_it_answers() {
+    trusted();
+    // An address nobody listens on yet: the registry's pod is still starting.
+    let address = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let url = format!("oci://{address}/wasm/late:v1");
+    let mesh = L7Mesh::start(86, &plugin(&url, "", "late"), ProxySettings::default()).await;
+    assert_refused(&mesh).await;
+    let failures = r#"ambit_wasm_plugin_failures{plugin="default.remote"} "#;
+    let mut metrics = String::new();
+    for _ in 0..100 {
+        metrics = mesh.metrics().await;
+        if sample(&metrics, failures).unwrap_or(0) >= 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        sample(&metrics, failures).unwrap_or(0) >= 2
+            && metrics
+                .contains(r#"ambit_wasm_plugin_state{plugin="default.remote",state="retrying"} 1"#)
+            && metrics.contains("Connection refused"),
+        "fetched again, with the reason reported: {metrics}"
+    );
+
+    // The registry comes up, still answering 503 at first: the waypoint keeps trying.
+    let registry = Registry::serve(TcpListener::bind(address).await.unwrap(), Some(trusted()));
+    registry.state.unavailable.store(true, Ordering::SeqCst);
+    registry.push("wasm/late", "v1", &artifact_image(&module()));
+    for _ in 0..150 {
+        if registry.state.requests.load(Ordering::SeqCst) > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(registry.state.requests.load(Ordering::SeqCst) > 0);
+    assert_refused(&mesh).await;
+    let metrics = mesh.metrics().await;
+    assert!(
+        metrics.contains("answered 503 Service Unavailable"),
+        "{metrics}"
+    );
+
+    // It answers: the plugin is in force at the next retry (at most the backoff's cap later),
+    // with no configuration change.
+    registry.state.unavailable.store(false, Ordering::SeqCst);
+    let answering = std::time::Instant::now();
+    let mut seen = (StatusCode::OK, String::new());
+    while answering.elapsed() < Duration::from_secs(15) {
+        seen = wait_for_tag(&mesh, "late").await;
+        if seen.1 == "late" {
+            break;
+        }
+    }
+    let took = answering.elapsed();
+    assert_eq!(seen, (StatusCode::OK, "late".to_owned()));
+    assert!(
+        took < ambit_waypoint::wasm::RETRY_MAX + Duration::from_secs(2),
+        "in force {took:?} after the registry answered"
+    );
+    assert_eq!(registry.counts(), (1, 1, 1), "pulled once it answered");
+    let metrics = mesh.metrics().await;
+    assert!(
+        metrics.contains(r#"ambit_wasm_plugin_state{plugin="default.remote",state="running"} 1"#)
+            && metrics.contains(r#"ambit_wasm_plugin_failures{plugin="default.remote"} 0"#)
+            && !metrics.contains("ambit_wasm_plugin_last_error{"),
+        "{metrics}"
     );
 }
 

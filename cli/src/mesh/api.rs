@@ -78,8 +78,48 @@ pub struct PodStatus {
     pub reason: Option<String>,
     /// The pod's annotations, including `ambient.istio.io/redirection: enabled` when enrolled.
     pub annotations: std::collections::BTreeMap<String, String>,
-    /// The pod's process ids, one per container (stable across enrollment).
+    /// The process ids of the pod's running containers (stable across enrollment; a container
+    /// that exited is not listed until it runs again).
     pub pids: Vec<u32>,
+    /// Restarts of all its containers, as kubectl's RESTARTS column.
+    #[serde(default)]
+    pub restarts: u32,
+    #[serde(default)]
+    pub containers: Vec<ContainerStatus>,
+    /// A waypoint's WasmPlugins as its metrics report them: state (`running`, `retrying`,
+    /// `failed`), whether some version is in force, failures, last error. Absent for other pods
+    /// and for a waypoint that did not answer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plugins: Option<Vec<ambit_waypoint::wasm::PluginStatus>>,
+}
+
+/// One container's process, supervised per the pod's `restartPolicy`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ContainerStatus {
+    pub name: String,
+    /// `running`; `waiting` for its restart (kubelet's CrashLoopBackOff); `terminated` (exited,
+    /// and its restartPolicy does not start it again).
+    pub state: String,
+    pub pid: Option<u32>,
+    pub restarts: u32,
+    /// How its last run ended.
+    pub last_exit: Option<LastExit>,
+}
+
+/// A container's last run's end, in kubelet's terms.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LastExit {
+    /// `Completed` (exit code 0), `Error`, or `StartError` (it could not be started again).
+    pub reason: String,
+    /// The exit code; 128 + the signal's number when a signal ended it.
+    pub exit_code: i32,
+    /// The signal that ended it (`SIGKILL`...).
+    pub signal: Option<String>,
+    pub message: Option<String>,
+    /// Seconds since the Unix epoch.
+    pub finished_at: u64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -8,18 +8,23 @@
 //! first packet is already captured. Each waypoint's L7 configuration (the HTTPRoutes and
 //! AuthorizationPolicies it enforces, as the user wrote them) is rewritten on every change; the
 //! waypoint reloads it when it changes, as ztunnels do the state file.
+//!
+//! Between requests the daemon [supervises](supervise) every process it started: exits are
+//! reaped and restarted per `restartPolicy` with kubelet's backoff.
+
+mod supervise;
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Stdio};
+use std::process::Stdio;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ambit_cni::agent::{self, EnrolledPod, NodeAgent, PodMeta};
 use ambit_cni::rules::{Backend, RuleOptions};
 use ambit_local::control::{ClusterState, RunningPod, WAYPOINT_GATEWAY_CLASS};
-use ambit_local::manifest::{self, Kind, ObjectRef, Pod, TargetPort};
+use ambit_local::manifest::{self, Kind, ObjectRef, Pod, RestartPolicy, TargetPort};
 use ambit_local::services;
 use ambit_local::topology::{self, PodNet, Topology};
 use ambit_mesh::identity::CertificateAuthority;
@@ -31,6 +36,7 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixListener;
 
 use super::api::{NodeStatus, PodStatus, Request, Response, ServiceStatus, Status};
+use supervise::{Container, Launch};
 
 const TRUST_DOMAIN: &str = "cluster.local";
 /// First two octets of pod addresses (kind's default pod CIDR, 10.244.0.0/16).
@@ -40,6 +46,10 @@ const SERVICE_RANGE: (u8, u8) = (10, 96);
 /// The cluster DNS address pods are told to use (kube-dns' usual VIP); in-pod rules send their
 /// queries to ztunnel's DNS proxy, so nothing listens here.
 const CLUSTER_DNS: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+/// Where a waypoint serves its metrics in its pod (Istio's port; the waypoint's default).
+const WAYPOINT_STATS_PORT: u16 = 15020;
+/// How often exited processes are looked for: a crashed waypoint is restarted this soon.
+const SUPERVISE_EVERY: Duration = Duration::from_millis(100);
 
 pub struct Options {
     pub state_dir: PathBuf,
@@ -62,7 +72,7 @@ struct PodRuntime {
     identity: String,
     enrolled: bool,
     reason: Option<String>,
-    processes: Vec<Child>,
+    containers: Vec<Container>,
     /// A waypoint (an `istio-waypoint` Gateway's pod) rather than a manifest's pod.
     waypoint: bool,
 }
@@ -79,6 +89,8 @@ struct Mesh {
     /// The HTTPRoute and AuthorizationPolicy documents as applied (namespace filled in), for the
     /// waypoints' L7 configuration files.
     l7_documents: BTreeMap<ObjectRef, serde_yaml::Value>,
+    /// kubelet's first restart delay, or its override.
+    initial_backoff: Duration,
 }
 
 /// Removes what a previous mesh with this state dir and prefix left: its processes, namespaces,
@@ -112,8 +124,18 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     let listener =
         UnixListener::bind(&socket).with_context(|| format!("binding {}", socket.display()))?;
     tracing::info!(socket = %socket.display(), "local mesh ready");
+    let mut supervise = tokio::time::interval(SUPERVISE_EVERY);
+    supervise.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        let (stream, _) = listener.accept().await?;
+        let (stream, _) = tokio::select! {
+            accepted = listener.accept() => accepted?,
+            _ = supervise.tick() => {
+                if let Err(err) = mesh.supervise() {
+                    tracing::error!(error = %format!("{err:#}"), "supervising the mesh's processes");
+                }
+                continue;
+            }
+        };
         let (read, mut write) = stream.into_split();
         let mut line = String::new();
         if BufReader::new(read).read_line(&mut line).await.is_err() {
@@ -123,7 +145,11 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
             Ok(Request::Down) => (mesh.respond(Ok("mesh stopping".into())), true),
             Ok(request) => {
                 let result = mesh.handle(request).await;
-                (mesh.respond(result), false)
+                let mut response = mesh.respond(result);
+                if let Response::Ok { status, .. } = &mut response {
+                    mesh.waypoint_plugins(status).await;
+                }
+                (response, false)
             }
             Err(err) => (
                 Response::Error {
@@ -146,6 +172,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
 
 impl Mesh {
     async fn start(options: Options) -> anyhow::Result<Mesh> {
+        let initial_backoff = supervise::initial_backoff()?;
         let dir = &options.state_dir;
         std::fs::create_dir_all(dir.join("logs/pods"))?;
         std::fs::create_dir_all(dir.join("zds"))?;
@@ -202,6 +229,7 @@ impl Mesh {
             state_path,
             next_node: 0,
             l7_documents: BTreeMap::new(),
+            initial_backoff,
         })
     }
 
@@ -277,9 +305,8 @@ impl Mesh {
             .collect();
         for key in gone {
             let mut pod = self.pods.remove(&key).expect("listed above");
-            for child in &mut pod.processes {
-                let _ = child.kill();
-                let _ = child.wait();
+            for container in &mut pod.containers {
+                container.stop();
             }
             if pod.enrolled {
                 self.nodes[pod.node].agent.unenroll(&pod.uid).await?;
@@ -402,12 +429,12 @@ impl Mesh {
         // Processes of new pods start last: an ambient pod's first connection is captured.
         for key in started {
             let pod = desired.iter().find(|p| key_of(p) == key).expect("desired");
-            let processes = self.start_processes(pod)?;
-            self.pods.get_mut(&key).expect("created").processes = processes;
+            let containers = self.start_processes(pod)?;
+            self.pods.get_mut(&key).expect("created").containers = containers;
         }
         for key in started_waypoints {
-            let process = self.start_waypoint(&key)?;
-            self.pods.get_mut(&key).expect("created").processes = vec![process];
+            let container = self.start_waypoint(&key)?;
+            self.pods.get_mut(&key).expect("created").containers = vec![container];
         }
         self.record_pids()?;
         Ok(())
@@ -440,7 +467,7 @@ impl Mesh {
                 identity: format!("spiffe://{TRUST_DOMAIN}/ns/{namespace}/sa/{service_account}"),
                 enrolled: false,
                 reason: waypoint.then(|| "a waypoint: it terminates HBONE itself".to_owned()),
-                processes: Vec::new(),
+                containers: Vec::new(),
                 waypoint,
             },
         );
@@ -476,7 +503,10 @@ impl Mesh {
             ambit_local::control::ztunnel_config(&self.cluster, &running, &self.vips, TRUST_DOMAIN);
         // The file is what an operator inspects; the stores are set directly so the change is
         // in force before the next step, not at the next poll of the file.
-        std::fs::write(&self.state_path, serde_yaml::to_string(&config)?)?;
+        // Replaced by rename: a waypoint starting meanwhile never reads half a file.
+        let tmp = self.state_path.with_extension("yaml.tmp");
+        std::fs::write(&tmp, serde_yaml::to_string(&config)?)?;
+        std::fs::rename(&tmp, &self.state_path)?;
         for node in &self.nodes {
             let snapshot = config.clone().into_snapshot(&self.state_path)?;
             node.ztunnel.state.replace(snapshot);
@@ -574,7 +604,7 @@ impl Mesh {
         Ok(())
     }
 
-    fn start_processes(&self, pod: &Pod) -> anyhow::Result<Vec<Child>> {
+    fn start_processes(&self, pod: &Pod) -> anyhow::Result<Vec<Container>> {
         let (namespace, name) = key_of(pod);
         let runtime = &self.pods[&(namespace.clone(), name.clone())];
         let log_path = self
@@ -618,63 +648,126 @@ impl Mesh {
                 }
                 argv
             };
-            let log = std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&log_path)?;
-            let child = std::process::Command::new("ip")
-                .args(["netns", "exec", &runtime.net.netns])
-                .args(&argv)
-                .envs(pod.container_env(
-                    container,
-                    IpAddr::V4(runtime.net.ip),
-                    IpAddr::V4(node.address),
-                    &node.name,
-                    &runtime.uid,
-                ))
-                .stdin(Stdio::null())
-                .stdout(log.try_clone()?)
-                .stderr(log)
-                .spawn()
-                .with_context(|| format!("starting {argv:?} in pod {namespace}/{name}"))?;
-            children.push(child);
+            let launch = Launch {
+                netns: runtime.net.netns.clone(),
+                argv,
+                env: pod
+                    .container_env(
+                        container,
+                        IpAddr::V4(runtime.net.ip),
+                        IpAddr::V4(node.address),
+                        &node.name,
+                        &runtime.uid,
+                    )
+                    .into_iter()
+                    .collect(),
+                log: log_path.clone(),
+            };
+            let started = Container::start(
+                &container.name,
+                launch,
+                pod.spec.restart_policy,
+                self.initial_backoff,
+            )
+            .with_context(|| format!("pod {namespace}/{name}"));
+            match started {
+                Ok(started) => children.push(started),
+                Err(err) => {
+                    // The pod's other containers do not outlive the failed start.
+                    for child in &mut children {
+                        child.stop();
+                    }
+                    return Err(err);
+                }
+            }
         }
         Ok(children)
     }
 
     /// Runs `ambit mesh waypoint` inside the waypoint's pod, reading the same state file as the
     /// ztunnels, its own L7 configuration file, and certificates from the mesh's CA.
-    fn start_waypoint(&self, key: &(String, String)) -> anyhow::Result<Child> {
+    /// The process is supervised like a Deployment's pod: restarted whenever it exits.
+    fn start_waypoint(&self, key: &(String, String)) -> anyhow::Result<Container> {
         let (namespace, name) = key;
         let runtime = &self.pods[key];
         let dir = &self.options.state_dir;
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(dir.join(format!("logs/pods/{namespace}_{name}.log")))?;
-        std::process::Command::new("ip")
-            .args(["netns", "exec", &runtime.net.netns])
-            .arg(std::env::current_exe()?)
-            .args(["mesh", "waypoint"])
-            .env("LOCAL_XDS_PATH", &self.state_path)
-            .env("AMBIT_WAYPOINT_CONFIG", self.waypoint_config_path(key))
-            .env("AMBIT_GATEWAY_NAME", name)
-            .env("AMBIT_CA_DIR", dir.join("cacerts"))
-            .env("POD_NAMESPACE", namespace)
-            .env("SERVICE_ACCOUNT", name)
-            .env("TRUST_DOMAIN", TRUST_DOMAIN)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .with_context(|| format!("starting waypoint {namespace}/{name}"))
+        let path = |p: &Path| p.display().to_string();
+        let launch = Launch {
+            netns: runtime.net.netns.clone(),
+            argv: vec![
+                path(&std::env::current_exe()?),
+                "mesh".into(),
+                "waypoint".into(),
+            ],
+            env: vec![
+                ("LOCAL_XDS_PATH".into(), path(&self.state_path)),
+                (
+                    "AMBIT_WAYPOINT_CONFIG".into(),
+                    path(&self.waypoint_config_path(key)),
+                ),
+                ("AMBIT_GATEWAY_NAME".into(), name.clone()),
+                ("AMBIT_CA_DIR".into(), path(&dir.join("cacerts"))),
+                ("POD_NAMESPACE".into(), namespace.clone()),
+                ("SERVICE_ACCOUNT".into(), name.clone()),
+                ("TRUST_DOMAIN".into(), TRUST_DOMAIN.into()),
+            ],
+            log: dir.join(format!("logs/pods/{namespace}_{name}.log")),
+        };
+        // Istio's waypoint container.
+        Container::start(
+            "istio-proxy",
+            launch,
+            RestartPolicy::Always,
+            self.initial_backoff,
+        )
+        .with_context(|| format!("starting waypoint {namespace}/{name}"))
+    }
+
+    /// Each running waypoint's WasmPlugin states, read from its metrics inside its pod; a
+    /// waypoint that does not answer soon is left without.
+    async fn waypoint_plugins(&self, status: &mut Status) {
+        for pod in &mut status.pods {
+            let key = (pod.namespace.clone(), pod.name.clone());
+            let Some(runtime) = self.pods.get(&key).filter(|p| p.waypoint) else {
+                continue;
+            };
+            if pod.pids.is_empty() {
+                continue;
+            }
+            let read = read_metrics(runtime.net.netns_path());
+            match tokio::time::timeout(Duration::from_secs(2), read).await {
+                Ok(Ok(text)) => {
+                    pod.plugins = Some(ambit_waypoint::wasm::parse_status(&text));
+                }
+                Ok(Err(err)) => {
+                    tracing::debug!(waypoint = ?key, error = %err, "cannot read the waypoint's metrics")
+                }
+                Err(_) => tracing::debug!(waypoint = ?key, "the waypoint's metrics did not answer"),
+            }
+        }
+    }
+
+    /// Reaps processes that exited and restarts those whose time has come; the pids file follows.
+    fn supervise(&mut self) -> anyhow::Result<()> {
+        let now = Instant::now();
+        let mut changed = false;
+        for pod in self.pods.values_mut() {
+            for container in &mut pod.containers {
+                changed |= container.supervise(now);
+            }
+        }
+        if changed {
+            self.record_pids()?;
+        }
+        Ok(())
     }
 
     fn record_pids(&self) -> anyhow::Result<()> {
         let pids: String = self
             .pods
             .values()
-            .flat_map(|p| p.processes.iter().map(|c| format!("{}\n", c.id())))
+            .flat_map(|p| p.containers.iter().filter_map(Container::pid))
+            .map(|pid| format!("{pid}\n"))
             .collect();
         std::fs::write(self.options.state_dir.join("pids"), pids)?;
         Ok(())
@@ -712,7 +805,10 @@ impl Mesh {
                     enrolled: pod.enrolled,
                     reason: pod.reason.clone(),
                     annotations,
-                    pids: pod.processes.iter().map(Child::id).collect(),
+                    pids: pod.containers.iter().filter_map(Container::pid).collect(),
+                    restarts: pod.containers.iter().map(|c| c.status().restarts).sum(),
+                    containers: pod.containers.iter().map(Container::status).collect(),
+                    plugins: None,
                 }
             })
             .collect();
@@ -754,9 +850,8 @@ impl Mesh {
 
     fn shutdown(&mut self) {
         for pod in self.pods.values_mut() {
-            for child in &mut pod.processes {
-                let _ = child.kill();
-                let _ = child.wait();
+            for container in &mut pod.containers {
+                container.stop();
             }
         }
         self.nodes.clear();
@@ -842,6 +937,22 @@ fn run_in(netns: &str, program: &str, args: &[&str], stdin: Option<&str>) -> any
         );
     }
     Ok(())
+}
+
+/// A waypoint's `/stats/prometheus`, from inside its pod's network namespace (its port 15020 is
+/// reachable nowhere else).
+async fn read_metrics(netns: String) -> std::io::Result<String> {
+    use tokio::io::AsyncReadExt;
+    let fd: std::os::fd::OwnedFd = std::fs::File::open(&netns)?.into();
+    let pod = ambit_ztunnel::netns::PodNetns::new(fd).map_err(std::io::Error::other)?;
+    let address = SocketAddr::from((Ipv4Addr::LOCALHOST, WAYPOINT_STATS_PORT));
+    let mut stream = pod.connect(address).await?;
+    stream
+        .write_all(b"GET /stats/prometheus HTTP/1.0\r\n\r\n")
+        .await?;
+    let mut text = String::new();
+    stream.read_to_string(&mut text).await?;
+    Ok(text)
 }
 
 fn key_of(pod: &Pod) -> (String, String) {

@@ -109,6 +109,29 @@ pub struct PodSpec {
     /// A host-network pod shares its node's network and is never enrolled.
     pub host_network: bool,
     pub containers: Vec<Container>,
+    /// What the runner does when a container exits.
+    pub restart_policy: RestartPolicy,
+}
+
+/// `spec.restartPolicy`: whether kubelet starts a container again after it exits.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum RestartPolicy {
+    #[default]
+    Always,
+    /// Only after a failure: a non-zero exit code, or killed by a signal.
+    OnFailure,
+    Never,
+}
+
+impl RestartPolicy {
+    /// Whether a container that exited this way starts again.
+    pub fn restarts(self, success: bool) -> bool {
+        match self {
+            RestartPolicy::Always => true,
+            RestartPolicy::OnFailure => !success,
+            RestartPolicy::Never => false,
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -316,7 +339,6 @@ const IGNORED_POD_SPEC_FIELDS: &[&str] = &[
     "priority",
     "priorityClassName",
     "readinessGates",
-    "restartPolicy",
     "runtimeClassName",
     "schedulerName",
     "securityContext",
@@ -385,6 +407,17 @@ pub(super) fn pod_spec(node: &Node<'_>) -> Result<PodSpec> {
         names::dns1123_subdomain(n).map_err(|e| f.error_at("nodeName", e))?;
     }
     let host_network = f.bool("hostNetwork")?.unwrap_or(false);
+    let restart_policy = match f.str("restartPolicy")?.as_deref() {
+        None | Some("Always") => RestartPolicy::Always,
+        Some("OnFailure") => RestartPolicy::OnFailure,
+        Some("Never") => RestartPolicy::Never,
+        Some(other) => {
+            return Err(f.error_at(
+                "restartPolicy",
+                format!("{other:?}: expected Always, OnFailure or Never"),
+            ))
+        }
+    };
     let containers_node = f.require("containers")?;
     let containers: Vec<Container> = containers_node
         .list()?
@@ -420,6 +453,7 @@ pub(super) fn pod_spec(node: &Node<'_>) -> Result<PodSpec> {
         node_name,
         host_network,
         containers,
+        restart_policy,
     })
 }
 
@@ -558,7 +592,11 @@ pub(super) fn deployment_spec(node: &Node<'_>) -> Result<DeploymentSpec> {
             ),
         });
     }
-    let spec = pod_spec(&tf.require("spec")?)?;
+    let spec_node = tf.require("spec")?;
+    let spec = pod_spec(&spec_node)?;
+    if spec.restart_policy != RestartPolicy::Always {
+        return Err(spec_node.error("restartPolicy: a Deployment's pods restart Always"));
+    }
     tf.finish()?;
     f.finish()?;
     Ok(DeploymentSpec {

@@ -150,6 +150,37 @@ fn defaults_and_host_network() {
 }
 
 #[test]
+fn restart_policies_as_kubernetes_allows_them() {
+    let pod = |policy: &str| {
+        format!("apiVersion: v1\nkind: Pod\nmetadata: {{name: p}}\nspec:\n  {policy}containers: [{{name: c, image: i}}]\n")
+    };
+    for (line, want) in [
+        ("", RestartPolicy::Always),
+        ("restartPolicy: Always\n  ", RestartPolicy::Always),
+        ("restartPolicy: OnFailure\n  ", RestartPolicy::OnFailure),
+        ("restartPolicy: Never\n  ", RestartPolicy::Never),
+    ] {
+        let Object::Pod(p) = one(&pod(line)) else {
+            panic!()
+        };
+        assert_eq!(p.spec.restart_policy, want, "{line}");
+    }
+    fails(
+        &pod("restartPolicy: Sometimes\n  "),
+        &[
+            "Pod default/p",
+            "spec.restartPolicy",
+            "Always, OnFailure or Never",
+        ],
+    );
+    // A Deployment's pods always restart.
+    fails(
+        &DEPLOYMENT.replace("serviceAccountName: echo", "restartPolicy: Never"),
+        &["Deployment demo/echo", "spec.template.spec", "Always"],
+    );
+}
+
+#[test]
 fn multi_document_streams_skip_empty_documents() {
     let text = r#"
 ---

@@ -80,7 +80,10 @@ impl LocalConfig {
 /// Watches `path` and swaps each valid new version into `store`. Polls the file's modification
 /// time (and identity, so a ConfigMap-style symlink swap is seen) every `interval`.
 pub async fn watch(path: PathBuf, store: Arc<StateStore>, interval: Duration) {
-    let mut last_seen = fingerprint(&path);
+    // No baseline: the caller loaded the file some time before this starts, and a version
+    // written in between would otherwise never be read (a process restarted while its state
+    // changes). The first look always reloads.
+    let mut last_seen = None;
     loop {
         tokio::time::sleep(interval).await;
         let now = fingerprint(&path);

@@ -67,6 +67,12 @@ pub enum FetchError {
     Redirects { url: String },
     #[error("{url}: more than {limit} bytes")]
     TooLarge { url: String, limit: usize },
+    #[error("{url}: refusing to connect to {ip}: {reason}")]
+    Blocked {
+        url: String,
+        ip: IpAddr,
+        reason: &'static str,
+    },
     #[error("{url}: no complete answer within {FETCH_TIMEOUT:?}")]
     Timeout { url: String },
     #[error("the CA bundle {path} ({CA_FILE_ENV}): {reason}")]
@@ -81,6 +87,24 @@ pub enum FetchError {
     NotWasm { url: String },
     #[error("{image}: {source}")]
     Oci { image: String, source: OciError },
+}
+
+impl FetchError {
+    /// The server or the path to it may answer later (connection refused or reset, a name that
+    /// does not resolve yet, a TLS failure, a timeout, `5xx`, `408`, `429`): worth pulling
+    /// again. Everything else (a digest or format that is wrong, credentials wanted, a bad URL,
+    /// an address no pull may reach, `404`) stays wrong until the plugin changes.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            FetchError::Transport { .. } | FetchError::Timeout { .. } => true,
+            FetchError::Status { status, .. } => {
+                status.is_server_error()
+                    || *status == StatusCode::REQUEST_TIMEOUT
+                    || *status == StatusCode::TOO_MANY_REQUESTS
+            }
+            _ => false,
+        }
+    }
 }
 
 /// `imagePullPolicy`.
@@ -438,7 +462,14 @@ async fn send(
     let tcp = tokio::time::timeout(CONNECT_TIMEOUT, connect(bare_host, port))
         .await
         .map_err(|_| transport(format!("no connection within {CONNECT_TIMEOUT:?}")))?
-        .map_err(transport)?;
+        .map_err(|e| match e {
+            ConnectError::Blocked { ip, reason } => FetchError::Blocked {
+                url: url.clone(),
+                ip,
+                reason,
+            },
+            ConnectError::Failed(reason) => transport(reason),
+        })?;
     let mut request = Request::get(uri.path_and_query().map_or("/", |p| p.as_str()).to_owned())
         .header(
             http::header::HOST,
@@ -467,21 +498,31 @@ async fn send(
 
 /// A connection to the first of `host`'s addresses that takes one; none is made to an address
 /// Istio's Wasm fetcher refuses (whatever name or redirect led there).
-async fn connect(host: &str, port: u16) -> Result<TcpStream, String> {
+async fn connect(host: &str, port: u16) -> Result<TcpStream, ConnectError> {
     let addresses = tokio::net::lookup_host((host, port))
         .await
-        .map_err(|e| format!("resolving {host}: {e}"))?;
+        .map_err(|e| ConnectError::Failed(format!("resolving {host}: {e}")))?;
     let mut last_error = format!("{host} has no address");
     for address in addresses {
         if let Some(reason) = blocked_address(address.ip()) {
-            return Err(format!("refusing to connect to {}: {reason}", address.ip()));
+            return Err(ConnectError::Blocked {
+                ip: address.ip(),
+                reason,
+            });
         }
         match TcpStream::connect(address).await {
             Ok(tcp) => return Ok(tcp),
             Err(e) => last_error = format!("connecting to {address}: {e}"),
         }
     }
-    Err(last_error)
+    Err(ConnectError::Failed(last_error))
+}
+
+/// Why no connection was made: an address no pull may reach (final), or a failure that may
+/// pass (refused, unreachable, a name that does not resolve yet).
+enum ConnectError {
+    Blocked { ip: IpAddr, reason: &'static str },
+    Failed(String),
 }
 
 /// Why no Wasm pull may reach `ip`, as in Istio: link-local addresses (the cloud instance
@@ -614,6 +655,41 @@ mod tests {
                 .contains("refusing to connect to 169.254.169.254"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn only_failures_that_may_pass_are_transient() {
+        let url = || "https://filters.example/f.wasm".to_owned();
+        let status = |status| FetchError::Status { url: url(), status };
+        assert!(FetchError::Transport {
+            url: url(),
+            reason: "connection refused".into()
+        }
+        .is_transient());
+        assert!(FetchError::Timeout { url: url() }.is_transient());
+        assert!(!FetchError::Blocked {
+            url: url(),
+            ip: "169.254.169.254".parse().unwrap(),
+            reason: "a link-local address"
+        }
+        .is_transient());
+        assert!(status(StatusCode::SERVICE_UNAVAILABLE).is_transient());
+        assert!(status(StatusCode::TOO_MANY_REQUESTS).is_transient());
+        assert!(!status(StatusCode::NOT_FOUND).is_transient());
+        assert!(!FetchError::Digest {
+            url: url(),
+            expected: "a".into(),
+            actual: "b".into()
+        }
+        .is_transient());
+        assert!(!FetchError::Oci {
+            image: url(),
+            source: OciError::ImageDigest {
+                expected: "a".into(),
+                actual: "b".into()
+            }
+        }
+        .is_transient());
     }
 
     #[test]
