@@ -24,9 +24,7 @@ pub const TERMINATION_GRACE_PERIOD_SECONDS: &str = "TERMINATION_GRACE_PERIOD_SEC
 /// A drain setting that cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum LifecycleError {
-    #[error(
-        "{CONNECTION_TERMINATION_DEADLINE}={0:?} is not a duration (e.g. 5s, 1500ms, 1m)"
-    )]
+    #[error("{CONNECTION_TERMINATION_DEADLINE}={0:?} is not a duration (e.g. 5s, 1500ms, 1m)")]
     Deadline(String),
     #[error("{TERMINATION_GRACE_PERIOD_SECONDS}={0:?} is not a whole number of seconds")]
     GracePeriod(String),
@@ -35,7 +33,9 @@ pub enum LifecycleError {
 /// How long open connections may drain, from the environment (see [`deadline_from`]).
 pub fn termination_deadline() -> Result<Duration, LifecycleError> {
     deadline_from(
-        std::env::var(CONNECTION_TERMINATION_DEADLINE).ok().as_deref(),
+        std::env::var(CONNECTION_TERMINATION_DEADLINE)
+            .ok()
+            .as_deref(),
         std::env::var(TERMINATION_GRACE_PERIOD_SECONDS)
             .ok()
             .as_deref(),
@@ -83,12 +83,16 @@ fn parse_duration(value: &str) -> Option<Duration> {
 /// soft limit of 1024 is spent by a few hundred proxied connections. Logs both values.
 pub fn raise_open_files_limit() {
     match getrlimit(Resource::RLIMIT_NOFILE) {
-        Ok((soft, hard)) if soft < hard => {
-            match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
-                Ok(()) => tracing::info!(soft, hard, "open files limit raised from the soft limit to the hard one"),
-                Err(err) => tracing::warn!(soft, hard, error = %err, "cannot raise the open files limit; connections beyond the soft limit will fail"),
+        Ok((soft, hard)) if soft < hard => match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => tracing::info!(
+                soft,
+                hard,
+                "open files limit raised from the soft limit to the hard one"
+            ),
+            Err(err) => {
+                tracing::warn!(soft, hard, error = %err, "cannot raise the open files limit; connections beyond the soft limit will fail")
             }
-        }
+        },
         Ok((soft, hard)) => {
             tracing::info!(soft, hard, "open files limit already at the hard limit")
         }
@@ -203,7 +207,13 @@ impl Drain {
             _ = self.started() => {}
         }
         let reason = self.started().await;
-        tracing::info!(component, reason, ?deadline, open = self.open_connections(), "shutting down: not ready, listeners closed, draining open connections");
+        tracing::info!(
+            component,
+            reason,
+            ?deadline,
+            open = self.open_connections(),
+            "shutting down: not ready, listeners closed, draining open connections"
+        );
         let outcome = tokio::select! {
             outcome = self.wait(deadline) => outcome,
             name = next_signal(&mut terminate, &mut interrupt) => {
@@ -218,7 +228,14 @@ impl Drain {
         if outcome.cut == 0 {
             tracing::info!(component, reason, waited = ?outcome.waited, "shut down: every open connection closed by itself; nothing cut");
         } else {
-            tracing::warn!(component, reason, ?deadline, cut = outcome.cut, "shut down: {} connection(s) still open at the deadline were cut", outcome.cut);
+            tracing::warn!(
+                component,
+                reason,
+                ?deadline,
+                cut = outcome.cut,
+                "shut down: {} connection(s) still open at the deadline were cut",
+                outcome.cut
+            );
         }
     }
 }
@@ -285,9 +302,15 @@ mod tests {
         assert_eq!(d(Some("1500ms"), Some("30")), Duration::from_millis(1500));
         assert_eq!(d(Some("2m"), None), Duration::from_secs(120));
         let err = deadline_from(Some("soon"), None).unwrap_err();
-        assert!(err.to_string().contains("CONNECTION_TERMINATION_DEADLINE"), "{err}");
+        assert!(
+            err.to_string().contains("CONNECTION_TERMINATION_DEADLINE"),
+            "{err}"
+        );
         let err = deadline_from(None, Some("-3")).unwrap_err();
-        assert!(err.to_string().contains("TERMINATION_GRACE_PERIOD_SECONDS"), "{err}");
+        assert!(
+            err.to_string().contains("TERMINATION_GRACE_PERIOD_SECONDS"),
+            "{err}"
+        );
     }
 
     #[tokio::test]

@@ -78,7 +78,11 @@ fn respond(
         // stop the node's proxy.
         (Endpoints::Admin, "/quitquitquit") if request.method() == Method::POST => {
             admin.drain.start("/quitquitquit");
-            text(StatusCode::OK, "text/plain", "shutting down: draining\n".into())
+            text(
+                StatusCode::OK,
+                "text/plain",
+                "shutting down: draining\n".into(),
+            )
         }
         (Endpoints::Admin, "/logging") if request.method() == Method::POST => {
             logging(request.uri().query())

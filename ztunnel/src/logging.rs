@@ -3,6 +3,7 @@
 //! `POST /logging?level=debug` sets it, `POST /logging?level=ambit_ztunnel::dns:debug,info` sets
 //! it per module (`module=level` works too), `POST /logging?reset` goes back to `RUST_LOG`.
 
+use std::io::IsTerminal;
 use std::sync::OnceLock;
 
 use tracing_subscriber::layer::SubscriberExt;
@@ -38,7 +39,7 @@ pub fn init() {
     let (layer, handle) = reload::Layer::new(EnvFilter::new(&initial));
     tracing_subscriber::registry()
         .with(layer)
-        .with(tracing_subscriber::fmt::layer())
+        .with(tracing_subscriber::fmt::layer().with_ansi(std::io::stdout().is_terminal()))
         .init();
     let _ = FILTER.set(Filter { handle, initial });
 }
