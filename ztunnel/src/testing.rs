@@ -337,8 +337,9 @@ impl ZtunnelProcess {
 
     /// Sends `signal` (`TERM`, `INT`, ...).
     pub fn signal(&self, signal: &str) {
-        let status = Command::new("kill")
-            .args([&format!("-{signal}"), &self.pid().to_string()])
+        // The shell's builtin: no procps needed.
+        let status = Command::new("sh")
+            .args(["-c", &format!("kill -{signal} {}", self.pid())])
             .status()
             .unwrap();
         assert!(status.success(), "kill -{signal} {}", self.pid());
@@ -484,17 +485,23 @@ impl Cluster {
                 }
                 None => {
                     let process = process.as_ref().expect("spawned above");
-                    let ready = process
-                        .get(process.readiness_address, "/healthz/ready")
-                        .await;
-                    assert!(
-                        ready
-                            .as_deref()
-                            .unwrap_or_default()
-                            .starts_with("HTTP/1.1 200"),
-                        "ztunnel process not ready: {ready:?}\n{}",
-                        process.output()
-                    );
+                    // Its endpoints are bound a moment after it connects to the agent.
+                    let deadline = Instant::now() + Duration::from_secs(10);
+                    loop {
+                        let ready = process
+                            .get(process.readiness_address, "/healthz/ready")
+                            .await;
+                        let ready = ready.as_deref().unwrap_or_default();
+                        if ready.starts_with("HTTP/1.1 200") {
+                            break;
+                        }
+                        assert!(
+                            Instant::now() < deadline,
+                            "ztunnel process not ready: {ready:?}\n{}",
+                            process.output()
+                        );
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
                 }
             }
             agents.push(agent);
