@@ -10,6 +10,7 @@ use ambit_cni::kubernetes::{Controller, ControllerConfig};
 use ambit_cni::locate::NetnsLocator;
 use ambit_cni::plugin::{self, event};
 use ambit_cni::rules::{self, Backend, RuleOptions};
+use ambit_mesh::lifecycle::{self, Drain};
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 
@@ -125,7 +126,12 @@ fn main() {
             .enable_all()
             .build()
             .context("cannot start the runtime")
-            .and_then(|runtime| runtime.block_on(agent(args))),
+            .and_then(|runtime| {
+                let result = runtime.block_on(agent(args));
+                // The drain is over: blocking tasks still in flight are not waited for.
+                runtime.shutdown_background();
+                result
+            }),
         Command::Uninstall(dirs) => {
             // Best effort: run outside the host network, there is nothing of ours to remove.
             if let Err(error) = std::fs::File::open("/proc/self/ns/net")
@@ -145,6 +151,8 @@ fn main() {
 }
 
 async fn agent(args: AgentArgs) -> anyhow::Result<()> {
+    lifecycle::raise_open_files_limit();
+    let deadline = lifecycle::termination_deadline()?;
     // kube-rs leaves the choice of rustls provider to the program: ring, as everywhere in Ambit.
     let _ = rustls::crypto::ring::default_provider().install_default();
     let kube_config = kube::Config::infer()
@@ -172,8 +180,13 @@ async fn agent(args: AgentArgs) -> anyhow::Result<()> {
     }
     let controller = Controller::new(client, config);
 
+    let drain = Drain::default();
     let listener = event::bind(&args.plugin_socket)?;
-    tokio::spawn(event::serve(listener, controller.plugin_requests()));
+    tokio::spawn(event::serve(
+        listener,
+        controller.plugin_requests(),
+        drain.clone(),
+    ));
     if args.install_cni {
         let binary = std::env::current_exe().context("cannot find this program's binary")?;
         install::install_binary(&binary, &args.dirs.cni_bin_dir)?;
@@ -186,12 +199,13 @@ async fn agent(args: AgentArgs) -> anyhow::Result<()> {
         ));
     }
     tracing::info!(node = %args.node_name, "ambit-cni node agent starting");
+    // The controller keeps answering the plugin requests already taken while the drain runs.
     tokio::select! {
         result = controller.run() => result.context("the node agent stopped"),
-        _ = tokio::signal::ctrl_c() => {
+        _ = drain.run_until_stopped("node agent", deadline) => {
             // The probe SNAT stays too, like the enrolled pods' in-pod rules it goes with; the
             // next agent converges it at start, `ambit-cni uninstall` removes it.
-            tracing::info!("interrupted; the plugin and the probe SNAT stay installed, so new ambient pods wait for the agent to return");
+            tracing::info!("the plugin and the probe SNAT stay installed, so new ambient pods wait for the agent to return");
             Ok(())
         }
     }

@@ -788,3 +788,37 @@ fn the_waypoint_template_renders() {
     assert!(waypoint.service_accounts.contains_key("waypoint"));
     assert!(waypoint.cluster_roles.is_empty(), "no API access");
 }
+
+/// Each binary drains until a little before SIGKILL, reading the pod's grace period from
+/// `TERMINATION_GRACE_PERIOD_SECONDS` (Istio's name): the two must agree, or the drain outlives
+/// the pod (cut by SIGKILL) or ends long before it need.
+#[test]
+fn every_pod_passes_its_grace_period_to_its_drain() {
+    let base = render("deploy/base");
+    let waypoint = render("deploy/base/waypoint");
+    let specs = [
+        ("ambit-cni", pod_spec(&base.daemonsets["ambit-cni"])),
+        ("ztunnel", pod_spec(&base.daemonsets["ztunnel"])),
+        (
+            "waypoint",
+            waypoint.deployments["waypoint"]
+                .spec
+                .as_ref()
+                .unwrap()
+                .template
+                .spec
+                .as_ref()
+                .unwrap(),
+        ),
+    ];
+    for (name, spec) in specs {
+        let grace = spec
+            .termination_grace_period_seconds
+            .unwrap_or_else(|| panic!("{name} sets no terminationGracePeriodSeconds"));
+        assert_eq!(
+            env(container(spec, name), "TERMINATION_GRACE_PERIOD_SECONDS"),
+            Some(grace.to_string()),
+            "{name}: TERMINATION_GRACE_PERIOD_SECONDS differs from terminationGracePeriodSeconds"
+        );
+    }
+}

@@ -140,6 +140,7 @@ impl Harness {
         tokio::spawn(event::serve(
             event::bind(&plugin_socket).unwrap(),
             controller.plugin_requests(),
+            Default::default(),
         ));
         let controller = tokio::spawn(async move {
             if let Err(error) = controller.run().await {

@@ -5,6 +5,7 @@
 pub mod copy;
 pub mod hbone;
 pub mod identity;
+pub mod lifecycle;
 pub mod rbac;
 pub mod state;
 pub mod telemetry;

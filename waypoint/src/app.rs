@@ -9,6 +9,7 @@ use ambit_mesh::hbone::client::Client;
 use ambit_mesh::hbone::server::Server;
 use ambit_mesh::hbone::Settings;
 use ambit_mesh::identity::{CertificateManager, Identity};
+use ambit_mesh::lifecycle::Drain;
 use ambit_mesh::state::local::{self, LocalConfig};
 use ambit_mesh::state::StateStore;
 use anyhow::Context as _;
@@ -58,6 +59,9 @@ pub struct Waypoint {
     pub hbone_address: SocketAddr,
     pub stats_address: SocketAddr,
     pub readiness_address: SocketAddr,
+    /// Started by the binary on SIGTERM/SIGINT: readiness drops, the HBONE listener closes,
+    /// connections get GOAWAY and run on (see [`ambit_mesh::lifecycle`]).
+    pub drain: Drain,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -131,17 +135,20 @@ impl Waypoint {
             settings: options.proxy.clone(),
             upstreams: Upstreams::new(options.proxy.clone()),
             wasm: wasm.clone(),
+            drain: Drain::default(),
         });
         calls.bind(&context);
+        let drain = context.drain.clone();
         let hbone_listener = TcpListener::bind(options.hbone_address)
             .await
             .with_context(|| format!("binding HBONE on {}", options.hbone_address))?;
         let hbone_address = hbone_listener.local_addr()?;
-        let server = Server::new(
+        let server = Server::with_drain(
             options.identity.clone(),
             certificates.clone(),
             Arc::new(Inbound::new(context)),
             options.hbone.clone(),
+            drain.clone(),
         );
         let mut tasks = vec![
             tokio::spawn(async move {
@@ -169,6 +176,7 @@ impl Waypoint {
                 listener,
                 endpoints,
                 metrics.clone(),
+                drain.clone(),
             )));
             anyhow::Ok(bound)
         };
@@ -184,6 +192,7 @@ impl Waypoint {
             hbone_address,
             stats_address,
             readiness_address,
+            drain,
             tasks,
         })
     }

@@ -88,4 +88,7 @@ pub struct Context {
     pub upstreams: upstream::Upstreams,
     /// WasmPlugins in force.
     pub wasm: Arc<WasmFilters>,
+    /// The waypoint's shutdown: HTTP connections inside tunnels are closed gracefully once it
+    /// starts.
+    pub drain: ambit_mesh::lifecycle::Drain,
 }

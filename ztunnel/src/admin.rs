@@ -1,15 +1,17 @@
-//! The operator endpoints: admin (`/config_dump`, localhost), Prometheus (`/metrics`,
-//! `/stats/prometheus`) and readiness (`/healthz/ready`), on Istio's ports.
+//! The operator endpoints: admin (`/config_dump`, `/logging`, `/quitquitquit`, localhost),
+//! Prometheus (`/metrics`, `/stats/prometheus`) and readiness (`/healthz/ready`), on Istio's
+//! ports.
 
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use ambit_mesh::identity::CertificateManager;
+use ambit_mesh::lifecycle::{self, Drain};
 use ambit_mesh::state::StateStore;
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
-use hyper::{Request, Response, StatusCode};
+use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use serde_json::json;
 use tokio::net::TcpListener;
@@ -23,6 +25,8 @@ pub struct AdminState {
     pub certificates: Arc<CertificateManager>,
     pub inpod: Arc<InpodStatus>,
     pub metrics: Arc<Metrics>,
+    /// Readiness drops as soon as it starts; `/quitquitquit` starts it.
+    pub drain: Drain,
 }
 
 /// Which endpoints a listener serves.
@@ -33,16 +37,24 @@ pub enum Endpoints {
     Readiness,
 }
 
-/// Serves `endpoints` on `listener` until the task is dropped.
+/// Serves `endpoints` on `listener` until the task is dropped (they keep answering during a
+/// drain: readiness must be seen to fail).
 pub async fn serve(listener: TcpListener, endpoints: Endpoints, admin: Arc<AdminState>) {
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(err) => {
+                if !lifecycle::accept_failed(&err, "admin").await {
+                    tracing::error!(?endpoints, error = %err, "operator endpoint listener failed");
+                    return;
+                }
+                continue;
+            }
         };
         let admin = admin.clone();
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |request: Request<Incoming>| {
-                let response = respond(endpoints, &admin, request.uri().path());
+                let response = respond(endpoints, &admin, &request);
                 async move { Ok::<_, Infallible>(response) }
             });
             let _ = hyper::server::conn::http1::Builder::new()
@@ -52,18 +64,47 @@ pub async fn serve(listener: TcpListener, endpoints: Endpoints, admin: Arc<Admin
     }
 }
 
-fn respond(endpoints: Endpoints, admin: &AdminState, path: &str) -> Response<Full<Bytes>> {
+fn respond(
+    endpoints: Endpoints,
+    admin: &AdminState,
+    request: &Request<Incoming>,
+) -> Response<Full<Bytes>> {
+    let path = request.uri().path();
     match (endpoints, path) {
         (Endpoints::Admin, "/config_dump") => {
             text(StatusCode::OK, "application/json", config_dump(admin))
         }
+        // POST only, as Envoy and Istio's ztunnel: a stray GET (a browser, a crawler) must not
+        // stop the node's proxy.
+        (Endpoints::Admin, "/quitquitquit") if request.method() == Method::POST => {
+            admin.drain.start("/quitquitquit");
+            text(
+                StatusCode::OK,
+                "text/plain",
+                "shutting down: draining\n".into(),
+            )
+        }
+        (Endpoints::Admin, "/logging") if request.method() == Method::POST => {
+            logging(request.uri().query())
+        }
+        (Endpoints::Admin, "/quitquitquit" | "/logging") => text(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "text/plain",
+            format!("{path} takes POST\n"),
+        ),
         (Endpoints::Stats, "/metrics" | "/stats/prometheus") => text(
             StatusCode::OK,
             "text/plain; version=0.0.4",
             admin.metrics.render(),
         ),
         (Endpoints::Readiness | Endpoints::Admin, "/healthz/ready") => {
-            if admin.inpod.is_ready() {
+            if admin.drain.is_draining() {
+                text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "text/plain",
+                    "not ready: shutting down\n".into(),
+                )
+            } else if admin.inpod.is_ready() {
                 text(StatusCode::OK, "text/plain", "ready\n".into())
             } else {
                 text(
@@ -79,6 +120,60 @@ fn respond(endpoints: Endpoints, admin: &AdminState, path: &str) -> Response<Ful
             format!("no endpoint {path}\n"),
         ),
     }
+}
+
+/// `POST /logging[?level=<level>|?reset]` ([`crate::logging`]).
+fn logging(query: Option<&str>) -> Response<Full<Bytes>> {
+    let mut level = None;
+    let mut reset = false;
+    for (key, value) in query.unwrap_or_default().split('&').filter_map(|pair| {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        Some((key, percent_decode(value)?))
+    }) {
+        match key {
+            "level" => level = Some(value),
+            "reset" => reset = true,
+            _ => {}
+        }
+    }
+    let result = match (level, reset) {
+        (Some(level), _) => crate::logging::set(Some(&level)),
+        (None, true) => crate::logging::set(None),
+        (None, false) => crate::logging::current(),
+    };
+    match result {
+        Ok(filter) => text(
+            StatusCode::OK,
+            "text/plain",
+            format!("current log level is {filter}\n"),
+        ),
+        Err(err @ crate::logging::LoggingError::Invalid(_)) => {
+            text(StatusCode::BAD_REQUEST, "text/plain", format!("{err}\n"))
+        }
+        Err(err) => text(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "text/plain",
+            format!("{err}\n"),
+        ),
+    }
+}
+
+/// `%3A` → `:` and `+` → space; `None` for a broken escape or non-UTF-8.
+fn percent_decode(value: &str) -> Option<String> {
+    let mut bytes = Vec::with_capacity(value.len());
+    let mut input = value.bytes();
+    while let Some(byte) = input.next() {
+        match byte {
+            b'%' => {
+                let hex = [input.next()?, input.next()?];
+                let hex = std::str::from_utf8(&hex).ok()?;
+                bytes.push(u8::from_str_radix(hex, 16).ok()?);
+            }
+            b'+' => bytes.push(b' '),
+            other => bytes.push(other),
+        }
+    }
+    String::from_utf8(bytes).ok()
 }
 
 fn text(status: StatusCode, content_type: &str, body: String) -> Response<Full<Bytes>> {

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use ambit_mesh::hbone;
 use ambit_mesh::identity::{CertificateManager, ManagerSettings};
+use ambit_mesh::lifecycle::Drain;
 use ambit_mesh::state::local::{self, LocalConfig};
 use ambit_mesh::state::StateStore;
 use ambit_xds::{
@@ -36,6 +37,9 @@ pub struct Ztunnel {
     pub admin_address: SocketAddr,
     pub stats_address: SocketAddr,
     pub readiness_address: SocketAddr,
+    /// Started by the binary on SIGTERM/SIGINT, or by `/quitquitquit`: readiness drops, the pods'
+    /// listeners close, open connections run on (see [`ambit_mesh::lifecycle`]).
+    pub drain: Drain,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -118,6 +122,7 @@ impl Ztunnel {
             }
         };
         let metrics = Arc::new(Metrics::default());
+        let drain = Drain::default();
         let connections = Arc::new(ConnectionTracker::new(state.clone()));
         let context = Arc::new(ProxyContext {
             state: state.clone(),
@@ -128,6 +133,7 @@ impl Ztunnel {
             metrics: metrics.clone(),
             connections: connections.clone(),
             enforce_waypoint: config.enforce_waypoint,
+            drain: drain.clone(),
         });
         let manager = WorkloadManager::new(context, config.inpod_uds.clone());
         let inpod = manager.status();
@@ -136,6 +142,7 @@ impl Ztunnel {
             certificates: certificates.clone(),
             inpod: inpod.clone(),
             metrics: metrics.clone(),
+            drain: drain.clone(),
         });
         // With istiod, pods are taken over ZDS only once the first xDS state is in: a pod proxied
         // against an empty state would pass everything through unencrypted. Readiness (the ZDS
@@ -174,6 +181,7 @@ impl Ztunnel {
             admin_address,
             stats_address,
             readiness_address,
+            drain,
             tasks,
         })
     }

@@ -7,6 +7,7 @@ pub mod app;
 pub mod config;
 pub mod dns;
 pub mod inpod;
+pub mod logging;
 pub mod metrics;
 pub mod netns;
 pub mod proxy;

@@ -4,7 +4,10 @@
 //! Each ztunnel instance has its own recorder (not the process-global one), so several instances
 //! in one process, as in tests, keep separate counts.
 
+use std::io;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use ambit_mesh::state::Workload;
@@ -14,6 +17,7 @@ use metrics::{Key, Label, Level, Metadata, Recorder};
 use metrics_exporter_prometheus::{
     Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
 };
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 const OPENED: &str = "istio_tcp_connections_opened_total";
 const CLOSED: &str = "istio_tcp_connections_closed_total";
@@ -54,15 +58,15 @@ impl Metrics {
         self.handle.render()
     }
 
-    pub fn connection_opened(&self, labels: &TrafficLabels) {
-        self.counter(OPENED, labels, 1);
-    }
-
-    /// `received`: bytes from the client towards the server; `sent`: bytes back to the client.
-    pub fn connection_closed(&self, labels: &TrafficLabels, received: u64, sent: u64) {
-        self.counter(CLOSED, labels, 1);
-        self.counter(RECEIVED, labels, received);
-        self.counter(SENT, labels, sent);
+    /// Counts a connection opened; it is counted closed when the returned value is dropped.
+    pub fn connection_opened(self: &Arc<Self>, labels: TrafficLabels) -> OpenConnection {
+        self.counter(OPENED, &labels, 1);
+        OpenConnection {
+            metrics: self.clone(),
+            labels,
+            received: 0,
+            sent: 0,
+        }
     }
 
     fn counter(&self, name: &'static str, labels: &TrafficLabels, value: u64) {
@@ -77,6 +81,89 @@ impl Metrics {
         self.recorder
             .register_counter(&key, &METADATA)
             .increment(value);
+    }
+}
+
+/// A connection counted in `istio_tcp_connections_opened_total`. Dropping it counts it in
+/// `istio_tcp_connections_closed_total` with the bytes it moved, whatever ended the connection:
+/// both sides closing, a stream reset before the tunnel's 200 went out, or its task aborted (a
+/// pod leaving, the drain deadline). Counting on drop keeps opened and closed equal once the
+/// mesh idles.
+pub struct OpenConnection {
+    metrics: Arc<Metrics>,
+    labels: TrafficLabels,
+    received: u64,
+    sent: u64,
+}
+
+impl OpenConnection {
+    pub fn labels(&self) -> &TrafficLabels {
+        &self.labels
+    }
+
+    /// Adds bytes moved: `received` from the client towards the server, `sent` back to it.
+    pub fn add_bytes(&mut self, received: u64, sent: u64) {
+        self.received += received;
+        self.sent += sent;
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        let metrics = &self.metrics;
+        metrics.counter(CLOSED, &self.labels, 1);
+        metrics.counter(RECEIVED, &self.labels, self.received);
+        metrics.counter(SENT, &self.labels, self.sent);
+    }
+}
+
+/// An upstream stream that counts what crosses it into its [`OpenConnection`]: writes are bytes
+/// received from the client, reads are bytes sent back. For tunnels whose splice runs elsewhere
+/// (the HBONE server), so the counts survive however the splice ends.
+pub struct Counted<S> {
+    inner: S,
+    open: OpenConnection,
+}
+
+impl<S> Counted<S> {
+    pub fn new(inner: S, open: OpenConnection) -> Self {
+        Counted { inner, open }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Counted<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let result = Pin::new(&mut self.inner).poll_read(cx, buf);
+        let read = (buf.filled().len() - before) as u64;
+        self.open.add_bytes(0, read);
+        result
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let result = Pin::new(&mut self.inner).poll_write(cx, data);
+        if let Poll::Ready(Ok(written)) = result {
+            self.open.add_bytes(written as u64, 0);
+        }
+        result
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
 

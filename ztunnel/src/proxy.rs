@@ -21,6 +21,7 @@ use std::sync::Arc;
 
 use ambit_mesh::hbone;
 use ambit_mesh::identity::{CertificateManager, Identity, DEFAULT_TRUST_DOMAIN};
+use ambit_mesh::lifecycle::{self, Drain};
 use ambit_mesh::state::{
     GatewayAddress, GatewayDestination, HealthStatus, Snapshot, StateStore, Workload,
 };
@@ -64,6 +65,8 @@ pub struct ProxyContext {
     /// Inbound HBONE that bypassed the destination's waypoint is refused (see
     /// [`crate::config::Config::enforce_waypoint`]).
     pub enforce_waypoint: bool,
+    /// ztunnel's shutdown: listeners close, open connections run until its deadline.
+    pub drain: Drain,
 }
 
 /// What ZDS says about a pod when it is added: `uid` is the node agent's key for it, the rest
@@ -202,6 +205,7 @@ impl hbone::client::Connector for NetnsConnector {
 
 /// Accepts on one of a pod's capture listeners and serves each connection with `handle`. The
 /// connection tasks belong to this one: when the pod leaves (its task is aborted), they end too.
+/// When ztunnel drains, the listener closes and the open connections run to their end.
 async fn accept_loop<F, Fut>(
     pod: Arc<Pod>,
     listener: tokio::net::TcpListener,
@@ -211,23 +215,33 @@ async fn accept_loop<F, Fut>(
     F: Fn(Arc<Pod>, tokio::net::TcpStream, SocketAddr) -> Fut,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
+    let drain = &pod.context.drain;
     let mut connections = tokio::task::JoinSet::new();
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
             Some(_) = connections.join_next(), if !connections.is_empty() => continue,
+            _ = drain.started() => break,
         };
         match accepted {
             Ok((stream, client)) => {
-                connections.spawn(handle(pod.clone(), stream, client));
+                let open = drain.track();
+                let connection = handle(pod.clone(), stream, client);
+                connections.spawn(async move {
+                    connection.await;
+                    drop(open);
+                });
             }
             Err(err) => {
-                // Out of descriptors, or a connection reset before accept: wait, keep serving.
-                tracing::warn!(pod = %pod.uid, error = %err, "{what} accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                if !lifecycle::accept_failed(&err, what).await {
+                    tracing::error!(pod = %pod.uid, error = %err, "{what} listener failed");
+                    return;
+                }
             }
         }
     }
+    drop(listener);
+    while connections.join_next().await.is_some() {}
 }
 
 /// The pod's identity: from its workload when the state has it, else from what ZDS said (the

@@ -149,7 +149,10 @@ pub struct Cluster {
     pub topology: Topology,
     pub dir: PathBuf,
     pub state_path: PathBuf,
+    /// In-process ztunnels; without node 2's when it runs as [`Cluster::process`].
     pub ztunnels: Vec<Ztunnel>,
+    /// Node 2's ztunnel, with [`ClusterOptions::process`].
+    pub process: Option<ZtunnelProcess>,
     pub agents: Vec<ZdsConnection>,
     /// Kept so their sockets stay bound while ztunnel reconnects.
     pub servers: Vec<ZdsServer>,
@@ -252,6 +255,123 @@ fn info(pod: &PodNet, service_account: &str) -> WorkloadInfo {
 pub struct ClusterOptions {
     /// Install the in-pod rules with DNS capture (UDP/TCP 53 → the DNS proxy on 15053).
     pub dns_capture: bool,
+    /// Run node 2's ztunnel as a real process ([`Cluster::process`]) instead of in process.
+    pub process: Option<ProcessOptions>,
+}
+
+/// How to run a ztunnel as its own process.
+#[derive(Clone, Debug)]
+pub struct ProcessOptions {
+    /// The `ambit-ztunnel` binary (`env!("CARGO_BIN_EXE_ambit-ztunnel")` in the crate's tests).
+    pub binary: PathBuf,
+    /// Added to its environment.
+    pub env: Vec<(String, String)>,
+    /// Its open-files soft limit at exec (as `ulimit -Sn` would set it).
+    pub open_files_soft_limit: Option<u64>,
+}
+
+/// A ztunnel running as a process inside a node's namespace, its endpoints on the node's address
+/// and its output in a file. Killed on drop if still running.
+pub struct ZtunnelProcess {
+    child: std::process::Child,
+    node: PodNetns,
+    pub readiness_address: SocketAddr,
+    pub stats_address: SocketAddr,
+    pub admin_address: SocketAddr,
+    pub log: PathBuf,
+}
+
+impl ZtunnelProcess {
+    fn spawn(
+        options: &ProcessOptions,
+        node: &Node,
+        dir: &Path,
+        state: &Path,
+        socket: &Path,
+    ) -> Self {
+        let at = |port| SocketAddr::new(node.address.into(), port);
+        let (admin_address, stats_address, readiness_address) = (at(15000), at(15020), at(15021));
+        let log = dir.join(format!("ztunnel-{}.log", node.netns));
+        let output = File::create(&log).unwrap();
+        // `ip netns exec` and `sh -c exec` both exec: the child's pid is ztunnel's.
+        let limit = options
+            .open_files_soft_limit
+            .map(|n| format!("ulimit -Sn {n} && "))
+            .unwrap_or_default();
+        let mut command = Command::new("ip");
+        command
+            .args(["netns", "exec", &node.netns, "sh", "-c"])
+            .arg(format!("{limit}exec \"$0\" \"$@\""))
+            .arg(&options.binary)
+            .env("LOCAL_XDS_PATH", state)
+            .env("AMBIT_CA_DIR", dir.join("cacerts"))
+            .env("INPOD_UDS", socket)
+            .env("AMBIT_ADMIN_ADDRESS", admin_address.to_string())
+            .env("AMBIT_STATS_ADDRESS", stats_address.to_string())
+            .env("AMBIT_READINESS_ADDRESS", readiness_address.to_string())
+            .env("RUST_LOG", "info")
+            .envs(options.env.iter().map(|(k, v)| (k, v)))
+            .stdout(output.try_clone().unwrap())
+            .stderr(output);
+        let child = command.spawn().expect("spawn ambit-ztunnel");
+        let node = PodNetns::new(
+            File::open(format!("/var/run/netns/{}", node.netns))
+                .unwrap()
+                .into(),
+        )
+        .unwrap();
+        ZtunnelProcess {
+            child,
+            node,
+            readiness_address,
+            stats_address,
+            admin_address,
+            log,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// `GET path` on one of its endpoints (the whole response, or the connect error).
+    pub async fn get(&self, address: SocketAddr, path: &str) -> std::io::Result<String> {
+        let stream = self.node.connect(address).await?;
+        Ok(http_get_on(stream, path).await)
+    }
+
+    /// Sends `signal` (`TERM`, `INT`, ...).
+    pub fn signal(&self, signal: &str) {
+        // The shell's builtin: no procps needed.
+        let status = Command::new("sh")
+            .args(["-c", &format!("kill -{signal} {}", self.pid())])
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill -{signal} {}", self.pid());
+    }
+
+    /// Its exit status, once it exits within `timeout`.
+    pub async fn wait(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return Some(status);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        None
+    }
+
+    pub fn output(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for ZtunnelProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 impl Cluster {
@@ -321,6 +441,7 @@ impl Cluster {
         }
 
         let mut ztunnels = Vec::new();
+        let mut process = None;
         let mut agents = Vec::new();
         let mut servers = Vec::new();
         let enrolled: [Vec<(&PodNet, &str)>; 2] = [vec![(&sleep, "sleep")], vec![(&echo, "echo")]];
@@ -336,10 +457,26 @@ impl Cluster {
             }
             let socket = dir.join(format!("node{node}.sock"));
             let server = ZdsServer::bind(&socket).unwrap();
-            let ztunnel = Ztunnel::start(config(&dir, &state_path, &socket), Default::default())
-                .await
-                .unwrap();
-            let mut agent = tokio::time::timeout(Duration::from_secs(5), server.accept())
+            let spawn = cluster_options.process.as_ref().filter(|_| node == 1);
+            let ztunnel = match spawn {
+                Some(options) => {
+                    let node = &topology.nodes[node];
+                    process = Some(ZtunnelProcess::spawn(
+                        options,
+                        node,
+                        &dir,
+                        &state_path,
+                        &socket,
+                    ));
+                    None
+                }
+                None => Some(
+                    Ztunnel::start(config(&dir, &state_path, &socket), Default::default())
+                        .await
+                        .unwrap(),
+                ),
+            };
+            let mut agent = tokio::time::timeout(Duration::from_secs(10), server.accept())
                 .await
                 .expect("ztunnel connects to the node agent")
                 .unwrap();
@@ -350,8 +487,32 @@ impl Cluster {
                     .unwrap();
             }
             agent.snapshot_sent().await.unwrap();
-            assert!(ztunnel.inpod.is_ready());
-            ztunnels.push(ztunnel);
+            match ztunnel {
+                Some(ztunnel) => {
+                    assert!(ztunnel.inpod.is_ready());
+                    ztunnels.push(ztunnel);
+                }
+                None => {
+                    let process = process.as_ref().expect("spawned above");
+                    // Its endpoints are bound a moment after it connects to the agent.
+                    let deadline = Instant::now() + Duration::from_secs(10);
+                    loop {
+                        let ready = process
+                            .get(process.readiness_address, "/healthz/ready")
+                            .await;
+                        let ready = ready.as_deref().unwrap_or_default();
+                        if ready.starts_with("HTTP/1.1 200") {
+                            break;
+                        }
+                        assert!(
+                            Instant::now() < deadline,
+                            "ztunnel process not ready: {ready:?}\n{}",
+                            process.output()
+                        );
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                }
+            }
             agents.push(agent);
             servers.push(server);
         }
@@ -360,6 +521,7 @@ impl Cluster {
             dir,
             state_path,
             ztunnels,
+            process,
             agents,
             servers,
             sleep,
@@ -528,7 +690,11 @@ pub async fn app_call(
 }
 
 pub async fn http_get(address: SocketAddr, path: &str) -> String {
-    let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
+    http_get_on(tokio::net::TcpStream::connect(address).await.unwrap(), path).await
+}
+
+/// `GET path` over a connected `stream`; the whole response.
+pub async fn http_get_on(mut stream: tokio::net::TcpStream, path: &str) -> String {
     stream
         .write_all(
             format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").as_bytes(),
@@ -538,4 +704,16 @@ pub async fn http_get(address: SocketAddr, path: &str) -> String {
     let mut response = String::new();
     stream.read_to_string(&mut response).await.unwrap();
     response
+}
+
+/// The sum of every series of counter `name` in a Prometheus text exposition.
+pub fn metric_sum(metrics: &str, name: &str) -> u64 {
+    metrics
+        .lines()
+        .filter(|line| {
+            line.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
+        })
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
 }

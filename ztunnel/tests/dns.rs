@@ -87,7 +87,11 @@ fn upstream() -> &'static Upstream {
 
 async fn cluster() -> Cluster {
     upstream();
-    Cluster::start_with(ClusterOptions { dns_capture: true }).await
+    Cluster::start_with(ClusterOptions {
+        dns_capture: true,
+        ..Default::default()
+    })
+    .await
 }
 
 // --- Queries from inside a pod --------------------------------------------------------------

@@ -14,6 +14,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use ambit_mesh::lifecycle::Drain;
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
@@ -125,10 +126,15 @@ pub fn bind(path: &Path) -> Result<UnixListener, EventError> {
     Ok(listener)
 }
 
-/// Serves plugin events from `listener` until `requests` is closed, one task per connection.
-pub async fn serve(listener: UnixListener, requests: mpsc::Sender<PluginRequest>) {
+/// Serves plugin events from `listener` until `requests` is closed or `drain` starts, one task
+/// per connection; each counts as open in `drain` until answered.
+pub async fn serve(listener: UnixListener, requests: mpsc::Sender<PluginRequest>, drain: Drain) {
     loop {
-        let stream = match listener.accept().await {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = drain.started() => return,
+        };
+        let stream = match accepted {
             Ok((stream, _)) => stream,
             Err(error) => {
                 tracing::warn!(%error, "accepting a CNI plugin connection failed");
@@ -140,7 +146,9 @@ pub async fn serve(listener: UnixListener, requests: mpsc::Sender<PluginRequest>
             return;
         }
         let requests = requests.clone();
+        let open = drain.track();
         tokio::spawn(async move {
+            let _open = open;
             let service = hyper::service::service_fn(move |request| {
                 let requests = requests.clone();
                 async move { Ok::<_, Infallible>(handle(request, &requests).await) }

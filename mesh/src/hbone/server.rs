@@ -5,6 +5,10 @@
 //! trust domain), HTTP/2 handshake, then streams. Each stream: method and authority checked (400),
 //! the handler's decision (401/503 or an upstream), 200, bytes spliced until both sides close.
 //! A failure in one connection or stream is logged and ends only that connection or stream.
+//!
+//! Draining ([`Server::with_drain`]): once the [`Drain`] starts, the listener is closed, every
+//! connection sends GOAWAY (h2's graceful shutdown: streams already open carry on, new ones go to
+//! another connection) and each open tunnel counts as an open connection until it ends.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -19,6 +23,7 @@ use tokio_rustls::TlsAcceptor;
 
 use super::{keepalive, ConnectHeaders, H2Stream, Settings};
 use crate::identity::{BoxFuture, CertificateManager, Identity, ManagerError};
+use crate::lifecycle::{self, Drain};
 use crate::tls::{self, TlsError};
 
 /// Why a connection was dropped before or while serving streams.
@@ -127,39 +132,51 @@ pub struct Server {
     certificates: Arc<CertificateManager>,
     handler: Arc<dyn ConnectHandler>,
     settings: Settings,
+    drain: Drain,
 }
 
 impl Server {
+    /// A server that is never drained (it stops when its `serve` future is dropped).
     pub fn new(
         identity: Identity,
         certificates: Arc<CertificateManager>,
         handler: Arc<dyn ConnectHandler>,
         settings: Settings,
     ) -> Arc<Self> {
+        Self::with_drain(identity, certificates, handler, settings, Drain::default())
+    }
+
+    /// A server that takes part in `drain` (module docs).
+    pub fn with_drain(
+        identity: Identity,
+        certificates: Arc<CertificateManager>,
+        handler: Arc<dyn ConnectHandler>,
+        settings: Settings,
+        drain: Drain,
+    ) -> Arc<Self> {
         Arc::new(Server {
             identity,
             certificates,
             handler,
             settings,
+            drain,
         })
     }
 
-    /// Accepts connections until the listener fails; each is served on its own task. The tasks
-    /// belong to this future: dropping it (a pod leaving) closes every connection it accepted.
+    /// Accepts connections until the listener fails or the drain starts, then serves the accepted
+    /// ones to their end; each is served on its own task. The tasks belong to this future:
+    /// dropping it (a pod leaving) closes every connection it accepted.
     pub async fn serve(self: Arc<Self>, listener: TcpListener) -> std::io::Result<()> {
         let mut connections = tokio::task::JoinSet::new();
         loop {
             let accepted = tokio::select! {
                 accepted = listener.accept() => accepted,
                 Some(_) = connections.join_next(), if !connections.is_empty() => continue,
+                _ = self.drain.started() => break,
             };
             let (socket, peer) = match accepted {
                 Ok(accepted) => accepted,
-                Err(err) if is_transient_accept_error(&err) => {
-                    tracing::warn!(error = %err, "HBONE accept failed; continuing");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                    continue;
-                }
+                Err(err) if lifecycle::accept_failed(&err, "HBONE").await => continue,
                 Err(err) => return Err(err),
             };
             let server = self.clone();
@@ -169,6 +186,9 @@ impl Server {
                 }
             });
         }
+        drop(listener);
+        while connections.join_next().await.is_some() {}
+        Ok(())
     }
 
     /// Serves one accepted TCP connection to the end.
@@ -229,15 +249,23 @@ impl Server {
         tokio::pin!(keepalive);
         // Streams live no longer than their connection.
         let mut streams = tokio::task::JoinSet::new();
+        let mut goaway_sent = false;
         loop {
             tokio::select! {
                 Some(_) = streams.join_next(), if !streams.is_empty() => {}
+                _ = self.drain.started(), if !goaway_sent => {
+                    tracing::debug!(%peer, "draining: GOAWAY sent");
+                    connection.graceful_shutdown();
+                    goaway_sent = true;
+                }
                 next = connection.accept() => match next {
                     Some(Ok((request, respond))) => {
                         let server = self.clone();
                         let peer_identity = peer_identity.clone();
+                        let open = self.drain.track();
                         streams.spawn(async move {
                             server.serve_stream(request, respond, peer_identity, peer, local_addr).await;
+                            drop(open);
                         });
                     }
                     Some(Err(source)) => return Err(ServerError::Http2 { peer, source }),
@@ -344,16 +372,3 @@ fn reply(
         }
     }
 }
-
-/// Accept errors that concern one connection or a passing resource shortage, not the listener.
-fn is_transient_accept_error(err: &std::io::Error) -> bool {
-    use std::io::ErrorKind::*;
-    matches!(
-        err.kind(),
-        ConnectionAborted | ConnectionReset | ConnectionRefused | Interrupted | WouldBlock
-    ) || matches!(err.raw_os_error(), Some(EMFILE | ENFILE))
-}
-
-/// Out of file descriptors (per process, system-wide): wait for some to close, don't stop serving.
-const EMFILE: i32 = 24;
-const ENFILE: i32 = 23;

@@ -141,6 +141,7 @@ async fn serve_http<S>(context: Arc<Context>, tunnel: Arc<TunnelInfo>, io: S)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    let drain = context.drain.clone();
     let service = hyper::service::service_fn(move |request: Request<Incoming>| {
         pipeline::serve(context.clone(), tunnel.clone(), request)
     });
@@ -154,10 +155,19 @@ where
         .http2()
         .max_header_list_size(MAX_REQUEST_HEAD as u32);
     // With upgrades: a WebSocket handshake answered 101 turns the connection into a byte stream.
-    if let Err(err) = builder
-        .serve_connection_with_upgrades(TokioIo::new(io), service)
-        .await
-    {
+    let connection = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+    tokio::pin!(connection);
+    // Draining: the request in flight completes, then `connection: close` (HTTP/1.1) or GOAWAY
+    // (HTTP/2) tells the client to go elsewhere, so keep-alive clients do not hold the drain to
+    // its deadline.
+    let result = tokio::select! {
+        result = connection.as_mut() => result,
+        _ = drain.started() => {
+            connection.as_mut().graceful_shutdown();
+            connection.await
+        }
+    };
+    if let Err(err) = result {
         tracing::debug!(error = %err, "HTTP connection inside a tunnel ended with an error");
     }
 }

@@ -24,15 +24,16 @@ use ambit_mesh::state::{Snapshot, Workload};
 use tokio::net::{TcpListener, TcpStream};
 
 use super::{connections, Pod};
-use crate::metrics::{Reporter, TrafficLabels};
+use crate::metrics::{Counted, Reporter, TrafficLabels};
 use crate::netns::original_destination;
 
 pub(crate) async fn serve_hbone(pod: Arc<Pod>, listener: TcpListener) {
-    let server = Server::new(
+    let server = Server::with_drain(
         pod.identity.clone(),
         pod.context.certificates.clone(),
         Arc::new(HboneInbound { pod: pod.clone() }),
         pod.context.hbone.clone(),
+        pod.context.drain.clone(),
     );
     if let Err(err) = server.serve(listener).await {
         tracing::error!(pod = %pod.uid, error = %err, "HBONE listener failed");
@@ -67,25 +68,22 @@ impl ConnectHandler for HboneInbound {
                 .map_err(|e| {
                     Rejection::Unavailable(format!("connect to {}: {e}", request.target))
                 })?;
-            self.pod
+            let open = self
+                .pod
                 .context
                 .metrics
-                .connection_opened(&labels(&self.pod, &request, true));
-            let upstream =
-                self.pod
-                    .context
-                    .connections
-                    .track(&self.pod.local, connection, upstream);
-            Ok(Box::new(upstream) as Box<dyn Upstream>)
+                .connection_opened(labels(&self.pod, &request, true));
+            let upstream = self
+                .pod
+                .context
+                .connections
+                .track(&self.pod.local, connection, upstream);
+            Ok(Box::new(Counted::new(upstream, open)) as Box<dyn Upstream>)
         })
     }
 
+    // Metrics are counted by the `Counted` upstream, which also sees tunnels that never got here.
     fn finished(&self, request: &ConnectRequest, outcome: &TunnelOutcome) {
-        let labels = labels(&self.pod, request, true);
-        self.pod
-            .context
-            .metrics
-            .connection_closed(&labels, outcome.received, outcome.sent);
         tracing::info!(
             target: "access",
             pod = %self.pod.uid, src = %request.peer_addr, peer = %request.peer_identity,
@@ -269,15 +267,14 @@ async fn plaintext(pod: Arc<Pod>, mut downstream: TcpStream, client: SocketAddr)
         }
     };
     let labels = inbound_labels(&pod, client, None, None, false);
-    let metrics = &pod.context.metrics;
-    metrics.connection_opened(&labels);
+    let mut open = pod.context.metrics.connection_opened(labels);
     let transfer = splice(
         &mut downstream,
         &mut upstream,
         pod.context.hbone.copy_buffer,
     )
     .await;
-    metrics.connection_closed(&labels, transfer.forward, transfer.backward);
+    open.add_bytes(transfer.forward, transfer.backward);
     tracing::info!(
         target: "access",
         pod = %pod.uid, src = %client, dst = %target,

@@ -54,11 +54,11 @@ async fn handle(pod: Arc<Pod>, mut app: TcpStream, client: SocketAddr) {
     tracing::debug!(pod = %pod.uid, %client, %destination, ?route, "outbound");
     let buffer = pod.context.hbone.copy_buffer;
     let metrics = &pod.context.metrics;
-    let (transfer, labels) = match route {
+    let (transfer, mut open) = match route {
         Route::Hbone { request, labels } => match pod.client.connect(&request).await {
             Ok(mut tunnel) => {
-                metrics.connection_opened(&labels);
-                (splice(&mut app, &mut tunnel, buffer).await, labels)
+                let open = metrics.connection_opened(labels);
+                (splice(&mut app, &mut tunnel, buffer).await, open)
             }
             Err(err) => {
                 tracing::warn!(target: "access", pod = %pod.uid, src = %client, dst = %destination, error = %err, "outbound HBONE failed");
@@ -67,8 +67,8 @@ async fn handle(pod: Arc<Pod>, mut app: TcpStream, client: SocketAddr) {
         },
         Route::Plain { target, labels } => match pod.netns.connect(target).await {
             Ok(mut upstream) => {
-                metrics.connection_opened(&labels);
-                (splice(&mut app, &mut upstream, buffer).await, labels)
+                let open = metrics.connection_opened(labels);
+                (splice(&mut app, &mut upstream, buffer).await, open)
             }
             Err(err) => {
                 tracing::info!(target: "access", pod = %pod.uid, src = %client, dst = %target, error = %err, "outbound passthrough connect failed");
@@ -80,11 +80,11 @@ async fn handle(pod: Arc<Pod>, mut app: TcpStream, client: SocketAddr) {
             return;
         }
     };
-    metrics.connection_closed(&labels, transfer.forward, transfer.backward);
+    open.add_bytes(transfer.forward, transfer.backward);
     tracing::info!(
         target: "access",
         pod = %pod.uid, src = %client, dst = %destination,
-        mtls = labels.mutual_tls, sent = transfer.forward, received = transfer.backward,
+        mtls = open.labels().mutual_tls, sent = transfer.forward, received = transfer.backward,
         error = ?transfer.error,
         "outbound connection complete"
     );
