@@ -163,7 +163,7 @@ fn check_waypoint(pod: &Pod, request: &ConnectRequest) -> Result<(), Rejection> 
     if super::is_waypoint(&snapshot, gateway, workload) {
         return Ok(());
     }
-    let allowed = super::waypoint_identities(&snapshot, gateway);
+    let allowed = snapshot.waypoint_identities(gateway);
     if allowed.contains(&request.peer_identity) {
         return Ok(());
     }
