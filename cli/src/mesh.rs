@@ -454,8 +454,13 @@ fn print_status(status: &Status) {
     }
     println!("SERVICES");
     for service in &status.services {
+        let waypoint = service
+            .waypoint
+            .as_ref()
+            .map(|w| format!("  waypoint {} ({})", w.name, w.traffic))
+            .unwrap_or_default();
         println!(
-            "  {:<24} {:<13} {}",
+            "  {:<24} {:<13} {}{waypoint}",
             format!("{}/{}", service.namespace, service.name),
             service.vip,
             service.ports.join(",")
@@ -466,5 +471,8 @@ fn print_status(status: &Status) {
     }
     if !status.waypoints.is_empty() {
         println!("WAYPOINTS\n  {}", status.waypoints.join("\n  "));
+    }
+    if !status.warnings.is_empty() {
+        println!("WARNINGS\n  {}", status.warnings.join("\n  "));
     }
 }
