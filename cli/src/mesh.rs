@@ -479,8 +479,13 @@ fn print_status(status: &Status) {
     }
     println!("SERVICES");
     for service in &status.services {
+        let waypoint = service
+            .waypoint
+            .as_ref()
+            .map(|w| format!("  waypoint {} ({})", w.name, w.traffic))
+            .unwrap_or_default();
         println!(
-            "  {:<24} {:<13} {}",
+            "  {:<24} {:<13} {}{waypoint}",
             format!("{}/{}", service.namespace, service.name),
             service.vip,
             service.ports.join(",")
@@ -515,5 +520,8 @@ fn print_status(status: &Status) {
                 None => println!(),
             }
         }
+    }
+    if !status.warnings.is_empty() {
+        println!("WARNINGS\n  {}", status.warnings.join("\n  "));
     }
 }

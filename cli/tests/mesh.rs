@@ -1,7 +1,7 @@
 //! `ambit mesh` end to end through the real binary: up, mTLS on the wire, enrollment of running
 //! pods by namespace label (same PIDs), policy applied with `apply`, bad manifests refused with
-//! the running mesh untouched, a waypoint with a WasmPlugin, and `down` leaving nothing behind. Needs root, iproute2, iptables,
-//! tcpdump.
+//! the running mesh untouched, a waypoint with a WasmPlugin, L7 policy failing closed while its
+//! waypoint is gone, and `down` leaving nothing behind. Needs root, iproute2, iptables, tcpdump.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -803,5 +803,113 @@ fn pod_processes_restart_per_their_restart_policy_with_kubelets_backoff() {
         assert_eq!(container["lastExit"]["reason"], reason);
         assert_eq!(container["lastExit"]["exitCode"], code);
     }
+    mesh.ok(&["down"]);
+}
+
+const DENY_ADMIN: &str = r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: deny-admin, namespace: app}
+spec:
+  targetRefs: [{kind: Gateway, group: gateway.networking.k8s.io, name: waypoint}]
+  action: DENY
+  rules:
+  - to: [{operation: {paths: ["/admin*"]}}]
+"#;
+
+/// Fetches `url` from the client pod until `done` holds for the outcome (success, first line),
+/// for up to ~10 s; returns the last outcome.
+fn fetch_until(mesh: &Mesh, url: &str, done: impl Fn(bool, &str) -> bool) -> (bool, String) {
+    let mut last = (false, String::new());
+    for _ in 0..50 {
+        let out = mesh.fetch("client", "app", url);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let first = text.lines().next().unwrap_or_default().to_owned();
+        last = (out.status.success(), first);
+        if done(last.0, &last.1) {
+            break;
+        }
+        // ztunnels and the waypoint pick changes up on their next look at their files.
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    last
+}
+
+#[test]
+fn l7_policy_fails_closed_while_its_waypoint_is_gone() {
+    let mesh = Mesh::new("f");
+    let manifests = mesh.write("f.yaml", WAYPOINT_MESH);
+    let labelled = mesh.write("f-use-waypoint.yaml", SERVER_USES_WAYPOINT);
+    mesh.ok(&["up", "-f", manifests.to_str().unwrap()]);
+    mesh.ok(&["apply", "-f", labelled.to_str().unwrap()]);
+    let policy = mesh.write("f-policy.yaml", DENY_ADMIN);
+    let applied = mesh.ok(&["apply", "-f", policy.to_str().unwrap()]);
+    // No STRICT PeerAuthentication: plaintext clients reach the server around the waypoint.
+    assert!(
+        applied.contains("Warning: Service app/server: L7 policy at waypoint app/waypoint")
+            && applied.contains("still accept plaintext (app/server on 8080)"),
+        "{applied}"
+    );
+    let admin = "http://server.app.svc.cluster.local/admin";
+    let public = "http://server.app.svc.cluster.local/";
+    let denied = |ok: bool, first: &str| ok && first.contains(" 403 ");
+    assert_eq!(
+        fetch_until(&mesh, admin, denied).1,
+        "HTTP/1.1 403 Forbidden"
+    );
+
+    // The Gateway goes: the policy's traffic is refused, never answered by the server.
+    // The Gateway is WAYPOINT_MESH's last document.
+    let gateway_yaml = WAYPOINT_MESH.rsplit("---").next().unwrap();
+    assert!(gateway_yaml.contains("kind: Gateway"));
+    let gateway = mesh.write("f-gateway.yaml", gateway_yaml);
+    let deleted = mesh.ok(&["delete", "-f", gateway.to_str().unwrap()]);
+    assert!(
+        deleted.contains(
+            "Warning: Service app/server uses waypoint app/waypoint, which does not exist"
+        ) && deleted.contains("its traffic is refused"),
+        "{deleted}"
+    );
+    let refused = |ok: bool, _: &str| !ok;
+    let (ok, first) = fetch_until(&mesh, admin, refused);
+    assert!(!ok, "/admin answered {first} with its waypoint gone");
+    let (ok, first) = fetch_until(&mesh, public, refused);
+    assert!(!ok, "/ answered {first} with its waypoint gone");
+    let status = mesh.status();
+    let server = status["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "server")
+        .unwrap();
+    assert_eq!(server["waypoint"]["name"], "app/waypoint");
+    assert_eq!(server["waypoint"]["traffic"], "refused");
+    assert!(
+        status["warnings"].as_array().unwrap().iter().any(|w| w
+            .as_str()
+            .unwrap()
+            .contains("AuthorizationPolicy app/deny-admin")),
+        "{status}"
+    );
+    // The client's ztunnel counts the refusals with Envoy's "no healthy upstream" flag.
+    let node1 = status["nodes"][0]["metrics"].as_str().unwrap().to_owned();
+    let metrics = mesh.ok(&["fetch", &format!("http://{node1}/metrics")]);
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("istio_tcp_connections_closed_total")
+                && l.contains("response_flags=\"UH\"")
+                && l.contains("destination_service=\"server.app.svc.cluster.local\"")),
+        "{metrics}"
+    );
+
+    // The Gateway is back: served through it again, policy in force.
+    mesh.ok(&["apply", "-f", gateway.to_str().unwrap()]);
+    let served = |ok: bool, first: &str| ok && first.contains(" 200 ");
+    assert_eq!(fetch_until(&mesh, public, served).1, "HTTP/1.1 200 OK");
+    assert_eq!(
+        fetch_until(&mesh, admin, denied).1,
+        "HTTP/1.1 403 Forbidden"
+    );
     mesh.ok(&["down"]);
 }

@@ -16,6 +16,7 @@
 //! manages that key (kubectl's three-way merge, for metadata).
 
 mod authz;
+mod waypoints;
 mod ztunnel;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -25,7 +26,12 @@ pub use authz::{
     convert_authorization_policy, convert_peer_authentication, static_strict_policy, string_match,
     Conversion, CONVERTED_PEER_AUTHENTICATION_PREFIX, DRY_RUN_ANNOTATION, STATIC_STRICT_POLICY,
 };
-pub use ztunnel::{ztunnel_config, RunningPod, CLUSTER_ID, DOMAIN_SUFFIX};
+pub use waypoints::{
+    Binding, Route, Traffic, WaypointRef, USE_WAYPOINT, USE_WAYPOINT_NAMESPACE, WAYPOINT_FOR,
+};
+pub use ztunnel::{
+    ztunnel_config, RunningPod, CLUSTER_ID, DOMAIN_SUFFIX, UNREACHABLE_WAYPOINT_DOMAIN,
+};
 
 use crate::manifest::{
     validate_label, AuthorizationPolicy, Deployment, Gateway, HttpRoute, Kind, ManifestError,
@@ -312,8 +318,8 @@ impl ClusterState {
         let bound: BTreeSet<(String, String)> = self
             .services()
             .filter(|s| {
-                ztunnel::service_waypoint_ref(self, s)
-                    .is_some_and(|(ns, n)| ns == namespace && n == name)
+                matches!(self.service_binding(s),
+                    Some(Binding::Bound(w)) if w.namespace == namespace && w.name == name)
             })
             .map(|s| (s.metadata.namespace.clone(), s.metadata.name.clone()))
             .collect();
@@ -412,6 +418,7 @@ impl ClusterState {
             })
             .collect();
         diff_pods(self, &next, &mut changes);
+        new_waypoint_warnings(self, &next, &mut changes);
         *self = next;
         Ok(changes)
     }
@@ -647,6 +654,7 @@ impl ClusterState {
             ..ChangeSet::default()
         };
         diff_pods(self, &next, &mut changes);
+        new_waypoint_warnings(self, &next, &mut changes);
         *self = next;
         Ok(changes)
     }
@@ -732,6 +740,7 @@ impl ClusterState {
             ..ChangeSet::default()
         };
         diff_pods(self, &next, &mut changes);
+        new_waypoint_warnings(self, &next, &mut changes);
         *self = next;
         Ok(changes)
     }
@@ -782,6 +791,18 @@ fn apply_warnings(object: &Object) -> Vec<String> {
         _ => {}
     }
     out
+}
+
+/// Adds the waypoint warnings a change brought (not those that stood before it), judging every
+/// waypoint Gateway as running: the runner starts them with the change.
+fn new_waypoint_warnings(before: &ClusterState, after: &ClusterState, changes: &mut ChangeSet) {
+    let old: BTreeSet<String> = before.waypoint_warnings(&|_| true).into_iter().collect();
+    changes.warnings.extend(
+        after
+            .waypoint_warnings(&|_| true)
+            .into_iter()
+            .filter(|w| !old.contains(w)),
+    );
 }
 
 /// Fills the pod-level part of `changes` by comparing the states before and after.

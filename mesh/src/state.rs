@@ -224,6 +224,57 @@ impl Snapshot {
         &self.policies
     }
 
+    /// Every identity the waypoint behind `gateway` may present, whichever of its pods answers:
+    /// the workload at its address, or the endpoints (and SANs) of the waypoint service it names
+    /// by VIP or hostname. Empty when the waypoint is unknown, so nothing checked against it
+    /// passes.
+    pub fn waypoint_identities(&self, gateway: &GatewayAddress) -> Vec<Identity> {
+        let key = match &gateway.destination {
+            GatewayDestination::Address(address) => {
+                if let Some(workload) = self.workload_by_ip(&address.network, address.address) {
+                    return workload.identity().into_iter().collect();
+                }
+                match self.service_by_vip(&address.network, address.address) {
+                    Some(service) => service.key(),
+                    None => return Vec::new(),
+                }
+            }
+            GatewayDestination::Hostname(name) => format!("{}/{}", name.namespace, name.hostname),
+        };
+        let sans = self
+            .service(&key)
+            .into_iter()
+            .flat_map(|s| s.subject_alt_names.iter())
+            .filter_map(|san| san.parse().ok());
+        self.endpoints(&key)
+            .iter()
+            .filter_map(|w| w.identity().ok())
+            .chain(sans)
+            .collect()
+    }
+
+    /// Whether `identity` belongs to a waypoint some service or workload of the state uses.
+    /// Walks the state: meant for the rare check of a peer that speaks for another client, not
+    /// for every connection.
+    pub fn is_waypoint_identity(&self, identity: &Identity) -> bool {
+        let gateways = self
+            .services
+            .values()
+            .filter_map(|s| s.waypoint.as_ref())
+            .chain(self.workloads.values().filter_map(|w| w.waypoint.as_ref()));
+        let mut seen: Vec<&GatewayAddress> = Vec::new();
+        for gateway in gateways {
+            if seen.contains(&gateway) {
+                continue;
+            }
+            seen.push(gateway);
+            if self.waypoint_identities(gateway).contains(identity) {
+                return true;
+            }
+        }
+        false
+    }
+
     /// Resolves an original destination seen on `network`. For a service, `pick` chooses among
     /// the healthy endpoints that serve the port (the caller passes a random or round-robin
     /// number to spread load).

@@ -263,3 +263,71 @@ async fn a_version_written_before_the_watcher_starts_is_read() {
     watcher.abort();
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+/// Waypoint identities: by address, by service hostname (endpoints and SANs), none for a
+/// waypoint the state does not know; and which peers are some waypoint in use.
+#[test]
+fn waypoint_identities_follow_the_gateway_address() {
+    let yaml = r#"
+workloads:
+- uid: c//Pod/default/waypoint
+  name: waypoint
+  namespace: default
+  serviceAccount: waypoint
+  workloadIps: ["10.0.9.1"]
+  protocol: HBONE
+  services: {"default/wp.default.svc.cluster.local": {15008: 15008}}
+- uid: c//Pod/default/app
+  name: app
+  namespace: default
+  serviceAccount: app
+  workloadIps: ["10.0.1.1"]
+  protocol: HBONE
+  waypoint: {destination: "/10.0.9.1", hboneMtlsPort: 15008}
+services:
+- name: wp
+  namespace: default
+  hostname: wp.default.svc.cluster.local
+  subjectAltNames: ["spiffe://cluster.local/ns/default/sa/wp-extra"]
+- name: app
+  namespace: default
+  hostname: app.default.svc.cluster.local
+  vips: ["/10.96.0.20"]
+  waypoint:
+    destination: {namespace: default, hostname: wp.default.svc.cluster.local}
+- name: gone
+  namespace: default
+  hostname: gone.default.svc.cluster.local
+  vips: ["/10.96.0.21"]
+  waypoint:
+    destination: {namespace: default, hostname: missing.default.waypoint.invalid}
+"#;
+    let path = Path::new("waypoints.yaml");
+    let snapshot = LocalConfig::parse(yaml, path)
+        .unwrap()
+        .into_snapshot(path)
+        .unwrap();
+    let id = |sa: &str| {
+        format!("spiffe://cluster.local/ns/default/sa/{sa}")
+            .parse()
+            .unwrap()
+    };
+    let of = |service: &str| {
+        let key = format!("default/{service}.default.svc.cluster.local");
+        snapshot.waypoint_identities(snapshot.service(&key).unwrap().waypoint.as_ref().unwrap())
+    };
+    assert_eq!(of("app"), vec![id("waypoint"), id("wp-extra")]);
+    assert!(of("gone").is_empty());
+    let by_address = snapshot
+        .workload("c//Pod/default/app")
+        .unwrap()
+        .waypoint
+        .clone();
+    assert_eq!(
+        snapshot.waypoint_identities(&by_address.unwrap()),
+        vec![id("waypoint")]
+    );
+    assert!(snapshot.is_waypoint_identity(&id("waypoint")));
+    assert!(snapshot.is_waypoint_identity(&id("wp-extra")));
+    assert!(!snapshot.is_waypoint_identity(&id("app")));
+}

@@ -81,6 +81,11 @@ pub struct Config {
     )]
     pub protocol_detection_timeout_ms: u64,
 
+    /// Proxies in front of the mesh whose `x-forwarded-for` entries `remoteIpBlocks` trusts
+    /// (Istio's `gatewayTopology.numTrustedProxies`); 0 trusts none.
+    #[arg(long, env = "AMBIT_NUM_TRUSTED_PROXIES", default_value_t = 0)]
+    pub num_trusted_proxies: usize,
+
     /// Workload certificate lifetime, in seconds (Istio's SECRET_TTL).
     #[arg(long, env = "SECRET_TTL_SECONDS", default_value_t = 86400)]
     pub secret_ttl_seconds: u64,
@@ -131,6 +136,7 @@ impl Config {
                 .then(|| Duration::from_millis(self.request_timeout_ms)),
             retries: self.retries,
             protocol_detection_timeout: Duration::from_millis(self.protocol_detection_timeout_ms),
+            num_trusted_proxies: self.num_trusted_proxies,
             ..Default::default()
         }
     }

@@ -53,6 +53,10 @@ pub struct ProxySettings {
     /// How long a tunnel to a port without a declared protocol may stay silent before it is
     /// taken for a server-first protocol and proxied at L4.
     pub protocol_detection_timeout: Duration,
+    /// Proxies in front of the mesh whose `x-forwarded-for` entries are trusted, counted from
+    /// the right (Istio's `gatewayTopology.numTrustedProxies`); they decide `remote.ip` and
+    /// `remoteIpBlocks`. 0, the default, trusts none: `remote.ip` is the source address.
+    pub num_trusted_proxies: usize,
 }
 
 impl Default for ProxySettings {
@@ -67,6 +71,7 @@ impl Default for ProxySettings {
             pool_max_idle: 32,
             pool_idle_timeout: Duration::from_secs(60),
             protocol_detection_timeout: Duration::from_secs(1),
+            num_trusted_proxies: 0,
         }
     }
 }

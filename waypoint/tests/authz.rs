@@ -1,12 +1,13 @@
 //! L7 AuthorizationPolicy through a real waypoint: DENY on a path, ALLOW by principal, policies
-//! for other Gateways ignored, denials counted with flag `RBAC`. Fixture: `support/l7mesh.rs`.
+//! for other Gateways ignored, denials counted with flag `RBAC`, `ipBlocks` on an address only
+//! a peer that may claim it gets. Fixture: `support/l7mesh.rs`.
 
 #[path = "support/l7mesh.rs"]
 mod l7mesh;
 
 use ambit_waypoint::proxy::ProxySettings;
 use hyper::StatusCode;
-use l7mesh::L7Mesh;
+use l7mesh::{L7Mesh, CLIENT_ADDR, ECHO_VIP};
 
 const DENY_ADMIN: &str = r#"
 apiVersion: security.istio.io/v1
@@ -115,5 +116,62 @@ spec:
         )
         .await,
         2
+    );
+}
+
+/// `ipBlocks` sees the `forwarded: for` address only when the peer's identity is that of the
+/// workload at the address: `sleep` (10.9.9.9) is allowed by its address, `intruder`, claiming
+/// the same address with another mesh certificate, is judged by where it really connects from
+/// (127.0.0.1) and refused. `sleep` without a claim is judged by its connection too.
+#[tokio::test]
+async fn forwarded_for_counts_only_from_a_peer_that_may_claim_it() {
+    let config = r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: sleep-subnet, namespace: default}
+spec:
+  targetRefs: [{kind: Service, group: "", name: echo}]
+  action: ALLOW
+  rules:
+  - from: [{source: {ipBlocks: ["10.9.9.0/24"]}}]
+"#;
+    let mesh = L7Mesh::start(22, config, ProxySettings::default()).await;
+    let claim = Some(CLIENT_ADDR.parse().unwrap());
+    let request = |sa: &'static str, claim| {
+        let mesh = &mesh;
+        async move {
+            let tunnel = mesh.tunnel_claiming(sa, ECHO_VIP, claim).await;
+            L7Mesh::request_on(tunnel, "GET", "/", &[]).await
+        }
+    };
+    let (status, _, body) = request("sleep", claim).await;
+    assert_eq!(
+        (status, body.starts_with("echo-")),
+        (StatusCode::OK, true),
+        "{body}"
+    );
+    let (status, _, body) = request("intruder", claim).await;
+    assert_eq!(
+        (status, body.as_str()),
+        (StatusCode::FORBIDDEN, "RBAC: access denied")
+    );
+    assert_eq!(request("sleep", None).await.0, StatusCode::FORBIDDEN);
+    // The forged claim did not reach the pod either: it saw only sleep's request.
+    let reached: usize = mesh
+        .pods
+        .iter()
+        .map(|p| p.paths.lock().unwrap().len())
+        .sum();
+    assert_eq!(reached, 1);
+    assert_eq!(
+        mesh.wait_requests_total(
+            &[
+                "response_code=\"403\"",
+                "source_principal=\"spiffe://cluster.local/ns/default/sa/intruder\""
+            ],
+            1
+        )
+        .await,
+        1
     );
 }

@@ -307,9 +307,9 @@ pub(crate) fn resolve_waypoint(
         }
         GatewayDestination::Hostname(name) => format!("{}/{}", name.namespace, name.hostname),
     };
-    let service = snapshot
-        .service(&key)
-        .ok_or_else(|| format!("waypoint service {key} is not known"))?;
+    let service = snapshot.service(&key).ok_or_else(|| {
+        format!("waypoint {key} is not a known service (the waypoint is missing or not ready)")
+    })?;
     let healthy: Vec<&Arc<Workload>> = snapshot
         .endpoints(&key)
         .iter()
@@ -342,34 +342,6 @@ fn waypoint_at(
         workload,
         identities,
     })
-}
-
-/// Every identity `gateway` may present, whichever of its pods took the connection (the inbound
-/// check accepts any of them). Empty when the waypoint is unknown: nothing then passes.
-pub(crate) fn waypoint_identities(snapshot: &Snapshot, gateway: &GatewayAddress) -> Vec<Identity> {
-    let key = match &gateway.destination {
-        GatewayDestination::Address(address) => {
-            if let Some(workload) = snapshot.workload_by_ip(&address.network, address.address) {
-                return workload.identity().into_iter().collect();
-            }
-            match snapshot.service_by_vip(&address.network, address.address) {
-                Some(service) => service.key(),
-                None => return Vec::new(),
-            }
-        }
-        GatewayDestination::Hostname(name) => format!("{}/{}", name.namespace, name.hostname),
-    };
-    let sans = snapshot
-        .service(&key)
-        .into_iter()
-        .flat_map(|s| s.subject_alt_names.iter())
-        .filter_map(|san| san.parse().ok());
-    snapshot
-        .endpoints(&key)
-        .iter()
-        .filter_map(|w| w.identity().ok())
-        .chain(sans)
-        .collect()
 }
 
 /// Whether `gateway` designates `workload` itself (a waypoint's own traffic, or traffic to the

@@ -57,6 +57,7 @@ fn start_waypoint(cluster: &Cluster) -> WaypointPod {
         request_timeout_ms: 0,
         retries: 2,
         protocol_detection_timeout_ms: 1000,
+        num_trusted_proxies: 0,
         secret_ttl_seconds: 3600,
     };
     let (ready, started) = std::sync::mpsc::channel();

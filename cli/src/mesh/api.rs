@@ -49,8 +49,12 @@ pub struct Status {
     pub services: Vec<ServiceStatus>,
     /// `namespace/name` of each AuthorizationPolicy.
     pub policies: Vec<String>,
-    /// `namespace/name` of each `istio-waypoint` Gateway (not deployed yet).
+    /// `namespace/name` of each `istio-waypoint` Gateway.
     pub waypoints: Vec<String>,
+    /// Waypoint problems: traffic refused or sent direct although it names a waypoint, and
+    /// workloads behind L7 policy that plaintext clients still reach.
+    #[serde(default)]
+    pub warnings: Vec<String>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -130,6 +134,23 @@ pub struct ServiceStatus {
     pub hostname: String,
     pub vip: String,
     pub ports: Vec<String>,
+    /// The waypoint it names with `istio.io/use-waypoint`, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waypoint: Option<ServiceWaypoint>,
+}
+
+/// A Service's waypoint and where its traffic goes.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceWaypoint {
+    /// `namespace/name` of the Gateway.
+    pub name: String,
+    /// `waypoint` (through it), `refused` (it is missing or not running and L7 policy targets
+    /// it), or `direct` (to the pods, as Istio does when the binding fails).
+    pub traffic: String,
+    /// Why not through the waypoint.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
 }
 
 /// Sends one request to the daemon listening at `socket`.

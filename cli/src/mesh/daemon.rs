@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use ambit_cni::agent::{self, EnrolledPod, NodeAgent, PodMeta};
 use ambit_cni::rules::{Backend, RuleOptions};
-use ambit_local::control::{ClusterState, RunningPod, WAYPOINT_GATEWAY_CLASS};
+use ambit_local::control::{ClusterState, Route, RunningPod, WaypointRef, WAYPOINT_GATEWAY_CLASS};
 use ambit_local::manifest::{self, Kind, ObjectRef, Pod, RestartPolicy, TargetPort};
 use ambit_local::services;
 use ambit_local::topology::{self, PodNet, Topology};
@@ -35,7 +35,9 @@ use anyhow::Context;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixListener;
 
-use super::api::{NodeStatus, PodStatus, Request, Response, ServiceStatus, Status};
+use super::api::{
+    NodeStatus, PodStatus, Request, Response, ServiceStatus, ServiceWaypoint, Status,
+};
 use supervise::{Container, Launch};
 
 const TRUST_DOMAIN: &str = "cluster.local";
@@ -774,6 +776,7 @@ impl Mesh {
     }
 
     fn status(&self) -> Status {
+        let running = |w: &WaypointRef| self.waypoint_running(w);
         let nodes = self
             .topology
             .nodes
@@ -835,6 +838,9 @@ impl Mesh {
                             TargetPort::Name(target) => format!("{}->{target}", p.port),
                         })
                         .collect(),
+                    waypoint: self.cluster.service_binding(s).map(|binding| {
+                        service_waypoint(self.cluster.route(&binding, Some(s), &running))
+                    }),
                 }
             })
             .collect();
@@ -845,7 +851,15 @@ impl Mesh {
             services,
             policies: self.cluster.policy_names(),
             waypoints: self.cluster.waypoint_names(),
+            warnings: self.cluster.waypoint_warnings(&running),
         }
+    }
+
+    /// Whether waypoint `w`'s pod is up.
+    fn waypoint_running(&self, w: &WaypointRef) -> bool {
+        self.pods
+            .get(&(w.namespace.clone(), w.name.clone()))
+            .is_some_and(|pod| pod.waypoint && pod.containers.iter().any(|c| c.pid().is_some()))
     }
 
     fn shutdown(&mut self) {
@@ -899,6 +913,22 @@ fn l7_documents(text: &str) -> anyhow::Result<Vec<(ObjectRef, serde_yaml::Value)
         collect(Value::deserialize(document)?, &mut out);
     }
     Ok(out)
+}
+
+/// A Service's waypoint route as `status` shows it.
+fn service_waypoint(route: Route) -> ServiceWaypoint {
+    let (waypoint, traffic, reason) = match route {
+        Route::Waypoint(w) => (w, "waypoint", None),
+        Route::Refused {
+            waypoint, reason, ..
+        } => (waypoint, "refused", Some(reason)),
+        Route::Direct { waypoint, reason } => (waypoint, "direct", Some(reason)),
+    };
+    ServiceWaypoint {
+        name: waypoint.to_string(),
+        traffic: traffic.to_owned(),
+        reason,
+    }
 }
 
 fn parse(manifests: &[(String, String)]) -> anyhow::Result<Vec<manifest::Object>> {

@@ -11,7 +11,9 @@ use ambit_mesh::rbac::{
     ServiceAccountMatch, StringMatch,
 };
 use ambit_mesh::state::local::LocalConfig;
-use ambit_mesh::state::{Protocol, Snapshot};
+use ambit_mesh::state::{
+    GatewayAddress, GatewayDestination, NamespacedHostname, NetworkAddress, Protocol, Snapshot,
+};
 
 use super::*;
 use crate::manifest::{parse, AuthorizationPolicy};
@@ -1500,4 +1502,295 @@ spec: {}
         ]
     );
     assert!(state.waypoint_l7_objects("shop", "nope").is_empty());
+}
+
+// ---------------------------------------------------------------------------------------------
+// waypoint bindings: istiod's rules, and failing closed where L7 policy exists
+
+const BINDINGS: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: shop, labels: {istio.io/dataplane-mode: ambient, istio.io/use-waypoint: ns-wp}}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: ns-wp, namespace: shop}
+spec: {gatewayClassName: istio-waypoint, listeners: [{name: mesh, port: 15008, protocol: HBONE}]}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: pods-wp, namespace: shop, labels: {istio.io/waypoint-for: workload}}
+spec: {gatewayClassName: istio-waypoint, listeners: [{name: mesh, port: 15008, protocol: HBONE}]}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: all-wp, namespace: shop, labels: {istio.io/waypoint-for: all}}
+spec: {gatewayClassName: istio-waypoint, listeners: [{name: mesh, port: 15008, protocol: HBONE}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: cart, namespace: shop}
+spec: {selector: {app: cart}, ports: [{port: 80, targetPort: 8080}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: orders, namespace: shop, labels: {istio.io/use-waypoint: pods-wp}}
+spec: {selector: {app: orders}, ports: [{port: 80, targetPort: 8080}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: pay, namespace: shop, labels: {istio.io/use-waypoint: all-wp}}
+spec: {selector: {app: pay}, ports: [{port: 80, targetPort: 8080}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: opted-out, namespace: shop, labels: {istio.io/use-waypoint: none}}
+spec: {selector: {app: x}, ports: [{port: 80, targetPort: 8080}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: ghost, namespace: shop, labels: {istio.io/use-waypoint: misspelt}}
+spec: {selector: {app: ghost}, ports: [{port: 80, targetPort: 8080}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: cart-0, namespace: shop, labels: {app: cart}}
+spec: {containers: [{name: c, image: ambit/echo}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: pay-0, namespace: shop, labels: {app: pay, istio.io/use-waypoint: all-wp}}
+spec: {containers: [{name: c, image: ambit/echo}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: odd-0, namespace: shop, labels: {istio.io/use-waypoint: ns-wp}}
+spec: {containers: [{name: c, image: ambit/echo}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: ghost-0, namespace: shop, labels: {app: ghost}}
+spec: {containers: [{name: c, image: ambit/echo}]}
+"#;
+
+fn waypoint(name: &str) -> WaypointRef {
+    WaypointRef {
+        namespace: "shop".into(),
+        name: name.into(),
+    }
+}
+
+#[test]
+fn waypoint_for_binds_services_and_pods_as_istiod_does() {
+    let state = applied(BINDINGS);
+    let service = |name| state.service_binding(state.service("shop", name).unwrap());
+    let pod = |name| state.pod_binding(state.pod("shop", name).unwrap());
+    // Inherited from the namespace; the default waypoint-for is `service`.
+    assert_eq!(service("cart"), Some(Binding::Bound(waypoint("ns-wp"))));
+    assert_eq!(
+        service("orders"),
+        Some(Binding::UnsupportedTraffic {
+            waypoint: waypoint("pods-wp"),
+            waypoint_for: "workload".into()
+        })
+    );
+    assert_eq!(service("pay"), Some(Binding::Bound(waypoint("all-wp"))));
+    assert_eq!(service("opted-out"), None);
+    assert_eq!(
+        service("ghost"),
+        Some(Binding::Missing {
+            waypoint: waypoint("misspelt"),
+            inherited: false
+        })
+    );
+    // A pod inheriting a service waypoint has none; its own label must name a waypoint that
+    // takes workload traffic.
+    assert_eq!(pod("cart-0"), None);
+    assert_eq!(pod("pay-0"), Some(Binding::Bound(waypoint("all-wp"))));
+    assert_eq!(
+        pod("odd-0"),
+        Some(Binding::UnsupportedTraffic {
+            waypoint: waypoint("ns-wp"),
+            waypoint_for: "service".into()
+        })
+    );
+
+    let mut running = running(&state, true);
+    for (i, name) in ["ns-wp", "pods-wp", "all-wp"].iter().enumerate() {
+        running.push(RunningPod {
+            namespace: "shop".into(),
+            name: (*name).into(),
+            ip: ip(&format!("10.0.1.{}", i + 1)),
+            node: "node-1".into(),
+            enrolled: false,
+        });
+    }
+    let cfg = ztunnel_config(&state, &running, &vips(&state), "cluster.local");
+    let address = |ip_text: &str| GatewayAddress {
+        destination: GatewayDestination::Address(NetworkAddress {
+            network: String::new(),
+            address: ip(ip_text),
+        }),
+        hbone_mtls_port: 15008,
+    };
+    let svc = |name: &str| cfg.services.iter().find(|s| s.name == name).unwrap();
+    let wl = |name: &str| cfg.workloads.iter().find(|w| w.name == name).unwrap();
+    assert_eq!(svc("cart").waypoint, Some(address("10.0.1.1")));
+    assert_eq!(svc("orders").waypoint, None);
+    assert_eq!(svc("pay").waypoint, Some(address("10.0.1.3")));
+    // No L7 policy would apply at the missing waypoint: direct, as in Istio.
+    assert_eq!(svc("ghost").waypoint, None);
+    assert_eq!(wl("pay-0").waypoint, Some(address("10.0.1.3")));
+    assert_eq!(wl("cart-0").waypoint, None);
+    assert_eq!(wl("odd-0").waypoint, None);
+    let warnings = state.waypoint_warnings(&|_| true);
+    assert!(
+        warnings.iter().any(|w| w.starts_with(
+            "Service shop/orders uses waypoint shop/pods-wp, which takes no service traffic"
+        )),
+        "{warnings:#?}"
+    );
+    assert!(
+        warnings.iter().any(|w| w
+            .starts_with("Service shop/ghost uses waypoint shop/misspelt, which does not exist")
+            && w.contains("goes straight to the pods")),
+        "{warnings:#?}"
+    );
+}
+
+#[test]
+fn l7_policy_keeps_traffic_off_a_missing_or_stopped_waypoint() {
+    let mut state = applied(BINDINGS);
+    // A policy on the misspelt waypoint's Service, a FAIL_OPEN plugin and an AUDIT policy on
+    // the namespace waypoint (neither of which makes traffic fail closed).
+    let changes = state
+        .apply(
+            &parse(
+                r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: ghost-admin, namespace: shop}
+spec:
+  targetRefs: [{kind: Service, group: "", name: ghost}]
+  action: DENY
+  rules: [{to: [{operation: {paths: ["/admin"]}}]}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: audit, namespace: shop}
+spec:
+  targetRefs: [{kind: Gateway, group: gateway.networking.k8s.io, name: ns-wp}]
+  action: AUDIT
+  rules: [{}]
+---
+apiVersion: extensions.istio.io/v1alpha1
+kind: WasmPlugin
+metadata: {name: optional, namespace: shop}
+spec:
+  targetRefs: [{kind: Gateway, group: gateway.networking.k8s.io, name: ns-wp}]
+  url: file:///nonexistent.wasm
+  failStrategy: FAIL_OPEN
+"#,
+            )
+            .unwrap(),
+        )
+        .unwrap();
+    assert!(
+        changes.warnings.iter().any(|w| w
+            .starts_with("Service shop/ghost uses waypoint shop/misspelt, which does not exist")
+            && w.contains("its traffic is refused")
+            && w.contains("AuthorizationPolicy shop/ghost-admin")),
+        "{:#?}",
+        changes.warnings
+    );
+    // Only the namespace waypoint's pod runs.
+    let mut running = running(&state, true);
+    running.push(RunningPod {
+        namespace: "shop".into(),
+        name: "ns-wp".into(),
+        ip: ip("10.0.1.1"),
+        node: "node-1".into(),
+        enrolled: false,
+    });
+    let cfg = ztunnel_config(&state, &running, &vips(&state), "cluster.local");
+    let svc = |cfg: &LocalConfig, name: &str| {
+        cfg.services
+            .iter()
+            .find(|s| s.name == name)
+            .unwrap()
+            .waypoint
+            .clone()
+    };
+    let unreachable = |name: &str| {
+        Some(GatewayAddress {
+            destination: GatewayDestination::Hostname(NamespacedHostname {
+                namespace: "shop".into(),
+                hostname: format!("{name}.shop.waypoint.invalid"),
+            }),
+            hbone_mtls_port: 15008,
+        })
+    };
+    assert_eq!(svc(&cfg, "ghost"), unreachable("misspelt"));
+    // pay's waypoint is not running and nothing targets it: direct.
+    assert_eq!(svc(&cfg, "pay"), None);
+    // An L7 policy on pay's waypoint: refused while it is down, for the Service and for the pod
+    // that names it too.
+    state
+        .apply(
+            &parse(
+                r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: pay-only-get, namespace: shop}
+spec:
+  targetRefs: [{kind: Gateway, group: gateway.networking.k8s.io, name: all-wp}]
+  rules: [{to: [{operation: {methods: [GET]}}]}]
+"#,
+            )
+            .unwrap(),
+        )
+        .unwrap();
+    let cfg = ztunnel_config(&state, &running, &vips(&state), "cluster.local");
+    assert_eq!(svc(&cfg, "pay"), unreachable("all-wp"));
+    let pay = cfg.workloads.iter().find(|w| w.name == "pay-0").unwrap();
+    assert_eq!(pay.waypoint, unreachable("all-wp"));
+    // Whatever comes out is a valid state, and ztunnel cannot resolve the refused waypoint.
+    let snapshot = Snapshot::build(cfg.workloads, cfg.services, cfg.policies).unwrap();
+    let gateway = unreachable("all-wp").unwrap();
+    assert!(snapshot.waypoint_identities(&gateway).is_empty());
+    let warnings = state.waypoint_warnings(&|w| w.name == "ns-wp");
+    assert!(
+        warnings.iter().any(|w| w.starts_with(
+            "Service shop/pay uses waypoint shop/all-wp, which is not running: its traffic is refused"
+        )),
+        "{warnings:#?}"
+    );
+    assert!(
+        warnings.iter().any(
+            |w| w.starts_with("Pod shop/pay-0 uses waypoint shop/all-wp, which is not running")
+        ),
+        "{warnings:#?}"
+    );
+    // cart's waypoint has only AUDIT and FAIL_OPEN attached: no plaintext warning about it,
+    // while pay's pod (policy, no STRICT) is reported reachable in plaintext.
+    assert!(
+        !warnings.iter().any(|w| w.contains("shop/cart")),
+        "{warnings:#?}"
+    );
+    assert!(
+        warnings.iter().any(|w| w
+            .starts_with("Service shop/pay: L7 policy at waypoint shop/all-wp")
+            && w.contains("(shop/pay-0 on 8080)")),
+        "{warnings:#?}"
+    );
+    // STRICT removes the plaintext warning.
+    let changes = state
+        .apply(&parse(&peer("shop", "strict", "{mtls: {mode: STRICT}}")).unwrap())
+        .unwrap();
+    assert!(changes.warnings.is_empty(), "{:#?}", changes.warnings);
+    let warnings = state.waypoint_warnings(&|_| true);
+    assert!(
+        !warnings.iter().any(|w| w.contains("plaintext")),
+        "{warnings:#?}"
+    );
 }

@@ -12,23 +12,23 @@
 //! - its `authorizationPolicies` list the converted selector policies of its namespace and the
 //!   root namespace that select it, then the PeerAuthentication-derived ones;
 //! - a running waypoint (a Gateway of class `istio-waypoint`, run by the runner as a pod named
-//!   after it, service account = its name, as Istio deploys them) is an HBONE workload; a Service
-//!   labelled `istio.io/use-waypoint: <gateway>` (or in a namespace so labelled; `none` opts out;
-//!   `istio.io/use-waypoint-namespace` names another namespace) gets that waypoint's address,
-//!   when the Gateway's `istio.io/waypoint-for` is `service` (the default) or `all`;
+//!   after it, service account = its name, as Istio deploys them) is an HBONE workload; Services
+//!   and pods bound to it by `istio.io/use-waypoint` (rules in `waypoints`) get its address, or,
+//!   where L7 policy would be skipped, an address that refuses their traffic;
 //! - `targetRefs` policies are the waypoint's, not ztunnel's.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
-use ambit_mesh::rbac::Authorization;
+use ambit_mesh::rbac::{Authorization, ConnectionInfo, PolicySet};
 use ambit_mesh::state::local::LocalConfig;
 use ambit_mesh::state::{
-    AppProtocol, GatewayAddress, GatewayDestination, HealthStatus, NetworkAddress, PortMap,
-    Protocol, Service, Workload,
+    AppProtocol, GatewayAddress, GatewayDestination, HealthStatus, NamespacedHostname,
+    NetworkAddress, PortMap, Protocol, Service, Workload,
 };
 
 use super::authz::{self, convert_authorization_policy};
+use super::waypoints::{Binding, Route, WaypointRef};
 use super::{ClusterState, ROOT_NAMESPACE};
 use crate::manifest::{selector_matches, Kind, ObjectRef, Pod, ServicePort, TargetPort};
 
@@ -155,15 +155,9 @@ fn workload_services(state: &ClusterState, pod: &Pod) -> BTreeMap<String, PortMa
     for service in state.services_for_pod(pod) {
         let mut ports = PortMap::new();
         for port in &service.spec.ports {
-            let target = match &port.target_port {
-                TargetPort::Number(n) => *n,
-                TargetPort::Name(name) => match pod.named_port(name, port.protocol) {
-                    Some(n) => n,
-                    // istiod leaves the port out for a pod lacking the named port.
-                    None => continue,
-                },
-            };
-            ports.entry(port.port).or_insert(target);
+            if let Some(target) = target_port(port, pod) {
+                ports.entry(port.port).or_insert(target);
+            }
         }
         out.insert(
             format!(
@@ -175,6 +169,66 @@ fn workload_services(state: &ClusterState, pod: &Pod) -> BTreeMap<String, PortMa
         );
     }
     out
+}
+
+/// The port `pod` serves a Service port on; `None` when it lacks a named target port (istiod
+/// then leaves the port out).
+fn target_port(port: &ServicePort, pod: &Pod) -> Option<u16> {
+    match &port.target_port {
+        TargetPort::Number(n) => Some(*n),
+        TargetPort::Name(name) => pod.named_port(name, port.protocol),
+    }
+}
+
+/// L4 policy as ztunnel enforces it, asked what a client without a mesh identity (a plaintext
+/// client outside the mesh, or a socket carrying ztunnel's mark) may reach.
+pub(super) struct PlaintextCheck<'a> {
+    state: &'a ClusterState,
+    policies: Policies,
+    set: PolicySet,
+}
+
+impl<'a> PlaintextCheck<'a> {
+    pub(super) fn new(state: &'a ClusterState) -> Self {
+        let policies = policies(state);
+        let mut set = PolicySet::new();
+        for policy in &policies.list {
+            set.insert(policy.clone());
+        }
+        PlaintextCheck {
+            state,
+            policies,
+            set,
+        }
+    }
+
+    /// The ports `pod` serves `service` on that accept plaintext, judged for a client at an
+    /// address no policy names.
+    pub(super) fn open_ports(&self, service: &crate::manifest::Service, pod: &Pod) -> Vec<u16> {
+        let mut keys = selected_policies(&self.policies, pod);
+        let peer = self.state.aged_peer_authentications();
+        keys.extend(authz::peer_authentication_keys(&peer, pod, ROOT_NAMESPACE));
+        let mut open: Vec<u16> = service
+            .spec
+            .ports
+            .iter()
+            .filter_map(|p| target_port(p, pod))
+            .filter(|&port| {
+                let connection = ConnectionInfo {
+                    source_identity: None,
+                    source_ip: IpAddr::from([0, 0, 0, 0]),
+                    destination_ip: IpAddr::from([0, 0, 0, 0]),
+                    destination_port: port,
+                };
+                self.set
+                    .evaluate(&pod.metadata.namespace, &keys, &connection)
+                    .allowed
+            })
+            .collect();
+        open.sort_unstable();
+        open.dedup();
+        open
+    }
 }
 
 /// ztunnel's configuration for the current state: `running` says which pods have an address
@@ -222,7 +276,7 @@ pub fn ztunnel_config(
             },
             node: rp.node.clone(),
             network: String::new(),
-            waypoint: None,
+            waypoint: waypoint_address(state, state.pod_binding(pod), None, running),
             services: workload_services(state, pod),
             authorization_policies,
             canonical_name: canonical_name(pod),
@@ -271,7 +325,7 @@ pub fn ztunnel_config(
                 ports,
                 app_protocols,
                 subject_alt_names: Vec::new(),
-                waypoint: service_waypoint(state, svc, running),
+                waypoint: waypoint_address(state, state.service_binding(svc), Some(svc), running),
             }
         })
         .collect();
@@ -282,11 +336,6 @@ pub fn ztunnel_config(
         policies: policies.list,
     }
 }
-
-/// Istio's labels for waypoint use.
-const USE_WAYPOINT: &str = "istio.io/use-waypoint";
-const USE_WAYPOINT_NAMESPACE: &str = "istio.io/use-waypoint-namespace";
-const WAYPOINT_FOR: &str = "istio.io/waypoint-for";
 
 fn is_waypoint(state: &ClusterState, namespace: &str, name: &str) -> bool {
     state
@@ -317,59 +366,43 @@ fn waypoint_workload(rp: &RunningPod, trust_domain: &str) -> Workload {
     }
 }
 
-/// The waypoint a Service's traffic goes through, if it uses one that is running.
-fn service_waypoint(
+/// Where ztunnel sends a bound Service's or pod's traffic (`waypoints` module docs): the running
+/// waypoint's address; for traffic that is refused, an address no ztunnel resolves (a hostname
+/// under `.invalid`, which can never be a Service), so the source ztunnel refuses the connection
+/// and the destination refuses tunnels that skip the waypoint; `None` to go direct.
+fn waypoint_address(
     state: &ClusterState,
-    svc: &crate::manifest::Service,
+    binding: Option<Binding>,
+    service: Option<&crate::manifest::Service>,
     running: &[RunningPod],
 ) -> Option<GatewayAddress> {
-    let (waypoint_namespace, name) = service_waypoint_ref(state, svc)?;
-    let pod = running
-        .iter()
-        .find(|rp| rp.namespace == waypoint_namespace && rp.name == name)?;
-    Some(GatewayAddress {
-        destination: GatewayDestination::Address(NetworkAddress {
+    let pod_of = |w: &WaypointRef| {
+        running
+            .iter()
+            .find(|rp| rp.namespace == w.namespace && rp.name == w.name)
+    };
+    let destination = match state.route(&binding?, service, &|w| pod_of(w).is_some()) {
+        Route::Waypoint(w) => GatewayDestination::Address(NetworkAddress {
             network: String::new(),
-            address: pod.ip,
+            address: pod_of(&w)?.ip,
         }),
+        Route::Refused { waypoint, .. } => GatewayDestination::Hostname(NamespacedHostname {
+            hostname: format!(
+                "{}.{}.{UNREACHABLE_WAYPOINT_DOMAIN}",
+                waypoint.name, waypoint.namespace
+            ),
+            namespace: waypoint.namespace,
+        }),
+        Route::Direct { .. } => return None,
+    };
+    Some(GatewayAddress {
+        destination,
         hbone_mtls_port: ambit_mesh::hbone::HBONE_PORT,
     })
 }
 
-/// The waypoint Gateway (namespace, name) a Service is bound to by `istio.io/use-waypoint` (on
-/// the Service, else its namespace), when that Gateway exists, is a waypoint and serves
-/// service traffic; running or not.
-pub(super) fn service_waypoint_ref(
-    state: &ClusterState,
-    svc: &crate::manifest::Service,
-) -> Option<(String, String)> {
-    let namespace = &svc.metadata.namespace;
-    let namespace_labels = state.namespace_labels(namespace);
-    let label = |key: &str| {
-        svc.metadata
-            .labels
-            .get(key)
-            .or_else(|| namespace_labels.and_then(|l| l.get(key)))
-    };
-    let name = label(USE_WAYPOINT).filter(|n| n.as_str() != "none")?;
-    let waypoint_namespace = label(USE_WAYPOINT_NAMESPACE).unwrap_or(namespace);
-    let gateway = state.gateway(waypoint_namespace, name)?;
-    if gateway.spec.gateway_class_name != super::WAYPOINT_GATEWAY_CLASS {
-        return None;
-    }
-    let serves_services = matches!(
-        gateway
-            .metadata
-            .labels
-            .get(WAYPOINT_FOR)
-            .map(String::as_str),
-        None | Some("service") | Some("all")
-    );
-    if !serves_services || svc.metadata.name == *name && waypoint_namespace == namespace {
-        return None;
-    }
-    Some((waypoint_namespace.clone(), name.clone()))
-}
+/// The domain of the addresses given to refused waypoint bindings (RFC 6761: never resolves).
+pub const UNREACHABLE_WAYPOINT_DOMAIN: &str = "waypoint.invalid";
 
 /// The protocol a Service port declares, by Istio's rules: `appProtocol` first, else the port
 /// name's `<protocol>[-suffix]` prefix, case-insensitively. Protocols other than HTTP that Istio

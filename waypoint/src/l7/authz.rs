@@ -148,8 +148,11 @@ enum ConditionMatch {
 pub struct RequestAttributes<'a> {
     /// The HBONE peer's verified identity.
     pub source_principal: Option<&'a Identity>,
-    /// The client workload's address (`forwarded: for`, else the tunnel's peer).
+    /// The client's address: the tunnel's peer, or its `forwarded: for` claim when the peer may
+    /// make it (`proxy::inbound`).
     pub source_ip: IpAddr,
+    /// `remote.ip`: see [`remote_ip`].
+    pub remote_ip: IpAddr,
     /// The tunnel's target: the VIP or pod address and port the client addressed.
     pub destination: SocketAddr,
     /// The addressed Service's (namespace, name), when a Service was addressed.
@@ -393,7 +396,7 @@ impl Rule {
             .source_principal
             .map(|i| i.namespace())
             .unwrap_or_default();
-        let remote_ip = remote_ip(r);
+        let remote_ip = r.remote_ip;
         let from = self.from.is_empty()
             || self.from.iter().any(|s| {
                 s.principals.check(|m| m.matches(&principal))
@@ -445,14 +448,26 @@ impl Rule {
     }
 }
 
-/// `remote.ip`: the first `x-forwarded-for` address when the client sent one, else the source.
-fn remote_ip(r: &RequestAttributes<'_>) -> IpAddr {
-    r.http
-        .and_then(|h| h.headers.get("x-forwarded-for"))
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split(',').next())
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(r.source_ip)
+/// `remote.ip` (and `remoteIpBlocks`) as Envoy derives Istio's: with `trusted_proxies` proxies
+/// in front (`gatewayTopology.numTrustedProxies`), the `x-forwarded-for` entry that many places
+/// from the right, which the outermost trusted proxy appended; with none, or fewer entries than
+/// that, the source address. Entries further left are the client's own word.
+pub fn remote_ip(source_ip: IpAddr, headers: Option<&HeaderMap>, trusted_proxies: usize) -> IpAddr {
+    if trusted_proxies == 0 {
+        return source_ip;
+    }
+    let entries: Vec<&str> = headers
+        .into_iter()
+        .flat_map(|h| h.get_all("x-forwarded-for"))
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .collect();
+    entries
+        .len()
+        .checked_sub(trusted_proxies)
+        .and_then(|i| entries[i].parse().ok())
+        .unwrap_or(source_ip)
 }
 
 fn strip_port(host: &str) -> &str {
@@ -522,6 +537,7 @@ mod tests {
         t.evaluate(&RequestAttributes {
             source_principal: Some(&identity),
             source_ip: "10.0.0.1".parse().unwrap(),
+            remote_ip: "10.0.0.1".parse().unwrap(),
             destination: format!("10.96.0.10:{port}").parse().unwrap(),
             service: Some(("default", "echo")),
             http,
@@ -687,5 +703,27 @@ spec:
         assert_eq!(normalize_path("/.."), "/");
         assert_eq!(normalize_path("/a/b/.."), "/a/");
         assert_eq!(normalize_path("/"), "/");
+    }
+
+    #[test]
+    fn remote_ip_trusts_only_the_configured_proxies() {
+        let source: IpAddr = "10.0.0.1".parse().unwrap();
+        let mut headers = HeaderMap::new();
+        headers.insert("x-forwarded-for", "1.1.1.1, 2.2.2.2".parse().unwrap());
+        headers.append("x-forwarded-for", "3.3.3.3".parse().unwrap());
+        // Istio's default: no trusted proxy, the client's own header counts for nothing.
+        assert_eq!(remote_ip(source, Some(&headers), 0), source);
+        // One trusted proxy appended the last entry: the address it saw.
+        assert_eq!(
+            remote_ip(source, Some(&headers), 1),
+            "3.3.3.3".parse::<IpAddr>().unwrap()
+        );
+        assert_eq!(
+            remote_ip(source, Some(&headers), 3),
+            "1.1.1.1".parse::<IpAddr>().unwrap()
+        );
+        // More trusted proxies than entries, or no header: the source address.
+        assert_eq!(remote_ip(source, Some(&headers), 4), source);
+        assert_eq!(remote_ip(source, None, 1), source);
     }
 }

@@ -90,16 +90,17 @@ async fn call(context: &Context, request: &HttpCallRequest) -> Result<HttpCallRe
         .ok_or_else(|| format!("no service {}/{}", backend.namespace, backend.name))?;
     let head = request_head(request)?;
     // The waypoint calls on its own behalf: the tunnel it "received" is from itself.
-    let tunnel = TunnelInfo {
-        connect: ConnectRequest {
+    let tunnel = TunnelInfo::new(
+        &snapshot,
+        &context.network,
+        ConnectRequest {
             target: SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)),
             peer_identity: context.identity.clone(),
             peer_addr: SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)),
             local_addr: SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)),
             headers: ConnectHeaders::default(),
         },
-        source: None,
-    };
+    );
     let plan = Plan {
         target,
         retry: None,

@@ -4,7 +4,15 @@
 //! [`pipeline`](super::pipeline)) or TCP ([`tcp`](super::tcp), proxied at L4). A Service port's
 //! declared protocol decides; a port that declares none, and pod-addressed traffic, are
 //! [sniffed](super::sniff).
+//!
+//! The client's address (`source.ip`, `ipBlocks`, the address the destination sees) is the
+//! tunnel's peer unless its `forwarded: for` claim can be checked. In ambient the peer of a
+//! waypoint is the source ztunnel, which tunnels from inside the client pod with that pod's
+//! certificate: the claim then names an address of a workload with the identity the peer proved.
+//! A waypoint identity may speak for any client it forwards. Any other claim is ignored, since a
+//! peer holding just some mesh certificate could otherwise pick the address a policy allows.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use ambit_mesh::hbone::server::{ConnectHandler, ConnectRequest, Rejection, Upstream};
@@ -32,15 +40,38 @@ pub struct TunnelInfo {
     pub connect: ConnectRequest,
     /// The client workload, if the state knows it.
     pub source: Option<Arc<Workload>>,
+    /// The client's address as far as it can be trusted (module docs).
+    client: SocketAddr,
 }
 
 impl TunnelInfo {
-    /// The client's address: what the source ztunnel said (`forwarded: for`), else the peer.
-    pub fn client_address(&self) -> std::net::SocketAddr {
-        self.connect
-            .headers
-            .forwarded_for
-            .unwrap_or(self.connect.peer_addr)
+    /// A tunnel whose client is `connect`'s peer or, when the peer may make it, its
+    /// `forwarded: for` claim (module docs).
+    pub fn new(snapshot: &Snapshot, network: &str, connect: ConnectRequest) -> Self {
+        let source = source_workload(snapshot, network, &connect);
+        let client = match connect.headers.forwarded_for {
+            Some(claimed)
+                if source.is_some() || snapshot.is_waypoint_identity(&connect.peer_identity) =>
+            {
+                claimed
+            }
+            Some(claimed) => {
+                tracing::info!(peer = %connect.peer_addr, identity = %connect.peer_identity, %claimed, "forwarded: for claim ignored: no workload with the peer's identity has that address; using the peer's address");
+                connect.peer_addr
+            }
+            None => connect.peer_addr,
+        };
+        TunnelInfo {
+            connect,
+            source,
+            client,
+        }
+    }
+
+    /// The client's address: the `forwarded: for` claim when the peer may make it, else the
+    /// peer's own.
+    pub fn client_address(&self) -> SocketAddr {
+        self.client
     }
 }
 
@@ -70,11 +101,7 @@ impl ConnectHandler for Inbound {
                     request.target
                 )));
             }
-            let source = source_workload(&snapshot, &self.context.network, &request);
-            let tunnel = Arc::new(TunnelInfo {
-                connect: request,
-                source,
-            });
+            let tunnel = Arc::new(TunnelInfo::new(&snapshot, &self.context.network, request));
             let declared =
                 declared_protocol(&snapshot, &self.context.network, tunnel.connect.target);
             let (tunnel_end, proxy_end) = tokio::io::duplex(PIPE_BUFFER);
@@ -103,11 +130,7 @@ fn source_workload(
 
 /// What the addressed Service port declares it carries; `None` (sniff) for undeclared ports and
 /// for pod-addressed traffic.
-fn declared_protocol(
-    snapshot: &Snapshot,
-    network: &str,
-    target: std::net::SocketAddr,
-) -> Option<Detected> {
+fn declared_protocol(snapshot: &Snapshot, network: &str, target: SocketAddr) -> Option<Detected> {
     let service = snapshot.service_by_vip(network, target.ip())?;
     let protocol = service.app_protocols.get(&target.port())?;
     Some(if protocol.is_http() {

@@ -37,7 +37,7 @@ use super::inbound::TunnelInfo;
 use super::plugins::{self, RequestPlugins};
 use super::upstream::Target;
 use super::Context;
-use crate::l7::authz::{normalize_path, HttpAttributes, RequestAttributes, Verdict};
+use crate::l7::authz::{self, normalize_path, HttpAttributes, RequestAttributes, Verdict};
 use crate::l7::routes::{RequestView, Routing, Rule};
 use crate::l7::L7Config;
 use crate::metrics::RequestLabels;
@@ -174,7 +174,7 @@ async fn handle(
         wasm.before_authz(&mut head, body_ended).await?;
     }
 
-    authorize(&l7, tunnel, &target, &head)?;
+    authorize(context, &l7, tunnel, &target, &head)?;
 
     let (rule, prefix) = route(&l7, &target, &head)?;
     if let Some(redirect) = rule.as_ref().and_then(|r| r.redirect.as_ref()) {
@@ -296,6 +296,7 @@ pub(super) fn addressed(
 
 /// Phase 1: L7 AuthorizationPolicy.
 fn authorize(
+    context: &Context,
     l7: &L7Config,
     tunnel: &TunnelInfo,
     target: &Target,
@@ -311,6 +312,11 @@ fn authorize(
     let verdict = l7.policies.evaluate(&RequestAttributes {
         source_principal: Some(&tunnel.connect.peer_identity),
         source_ip,
+        remote_ip: authz::remote_ip(
+            source_ip,
+            Some(&head.headers),
+            context.settings.num_trusted_proxies,
+        ),
         destination: tunnel.connect.target,
         service,
         http: Some(HttpAttributes {

@@ -98,6 +98,7 @@ fn admit(context: &Context, tunnel: &TunnelInfo, target: &Target) -> Result<(), 
     let verdict = l7.policies.evaluate(&RequestAttributes {
         source_principal: Some(&tunnel.connect.peer_identity),
         source_ip: tunnel.client_address().ip(),
+        remote_ip: tunnel.client_address().ip(),
         destination: tunnel.connect.target,
         service,
         http: None,

@@ -371,15 +371,28 @@ impl L7Mesh {
         self.pods.iter().find(|p| p.name == name).unwrap()
     }
 
-    /// A tunnel from `default/<service_account>` to the waypoint, addressed to `vip`.
+    /// A tunnel from `default/<service_account>` to the waypoint, addressed to `vip`, claiming
+    /// to be for `sleep`'s address.
     pub async fn tunnel_as(&self, service_account: &str, vip: &str) -> Tunnel {
+        self.tunnel_claiming(service_account, vip, Some(CLIENT_ADDR.parse().unwrap()))
+            .await
+    }
+
+    /// A tunnel from `default/<service_account>` (connecting from 127.0.0.1) to the waypoint,
+    /// addressed to `vip`, with `forwarded: for=<claim>` when given.
+    pub async fn tunnel_claiming(
+        &self,
+        service_account: &str,
+        vip: &str,
+        claim: Option<SocketAddr>,
+    ) -> Tunnel {
         let request = TunnelRequest {
             source: testing::identity("default", service_account),
             destination_identities: vec![waypoint_identity()],
             hbone_address: self.waypoint.hbone_address,
             target: vip.parse().unwrap(),
             headers: ConnectHeaders {
-                forwarded_for: Some(CLIENT_ADDR.parse().unwrap()),
+                forwarded_for: claim,
                 ..Default::default()
             },
         };
@@ -405,7 +418,18 @@ impl L7Mesh {
         path: &str,
         headers: &[(&str, &str)],
     ) -> (StatusCode, http::HeaderMap, String) {
-        let io = TokioIo::new(self.tunnel_as(service_account, ECHO_VIP).await);
+        let tunnel = self.tunnel_as(service_account, ECHO_VIP).await;
+        Self::request_on(tunnel, method, path, headers).await
+    }
+
+    /// One HTTP/1.1 request to the echo service on `tunnel`.
+    pub async fn request_on(
+        tunnel: Tunnel,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> (StatusCode, http::HeaderMap, String) {
+        let io = TokioIo::new(tunnel);
         let (mut sender, connection) = hyper::client::conn::http1::handshake(io).await.unwrap();
         tokio::spawn(connection);
         let mut request = Request::builder()

@@ -73,11 +73,11 @@ impl ConnectHandler for HboneInbound {
                 .context
                 .metrics
                 .connection_opened(labels(&self.pod, &request, true));
-            let upstream = self
-                .pod
-                .context
-                .connections
-                .track(&self.pod.local, connection, upstream);
+            let upstream =
+                self.pod
+                    .context
+                    .connections
+                    .track(&self.pod.local, connection, upstream);
             Ok(Box::new(Counted::new(upstream, open)) as Box<dyn Upstream>)
         })
     }
@@ -176,7 +176,7 @@ fn check_waypoint(
     if super::is_waypoint(snapshot, gateway, workload) {
         return Ok(());
     }
-    let allowed = super::waypoint_identities(snapshot, gateway);
+    let allowed = snapshot.waypoint_identities(gateway);
     if allowed.contains(&request.peer_identity) {
         return Ok(());
     }

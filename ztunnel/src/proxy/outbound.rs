@@ -35,6 +35,13 @@ enum Route {
     },
     /// A VIP with no usable endpoint: the connection is closed.
     Refuse(String),
+    /// A destination behind a waypoint that cannot be reached: the connection is closed and
+    /// counted with `response_flags="UH"` (Envoy's "no healthy upstream"), since sending it
+    /// around the waypoint would skip the L7 policy the waypoint exists for.
+    RefuseWaypoint {
+        reason: String,
+        labels: TrafficLabels,
+    },
 }
 
 pub(crate) async fn serve(pod: Arc<Pod>, listener: TcpListener) {
@@ -77,6 +84,12 @@ async fn handle(pod: Arc<Pod>, mut app: TcpStream, client: SocketAddr) {
         },
         Route::Refuse(reason) => {
             tracing::info!(target: "access", pod = %pod.uid, src = %client, dst = %destination, reason, "outbound refused");
+            return;
+        }
+        Route::RefuseWaypoint { reason, labels } => {
+            tracing::warn!(target: "access", pod = %pod.uid, src = %client, dst = %destination, reason, "outbound refused: its waypoint cannot be reached");
+            // Counted as a connection that opened and closed at once, with its refusal flag.
+            drop(metrics.connection_opened(labels));
             return;
         }
     };
@@ -149,17 +162,22 @@ fn route(pod: &Pod, client: SocketAddr, destination: SocketAddr) -> Route {
         )),
         Destination::Passthrough => Route::Plain {
             target: destination,
-            labels: TrafficLabels {
-                reporter: Reporter::Source,
-                source,
-                source_principal: Some(pod.identity.clone()),
-                destination: None,
-                destination_principal: None,
-                destination_service: None,
-                mutual_tls: false,
-                response_flags: "-",
-            },
+            labels: source_labels(pod, source),
         },
+    }
+}
+
+/// Source-reported labels for a connection from `pod` whose destination is not known yet.
+fn source_labels(pod: &Pod, source: Option<Arc<Workload>>) -> TrafficLabels {
+    TrafficLabels {
+        reporter: Reporter::Source,
+        source,
+        source_principal: Some(pod.identity.clone()),
+        destination: None,
+        destination_principal: None,
+        destination_service: None,
+        mutual_tls: false,
+        response_flags: "-",
     }
 }
 
@@ -177,25 +195,25 @@ fn via_waypoint(
     mut headers: ConnectHeaders,
     pick: usize,
 ) -> Route {
+    let mut labels = TrafficLabels {
+        destination_service: service
+            .map(|s| (s.hostname.clone(), s.namespace.clone(), s.name.clone())),
+        mutual_tls: true,
+        ..source_labels(pod, source)
+    };
     let waypoint = match resolve_waypoint(snapshot, gateway, pick) {
         Ok(waypoint) => waypoint,
         // Fail closed: sending directly would skip the L7 policy the waypoint exists for.
-        Err(reason) => return Route::Refuse(reason),
+        Err(reason) => {
+            labels.response_flags = "UH";
+            return Route::RefuseWaypoint { reason, labels };
+        }
     };
     if let Some(service) = service {
         headers.forwarded_host = Some(service.hostname.clone());
     }
-    let labels = TrafficLabels {
-        reporter: Reporter::Source,
-        source,
-        source_principal: Some(pod.identity.clone()),
-        destination: Some(waypoint.workload.clone()),
-        destination_principal: waypoint.identities.first().cloned(),
-        destination_service: service
-            .map(|s| (s.hostname.clone(), s.namespace.clone(), s.name.clone())),
-        mutual_tls: true,
-        response_flags: "-",
-    };
+    labels.destination = Some(waypoint.workload.clone());
+    labels.destination_principal = waypoint.identities.first().cloned();
     Route::Hbone {
         request: Box::new(TunnelRequest {
             source: pod.identity.clone(),
