@@ -74,6 +74,29 @@ async fn a_bidirectional_stream_echoes_a_thousand_messages() {
 }
 
 #[tokio::test]
+async fn a_client_cancelling_a_stream_cancels_it_at_the_server() {
+    let mesh = mesh(68).await;
+    let _pod = mesh.start_grpc_pod(&[]).await;
+    let (entry, _task) = mesh.entry(GRPC_VIP).await;
+    let marker = std::env::temp_dir().join(format!("ambit-grpc-cancelled-{}", std::process::id()));
+    let _ = std::fs::remove_file(&marker);
+    let result = grpc_client(entry, &["cancel", marker.to_str().unwrap()]).await;
+    assert_eq!(result["first"], "first", "{result}");
+    // The client's RST_STREAM reaches the server through the waypoint: the handler sees its
+    // call end (it would otherwise wait 20 s) and leaves the marker.
+    let mut seen = false;
+    for _ in 0..100 {
+        if marker.exists() {
+            seen = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let _ = std::fs::remove_file(&marker);
+    assert!(seen, "the server never saw the cancellation");
+}
+
+#[tokio::test]
 async fn connections_the_server_closes_with_goaway_are_replaced_without_failing_calls() {
     let mesh = mesh(63).await;
     // The server ends every connection after 300 ms (GOAWAY, then a grace period).
@@ -216,6 +239,28 @@ async fn grpc_timeout_against_a_slow_handler_is_deadline_exceeded_in_about_that_
         "{elapsed:?} against {slow:?} without a deadline"
     );
     let labels = ["grpc_response_status=\"4\"", "response_flags=\"UT\""];
+    assert_eq!(mesh.wait_requests_total(&labels, 1).await, 1);
+}
+
+#[tokio::test]
+async fn grpc_timeout_ends_a_stream_already_under_way() {
+    let mesh = mesh(69).await;
+    let _pod = mesh.start_grpc_pod(&[]).await;
+    // The stream's first message comes at once, its last after 1.5 s: the deadline falls
+    // between them, after the response headers went out.
+    let (status, headers, elapsed) = raw_call(
+        &mesh,
+        GRPC_VIP,
+        "/test.Echo/Stream",
+        &[("grpc-timeout", "500m")],
+    )
+    .await;
+    eprintln!("grpc-timeout 500m on a 1.5 s stream: {elapsed:?}");
+    assert_eq!(status, 200);
+    assert_eq!(headers["grpc-status"], "4", "{headers:?}");
+    assert!(elapsed >= Duration::from_millis(500), "{elapsed:?}");
+    assert!(elapsed < Duration::from_millis(1400), "{elapsed:?}");
+    let labels = ["grpc_response_status=\"4\"", "response_code=\"200\""];
     assert_eq!(mesh.wait_requests_total(&labels, 1).await, 1);
 }
 

@@ -4,6 +4,7 @@
 //! keeps a request counted at its endpoint until the response body is done with.
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -225,6 +226,55 @@ impl Body for ObservedBody {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+/// A gRPC response body bounded by the call's deadline (`grpc-timeout`): past it, the rest of
+/// the endpoint's response is dropped (its stream reset, so the server stops too) and the body
+/// ends with `DEADLINE_EXCEEDED` trailers, as the client's own deadline would end it.
+pub struct DeadlineBody {
+    inner: Option<BoxBody>,
+    deadline: Pin<Box<tokio::time::Sleep>>,
+}
+
+impl DeadlineBody {
+    pub fn new(inner: BoxBody, deadline: tokio::time::Instant) -> Self {
+        DeadlineBody {
+            inner: Some(inner),
+            deadline: Box::pin(tokio::time::sleep_until(deadline)),
+        }
+    }
+}
+
+impl Body for DeadlineBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let Some(inner) = self.inner.as_mut() else {
+            return Poll::Ready(None);
+        };
+        if let Poll::Ready(frame) = Pin::new(inner).poll_frame(cx) {
+            return Poll::Ready(frame);
+        }
+        if self.deadline.as_mut().poll(cx).is_pending() {
+            return Poll::Pending;
+        }
+        self.inner = None;
+        let mut trailers = http::HeaderMap::new();
+        trailers.insert("grpc-status", http::HeaderValue::from_static("4"));
+        trailers.insert(
+            "grpc-message",
+            http::HeaderValue::from_static("deadline exceeded"),
+        );
+        Poll::Ready(Some(Ok(Frame::trailers(trailers))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.as_ref().is_none_or(|b| b.is_end_stream())
     }
 }
 

@@ -29,7 +29,8 @@ use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 
 use super::body::{
-    full, header_bytes, AccessLine, BoxBody, Completion, CountingBody, ObservedBody, ReplayBody,
+    full, header_bytes, AccessLine, BoxBody, Completion, CountingBody, DeadlineBody, ObservedBody,
+    ReplayBody,
 };
 use super::filters::{self, RequestHead};
 use super::forward::{self, Plan};
@@ -315,13 +316,15 @@ async fn handle(
     )?;
     // A gRPC client's deadline bounds the request too (Istio leaves Envoy's
     // `grpc_timeout_header_max` at 0: no cap on it).
+    let grpc_deadline = grpc_timeout(&head.headers);
     let request_timeout = rule
         .as_ref()
         .and_then(|r| r.request_timeout)
         .or(context.settings.request_timeout)
         .into_iter()
-        .chain(grpc_timeout(&head.headers))
+        .chain(grpc_deadline)
         .min();
+    let started = tokio::time::Instant::now();
     let forwarding = async {
         let mut body = match &rule {
             // Only a body that may be sent again is worth holding in memory.
@@ -361,6 +364,10 @@ async fn handle(
 
     if let Some(rule) = &rule {
         filters::response_filters(response.headers_mut(), rule);
+    }
+    if let Some(deadline) = grpc_deadline {
+        // The deadline covers the whole call, streamed responses included.
+        response = response.map(|body| DeadlineBody::new(body, started + deadline).boxed_unsync());
     }
 
     if let Some(client) = upgrade {

@@ -9,6 +9,8 @@ Messages are raw bytes (no protobuf): grpcio passes them through when no seriali
         Bidi        echoes every message.
         Slow        waits 2 s, then answers like Unary (a deadline ends it first).
         Unavailable answers UNAVAILABLE while the file named by the request exists, deleting it.
+        Watch       answers b"first", then waits (up to 20 s) for the client to cancel and
+                    creates the file named by the request when it sees the cancellation.
 
     grpc_peer.py client TARGET MODE [ARGS]
         Prints one JSON line with what happened.
@@ -16,6 +18,7 @@ Messages are raw bytes (no protobuf): grpcio passes them through when no seriali
         stream                one server-streaming call: messages, first_at, end_at (seconds)
         bidi N                a bidirectional stream of N messages: sent, echoed, in_order
         call METHOD [TIMEOUT_MS] [PAYLOAD]  one unary call: code, details, trailing metadata
+        cancel PAYLOAD        calls Watch, cancels after the first message: first
 """
 
 import json
@@ -52,7 +55,16 @@ def serve(address, name, max_age_ms):
             context.abort(grpc.StatusCode.UNAVAILABLE, "try again")
         return unary(request, context)
 
+    def watch(request, context):
+        yield b"first"
+        deadline = time.monotonic() + 20
+        while context.is_active() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if not context.is_active():
+            open(request.decode(), "w").close()
+
     handlers = {
+        "Watch": grpc.unary_stream_rpc_method_handler(watch),
         "Unary": grpc.unary_unary_rpc_method_handler(unary),
         "Stream": grpc.unary_stream_rpc_method_handler(stream),
         "Bidi": grpc.stream_stream_rpc_method_handler(bidi),
@@ -133,6 +145,11 @@ def client(target, mode, args):
             result = {"code": e.code().name, "details": e.details(),
                       "trailers": dict(e.trailing_metadata() or ())}
         result["seconds"] = time.monotonic() - start
+    elif mode == "cancel":
+        call = channel.unary_stream("/test.Echo/Watch")(args[0].encode(), timeout=30)
+        first = next(call).decode()
+        call.cancel()
+        result = {"first": first}
     else:
         sys.exit(f"unknown mode {mode}")
     print(json.dumps(result), flush=True)
