@@ -6,8 +6,10 @@
 //! number of retries and the base backoff, and adds its `codes`, resets before the response
 //! headers and per-try timeouts. Each retry goes to an endpoint not tried yet when there is one,
 //! after an exponential backoff with full jitter (Envoy's: `rand(0, base × 2^(n-1))`, capped at
-//! ten times the base). A request body that was streamed (too large to keep) cannot be sent
-//! twice, so once an attempt has taken it no retry happens. Failures are answered the way Envoy
+//! ten times the base). Request bodies stream to the first attempt at once and are copied on
+//! the way; a body that had ended within the buffer limit when the response came can be sent
+//! again, a longer or unfinished one cannot, and then no retry happens. Retries happen on
+//! response headers only, never once a byte of a response went to the client. Failures are answered the way Envoy
 //! answers them (503 `UF,URX`, 503 `UH`, 503 `UC`, 504 `UT`, and 400 `DPE` when the client's own
 //! body breaks off), with the same response flags.
 
