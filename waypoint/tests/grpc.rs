@@ -1,6 +1,7 @@
 //! gRPC through the waypoint with real Python `grpcio` peers: the client's HTTP/2 goes through
 //! HBONE to the waypoint, which speaks HTTP/2 to the `grpcio` server behind the pod's HBONE
 //! server. Needs `python3` with `grpcio` (`pip install grpcio`); without it the tests fail.
+//! Fixture: `support/l7mesh.rs`, Python peers: `support/grpc_peer.py`.
 
 #[path = "support/l7mesh.rs"]
 mod l7mesh;
@@ -278,4 +279,35 @@ async fn a_grpc_client_on_a_port_without_endpoints_gets_unavailable() {
             .starts_with("upstream connect error"),
         "{headers:?}"
     );
+}
+
+#[tokio::test]
+async fn the_headers_wasm_filter_works_on_grpc_calls_and_streams() {
+    let module = ambit_wasm_host::testing::build_filter("ambit-filter-headers");
+    let config = format!(
+        r#"apiVersion: extensions.istio.io/v1alpha1
+kind: WasmPlugin
+metadata: {{name: headers, namespace: default}}
+spec:
+  targetRefs: [{{kind: Gateway, group: gateway.networking.k8s.io, name: waypoint}}]
+  url: file://{}
+  pluginConfig: {{request: {{set: {{x-test: from-wasm}}}}, response: {{set: {{x-wasm: seen}}}}}}
+"#,
+        module.display()
+    );
+    let mesh = mesh_with(70, &config).await;
+    let _pod = mesh.start_grpc_pod(&[]).await;
+    let (status, headers, _) = raw_call(&mesh, GRPC_VIP, "/test.Echo/Unary", &[]).await;
+    assert_eq!(status, 200);
+    assert_eq!(headers["grpc-status"], "0", "{headers:?}");
+    assert_eq!(headers["x-wasm"], "seen", "the filter's response header");
+    assert_eq!(
+        headers["x-seen-test"], "from-wasm",
+        "the filter's request header"
+    );
+    // A stream's messages pass through the filter's body callbacks both ways, framing intact.
+    let (entry, _task) = mesh.entry(GRPC_VIP).await;
+    let result = grpc_client(entry, &["bidi", "1000"]).await;
+    assert_eq!(result["echoed"], 1000, "{result}");
+    assert_eq!(result["in_order"], true, "{result}");
 }

@@ -4,7 +4,8 @@ Messages are raw bytes (no protobuf): grpcio passes them through when no seriali
 
     grpc_peer.py server ADDRESS NAME [--max-connection-age-ms MS]
         Serves test.Echo until killed and prints "ready" once listening.
-        Unary       answers NAME + b":" + the request.
+        Unary       answers NAME + b":" + the request (an x-test header comes back in the
+                    x-seen-test trailer).
         Stream      answers b"first", waits 1.5 s, answers b"last".
         Bidi        echoes every message.
         Slow        waits 2 s, then answers like Unary (a deadline ends it first).
@@ -33,6 +34,9 @@ import grpc
 
 def serve(address, name, max_age_ms):
     def unary(request, context):
+        seen = dict(context.invocation_metadata()).get("x-test")
+        if seen is not None:
+            context.set_trailing_metadata((("x-seen-test", seen),))
         return name.encode() + b":" + request
 
     def stream(request, context):
