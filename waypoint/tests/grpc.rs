@@ -311,3 +311,40 @@ spec:
     assert_eq!(result["echoed"], 1000, "{result}");
     assert_eq!(result["in_order"], true, "{result}");
 }
+
+const GRPC_ROUTE: &str = r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: GRPCRoute
+metadata: {name: by-method, namespace: default}
+spec:
+  parentRefs: [{group: "", kind: Service, name: grpc, port: 50051}]
+  rules:
+  - matches: [{method: {service: test.Echo}}]
+    backendRefs: [{name: grpc, port: 50051}]
+  - matches: [{method: {service: test.Echo, method: Unary}}]
+    filters:
+    - type: RequestHeaderModifier
+      requestHeaderModifier: {set: [{name: x-test, value: unary-rule}]}
+    backendRefs: [{name: grpc, port: 50051}]
+"#;
+
+#[tokio::test]
+async fn a_grpc_route_routes_by_method_with_gateway_api_precedence() {
+    let mesh = mesh_with(71, GRPC_ROUTE).await;
+    let _pod = mesh.start_grpc_pod(&[]).await;
+    // The exact method match wins over the service-wide one written before it.
+    let (_, headers, _) = raw_call(&mesh, GRPC_VIP, "/test.Echo/Unary", &[]).await;
+    assert_eq!(headers["grpc-status"], "0", "{headers:?}");
+    assert_eq!(headers["x-seen-test"], "unary-rule", "{headers:?}");
+    // Other methods of the service take the service-wide rule, without the filter.
+    let (entry, _task) = mesh.entry(GRPC_VIP).await;
+    let other = grpc_client(entry, &["call", "Slow", "-", "other"]).await;
+    assert_eq!(other["code"], "OK", "{other}");
+    assert_eq!(other["trailers"].get("x-seen-test"), None, "{other}");
+    // No rule for another service: Envoy's 404 (NR) is gRPC's UNIMPLEMENTED.
+    let (status, headers, _) = raw_call(&mesh, GRPC_VIP, "/other.Service/Call", &[]).await;
+    assert_eq!(status, 200);
+    assert_eq!(headers["grpc-status"], "12", "{headers:?}");
+    let labels = ["grpc_response_status=\"12\"", "response_flags=\"NR\""];
+    assert_eq!(mesh.wait_requests_total(&labels, 1).await, 1);
+}
