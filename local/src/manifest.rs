@@ -4,7 +4,8 @@
 //! Supported kinds: `v1` Namespace, ServiceAccount, Pod, Service (and `v1` List of them),
 //! `apps/v1` Deployment, `security.istio.io/v1|v1beta1` AuthorizationPolicy and
 //! PeerAuthentication, `gateway.networking.k8s.io/v1|v1beta1` Gateway and HTTPRoute,
-//! `extensions.istio.io/v1alpha1` WasmPlugin. Anything else is refused, naming the document.
+//! `gateway.networking.k8s.io/v1` GRPCRoute, `extensions.istio.io/v1alpha1` WasmPlugin.
+//! Anything else is refused, naming the document.
 //!
 //! Strictness follows what a real cluster does with `kubectl apply` (strict field validation):
 //! metadata is read leniently (uid, resourceVersion, managedFields... are what `kubectl get -o
