@@ -1,7 +1,8 @@
 //! `ambit mesh` end to end through the real binary: up, mTLS on the wire, enrollment of running
 //! pods by namespace label (same PIDs), policy applied with `apply`, bad manifests refused with
-//! the running mesh untouched, a waypoint with a WasmPlugin, and `down` leaving nothing behind. Needs root, iproute2, iptables,
-//! tcpdump.
+//! the running mesh untouched, a waypoint with a WasmPlugin, gRPC through a waypoint (Python
+//! grpcio), and `down` leaving nothing behind. Needs root, iproute2, iptables, tcpdump, python3
+//! with grpcio.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
