@@ -1,7 +1,9 @@
 //! `ambit mesh` end to end through the real binary: up, mTLS on the wire, enrollment of running
 //! pods by namespace label (same PIDs), policy applied with `apply`, bad manifests refused with
 //! the running mesh untouched, a waypoint with a WasmPlugin, L7 policy failing closed while its
-//! waypoint is gone, and `down` leaving nothing behind. Needs root, iproute2, iptables, tcpdump.
+//! waypoint is gone, gRPC through a waypoint (Python grpcio), supervision of crashed waypoints
+//! and pods, and `down` leaving nothing behind. Needs root, iproute2, iptables, tcpdump, python3
+//! with grpcio.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -912,4 +914,113 @@ fn l7_policy_fails_closed_while_its_waypoint_is_gone() {
         "HTTP/1.1 403 Forbidden"
     );
     mesh.ok(&["down"]);
+    mesh.ok(&["down"]);
+}
+
+/// A Python `grpcio` server behind a Service whose port is named `grpc`, used through the
+/// namespace's waypoint from the start.
+fn grpc_mesh(peer: &Path) -> String {
+    let peer = peer.display();
+    format!(
+        r#"
+apiVersion: v1
+kind: Namespace
+metadata:
+  name: rpc
+  labels: {{istio.io/dataplane-mode: ambient}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: greeter, namespace: rpc, labels: {{app: greeter}}}}
+spec:
+  nodeName: node2
+  containers:
+  - {{name: grpc, image: python, command: [python3, "{peer}", server, "0.0.0.0:50051", greeter]}}
+---
+apiVersion: v1
+kind: Service
+metadata:
+  name: greeter
+  namespace: rpc
+  labels: {{istio.io/use-waypoint: waypoint}}
+spec:
+  selector: {{app: greeter}}
+  ports: [{{name: grpc, port: 50051, targetPort: 50051}}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: client, namespace: rpc}}
+spec:
+  nodeName: node1
+  containers: [{{name: echo, image: ambit/echo}}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {{name: waypoint, namespace: rpc}}
+spec:
+  gatewayClassName: istio-waypoint
+  listeners:
+  - {{name: mesh, port: 15008, protocol: HBONE}}
+"#
+    )
+}
+
+#[test]
+fn grpc_calls_and_streams_pass_through_a_waypoint() {
+    let peer = Path::new(env!("CARGO_MANIFEST_DIR")).join("../waypoint/tests/support/grpc_peer.py");
+    let mesh = Mesh::new("g");
+    let manifests = mesh.write("g.yaml", &grpc_mesh(&peer));
+    mesh.ok(&["up", "-f", manifests.to_str().unwrap()]);
+    let status = mesh.status();
+    let vip = status["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "greeter")
+        .expect("the greeter service")["vip"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let target = format!("{vip}:50051");
+    let client = |args: &[&str]| -> Value {
+        let mut argv = vec!["exec", "client", "-n", "rpc", "--", "python3"];
+        let peer = peer.to_str().unwrap();
+        argv.extend([peer, "client", &target]);
+        argv.extend(args);
+        // The server may still be starting: its first calls are retried.
+        let mut last = String::new();
+        for _ in 0..20 {
+            let out = mesh.run(&argv);
+            if out.status.success() {
+                return serde_json::from_slice(&out.stdout).expect("the client prints JSON");
+            }
+            last = format!("{out:?}");
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        panic!("the gRPC client never succeeded: {last}");
+    };
+    // Wait until the server listens (before that, calls fail UNAVAILABLE: connect refused).
+    let mut ready = Value::Null;
+    for _ in 0..40 {
+        ready = client(&["call", "Unary"]);
+        if ready["code"] == "OK" {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    assert_eq!(ready["code"], "OK", "{ready}");
+    let unary = client(&["unary", "500"]);
+    assert_eq!(unary["ok"], 500, "{unary}");
+    let stream = client(&["stream"]);
+    let (first, end) = (
+        stream["first_at"].as_f64().unwrap(),
+        stream["end_at"].as_f64().unwrap(),
+    );
+    assert!(end - first > 1.0, "first message at {first}, end at {end}");
+    let bidi = client(&["bidi", "1000"]);
+    assert_eq!(bidi["echoed"], 1000, "{bidi}");
+    assert_eq!(bidi["in_order"], true, "{bidi}");
+    eprintln!("through the waypoint in ambit mesh: {unary} {stream} {bidi}");
+    mesh.ok(&["down"]);
+    assert!(netns_left(&mesh.prefix).is_empty());
 }

@@ -279,6 +279,8 @@ impl ClusterState {
         peer_authentications, peer_authentication: PeerAuthentication => PeerAuthentication;
         gateways, gateway: Gateway => Gateway;
         http_routes, http_route: HttpRoute => HttpRoute;
+        /// GRPCRoutes, translated to HTTPRoute rules.
+        grpc_routes, grpc_route: GrpcRoute => HttpRoute;
         wasm_plugins, wasm_plugin: WasmPlugin => WasmPlugin;
     }
 
@@ -309,7 +311,7 @@ impl ClusterState {
             .collect()
     }
 
-    /// What the waypoint `namespace/name` enforces at L7: the HTTPRoutes attached (by a Service
+    /// What the waypoint `namespace/name` enforces at L7: the HTTPRoutes and GRPCRoutes attached (by a Service
     /// `parentRef`) to a Service bound to it with `istio.io/use-waypoint`, and the
     /// AuthorizationPolicies whose `targetRefs` name its Gateway, the `istio-waypoint`
     /// GatewayClass (from the root namespace), or one of those Services, and the WasmPlugins
@@ -323,7 +325,7 @@ impl ClusterState {
             })
             .map(|s| (s.metadata.namespace.clone(), s.metadata.name.clone()))
             .collect();
-        let routes = self.http_routes().filter(|r| {
+        let attached = |r: &&HttpRoute| {
             r.spec.parent_refs.iter().any(|p| {
                 (p.group.is_empty() || p.group == "core")
                     && p.kind == "Service"
@@ -334,7 +336,16 @@ impl ClusterState {
                         p.name.clone(),
                     ))
             })
-        });
+        };
+        let routes = self
+            .http_routes()
+            .filter(attached)
+            .map(|r| (Kind::HttpRoute, r))
+            .chain(
+                self.grpc_routes()
+                    .filter(attached)
+                    .map(|r| (Kind::GrpcRoute, r)),
+            );
         let policies = self.authorization_policies().filter(|p| {
             let ns = &p.metadata.namespace;
             p.spec.target_refs.iter().any(|t| match t.kind.as_str() {
@@ -354,7 +365,7 @@ impl ClusterState {
             })
         });
         routes
-            .map(|r| ObjectRef::new(Kind::HttpRoute, &r.metadata.namespace, &r.metadata.name))
+            .map(|(kind, r)| ObjectRef::new(kind, &r.metadata.namespace, &r.metadata.name))
             .chain(policies.map(|p| {
                 ObjectRef::new(
                     Kind::AuthorizationPolicy,

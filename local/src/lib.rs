@@ -2,7 +2,7 @@
 //! server and istiod.
 //!
 //! - [`manifest`] reads the YAML users would `kubectl apply` (Namespace, ServiceAccount, Pod,
-//!   Deployment, Service, AuthorizationPolicy, PeerAuthentication, Gateway, HTTPRoute,
+//!   Deployment, Service, AuthorizationPolicy, PeerAuthentication, Gateway, HTTPRoute, GRPCRoute,
 //!   WasmPlugin) into typed, validated objects, with errors that name the object and the field.
 //! - [`control`] keeps the cluster's desired state ([`control::ClusterState`], the "API server":
 //!   atomic apply, delete, label) and translates it into ztunnel's configuration the way istiod

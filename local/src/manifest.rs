@@ -4,7 +4,8 @@
 //! Supported kinds: `v1` Namespace, ServiceAccount, Pod, Service (and `v1` List of them),
 //! `apps/v1` Deployment, `security.istio.io/v1|v1beta1` AuthorizationPolicy and
 //! PeerAuthentication, `gateway.networking.k8s.io/v1|v1beta1` Gateway and HTTPRoute,
-//! `extensions.istio.io/v1alpha1` WasmPlugin. Anything else is refused, naming the document.
+//! `gateway.networking.k8s.io/v1` GRPCRoute, `extensions.istio.io/v1alpha1` WasmPlugin.
+//! Anything else is refused, naming the document.
 //!
 //! Strictness follows what a real cluster does with `kubectl apply` (strict field validation):
 //! metadata is read leniently (uid, resourceVersion, managedFields... are what `kubectl get -o
@@ -61,11 +62,12 @@ pub enum Kind {
     PeerAuthentication,
     Gateway,
     HttpRoute,
+    GrpcRoute,
     WasmPlugin,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 10] = [
+    pub const ALL: [Kind; 11] = [
         Kind::Namespace,
         Kind::ServiceAccount,
         Kind::Service,
@@ -75,6 +77,7 @@ impl Kind {
         Kind::PeerAuthentication,
         Kind::Gateway,
         Kind::HttpRoute,
+        Kind::GrpcRoute,
         Kind::WasmPlugin,
     ];
 
@@ -90,6 +93,7 @@ impl Kind {
             Kind::PeerAuthentication => "PeerAuthentication",
             Kind::Gateway => "Gateway",
             Kind::HttpRoute => "HTTPRoute",
+            Kind::GrpcRoute => "GRPCRoute",
             Kind::WasmPlugin => "WasmPlugin",
         }
     }
@@ -106,6 +110,7 @@ impl Kind {
                 "gateway.networking.k8s.io/v1",
                 "gateway.networking.k8s.io/v1beta1",
             ],
+            Kind::GrpcRoute => &["gateway.networking.k8s.io/v1"],
             Kind::WasmPlugin => &["extensions.istio.io/v1alpha1"],
         }
     }
@@ -127,6 +132,7 @@ impl Kind {
             Kind::PeerAuthentication => "peerauthentication.security.istio.io",
             Kind::Gateway => "gateway.gateway.networking.k8s.io",
             Kind::HttpRoute => "httproute.gateway.networking.k8s.io",
+            Kind::GrpcRoute => "grpcroute.gateway.networking.k8s.io",
             Kind::WasmPlugin => "wasmplugin.extensions.istio.io",
         }
     }
@@ -166,6 +172,7 @@ impl FromStr for Kind {
             "peerauthentication" | "peerauthentications" | "pa" => Kind::PeerAuthentication,
             "gateway" | "gateways" | "gtw" => Kind::Gateway,
             "httproute" | "httproutes" => Kind::HttpRoute,
+            "grpcroute" | "grpcroutes" => Kind::GrpcRoute,
             "wasmplugin" | "wasmplugins" => Kind::WasmPlugin,
             _ => {
                 let known: Vec<&str> = Kind::ALL.iter().map(|k| k.as_str()).collect();
@@ -239,6 +246,9 @@ pub enum Object {
     PeerAuthentication(PeerAuthentication),
     Gateway(Gateway),
     HttpRoute(HttpRoute),
+    /// A GRPCRoute, translated as istiod translates it: method matches become path matches
+    /// (`/<service>/<method>`), the rest is what an HTTPRoute rule holds.
+    GrpcRoute(HttpRoute),
     WasmPlugin(WasmPlugin),
 }
 
@@ -254,6 +264,7 @@ impl Object {
             Object::PeerAuthentication(_) => Kind::PeerAuthentication,
             Object::Gateway(_) => Kind::Gateway,
             Object::HttpRoute(_) => Kind::HttpRoute,
+            Object::GrpcRoute(_) => Kind::GrpcRoute,
             Object::WasmPlugin(_) => Kind::WasmPlugin,
         }
     }
@@ -268,7 +279,7 @@ impl Object {
             Object::AuthorizationPolicy(o) => &o.metadata,
             Object::PeerAuthentication(o) => &o.metadata,
             Object::Gateway(o) => &o.metadata,
-            Object::HttpRoute(o) => &o.metadata,
+            Object::HttpRoute(o) | Object::GrpcRoute(o) => &o.metadata,
             Object::WasmPlugin(o) => &o.metadata,
         }
     }
@@ -283,7 +294,7 @@ impl Object {
             Object::AuthorizationPolicy(o) => &mut o.metadata,
             Object::PeerAuthentication(o) => &mut o.metadata,
             Object::Gateway(o) => &mut o.metadata,
-            Object::HttpRoute(o) => &mut o.metadata,
+            Object::HttpRoute(o) | Object::GrpcRoute(o) => &mut o.metadata,
             Object::WasmPlugin(o) => &mut o.metadata,
         }
     }
@@ -535,6 +546,10 @@ fn decode_object(object: &ObjectRef, value: &Value) -> Result<Object, FieldError
         Kind::HttpRoute => Object::HttpRoute(HttpRoute {
             metadata,
             spec: gateway::http_route_spec(&required_spec()?)?,
+        }),
+        Kind::GrpcRoute => Object::GrpcRoute(HttpRoute {
+            metadata,
+            spec: gateway::grpc_route_spec(&required_spec()?)?,
         }),
     };
     root.finish()?;

@@ -82,6 +82,8 @@ impl ConnectHandler for TcpForwarder {
             let upstream = TcpStream::connect(request.target)
                 .await
                 .map_err(|e| Rejection::Unavailable(format!("{}: {e}", request.target)))?;
+            // Small request/response exchanges (gRPC frames) must not wait on Nagle.
+            let _ = upstream.set_nodelay(true);
             Ok(Box::new(upstream) as Box<dyn Upstream>)
         })
     }

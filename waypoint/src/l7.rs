@@ -94,7 +94,7 @@ impl L7Config {
         for object in objects {
             match object {
                 Object::WasmPlugin(plugin) => plugins.push(plugin.clone()),
-                Object::HttpRoute(route) => routes.push(route),
+                Object::HttpRoute(route) | Object::GrpcRoute(route) => routes.push(route),
                 Object::AuthorizationPolicy(policy) if !policy.spec.target_refs.is_empty() => {
                     policies.push(policy)
                 }

@@ -46,10 +46,14 @@ pub struct ProxySettings {
     pub outlier_consecutive_errors: u32,
     /// How long an ejection lasts the first time; longer with each ejection (Envoy's 30 s).
     pub outlier_base_ejection: Duration,
-    /// Idle upstream HTTP/1.1 connections kept per endpoint.
+    /// Idle upstream HTTP/1.1 connections kept per endpoint (HTTP/2 keeps one, multiplexed).
     pub pool_max_idle: usize,
     /// How long an idle upstream connection is kept.
     pub pool_idle_timeout: Duration,
+    /// PING interval on upstream HTTP/2 connections, idle or not.
+    pub h2_keepalive_interval: Duration,
+    /// How long a PING may go unanswered before the HTTP/2 connection is closed.
+    pub h2_keepalive_timeout: Duration,
     /// How long a tunnel to a port without a declared protocol may stay silent before it is
     /// taken for a server-first protocol and proxied at L4.
     pub protocol_detection_timeout: Duration,
@@ -70,6 +74,9 @@ impl Default for ProxySettings {
             outlier_base_ejection: Duration::from_secs(30),
             pool_max_idle: 32,
             pool_idle_timeout: Duration::from_secs(60),
+            // ztunnel's HBONE values: a dead endpoint is noticed within 30 s.
+            h2_keepalive_interval: Duration::from_secs(10),
+            h2_keepalive_timeout: Duration::from_secs(20),
             protocol_detection_timeout: Duration::from_secs(1),
             num_trusted_proxies: 0,
         }

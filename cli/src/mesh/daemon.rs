@@ -890,6 +890,7 @@ fn l7_documents(text: &str) -> anyhow::Result<Vec<(ObjectRef, serde_yaml::Value)
                 return;
             }
             Some("HTTPRoute") => Kind::HttpRoute,
+            Some("GRPCRoute") => Kind::GrpcRoute,
             Some("AuthorizationPolicy") => Kind::AuthorizationPolicy,
             Some("WasmPlugin") => Kind::WasmPlugin,
             _ => return,

@@ -1,5 +1,5 @@
 //! Gateway API resources (`gateway.networking.k8s.io/v1`, also `v1beta1`): Gateway (waypoints are
-//! Gateways of class `istio-waypoint`) and HTTPRoute. Everything the waypoint acts on is typed and
+//! Gateways of class `istio-waypoint`), HTTPRoute and GRPCRoute. Everything the waypoint acts on is typed and
 //! validated here the way the Gateway API CRDs (their CEL rules) and istiod validate it: route
 //! rules with their matches, filters, weighted backends, timeouts and retry policy
 //! ([`route`](self::route)).
@@ -142,11 +142,23 @@ fn listener(node: &Node<'_>) -> Result<Listener> {
 }
 
 pub(super) fn http_route_spec(node: &Node<'_>) -> Result<HttpRouteSpec> {
+    route_spec(node, route::rule)
+}
+
+/// A GRPCRoute's spec, its rules translated to HTTPRoute rules.
+pub(super) fn grpc_route_spec(node: &Node<'_>) -> Result<HttpRouteSpec> {
+    route_spec(node, route::grpc_rule)
+}
+
+fn route_spec(
+    node: &Node<'_>,
+    rule: impl Fn(&Node<'_>) -> Result<route::HttpRouteRule>,
+) -> Result<HttpRouteSpec> {
     let f = node.fields()?;
     let parent_refs = f.list_of("parentRefs", parent_ref)?;
     let hostnames = f.string_list("hostnames")?;
     let rules_node = f.get("rules");
-    let rules = f.list_of("rules", route::rule)?;
+    let rules = f.list_of("rules", rule)?;
     if let Some(n) = rules_node {
         if rules.len() > 16 {
             return Err(n.error(format!("at most 16 rules, found {}", rules.len())));

@@ -1095,3 +1095,63 @@ fn yaml_errors_point_into_the_stream() {
     };
     assert_eq!((document, line), (2, 6));
 }
+
+#[test]
+fn grpc_routes_become_http_route_rules_with_path_matches() {
+    let Object::GrpcRoute(route) = one(r#"apiVersion: gateway.networking.k8s.io/v1
+kind: GRPCRoute
+metadata: {name: g}
+spec:
+  parentRefs: [{group: "", kind: Service, name: greeter}]
+  rules:
+  - matches:
+    - method: {service: helloworld.Greeter, method: SayHello}
+    - method: {service: helloworld.Greeter}
+      headers: [{name: x-v, value: "2"}]
+    - method: {method: SayHello}
+    - method: {type: RegularExpression, service: "hello.*"}
+    filters:
+    - {type: RequestHeaderModifier, requestHeaderModifier: {add: [{name: x-a, value: b}]}}
+    backendRefs: [{name: greeter-v2, port: 50051, weight: 3}]
+"#)
+    else {
+        panic!()
+    };
+    let rule = &route.spec.rules[0];
+    let paths: Vec<(PathMatchType, &str)> = rule
+        .matches
+        .iter()
+        .map(|m| {
+            let p = m.path.as_ref().unwrap();
+            (p.kind, p.value.as_str())
+        })
+        .collect();
+    assert_eq!(
+        paths,
+        [
+            (PathMatchType::Exact, "/helloworld.Greeter/SayHello"),
+            (PathMatchType::PathPrefix, "/helloworld.Greeter"),
+            (PathMatchType::RegularExpression, "/[^/]+/SayHello"),
+            (PathMatchType::RegularExpression, "/hello.*/[^/]+"),
+        ]
+    );
+    assert_eq!(rule.matches[1].headers[0].name, "x-v");
+    assert_eq!(rule.backend_refs[0].weight, 3);
+    assert_eq!(rule.filters.len(), 1);
+    let grpc = |rules: &str| {
+        format!("apiVersion: gateway.networking.k8s.io/v1\nkind: GRPCRoute\nmetadata: {{name: g}}\nspec:\n  parentRefs: [{{name: gw}}]\n  rules: [{rules}]\n")
+    };
+    fails(
+        &grpc("{matches: [{method: {}}]}"),
+        &["a service, a method or both"],
+    );
+    fails(
+        &grpc("{matches: [{method: {service: \"a/b\"}}]}"),
+        &["not a valid gRPC name"],
+    );
+    fails(
+        &grpc("{filters: [{type: URLRewrite, urlRewrite: {hostname: x}}]}"),
+        &["RequestHeaderModifier, ResponseHeaderModifier and RequestMirror"],
+    );
+    assert_eq!("grpcroutes".parse::<Kind>().unwrap(), Kind::GrpcRoute);
+}

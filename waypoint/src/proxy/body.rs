@@ -4,6 +4,7 @@
 //! keeps a request counted at its endpoint until the response body is done with.
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -203,6 +204,14 @@ impl Body for ObservedBody {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
                     self.response_bytes += data.len() as u64;
+                } else if let Some(trailers) = frame.trailers_ref() {
+                    // A gRPC status comes in the trailers unless the response was trailers-only.
+                    let status = trailers.get("grpc-status").and_then(|v| v.to_str().ok());
+                    if let (Some(c), Some(status)) = (self.completion.as_mut(), status) {
+                        if c.labels.request_protocol == "grpc" {
+                            c.labels.grpc_response_status = status.to_owned();
+                        }
+                    }
                 }
             }
             Poll::Ready(None) | Poll::Ready(Some(Err(_))) => self.finish(),
@@ -220,8 +229,57 @@ impl Body for ObservedBody {
     }
 }
 
+/// A gRPC response body bounded by the call's deadline (`grpc-timeout`): past it, the rest of
+/// the endpoint's response is dropped (its stream reset, so the server stops too) and the body
+/// ends with `DEADLINE_EXCEEDED` trailers, as the client's own deadline would end it.
+pub struct DeadlineBody {
+    inner: Option<BoxBody>,
+    deadline: Pin<Box<tokio::time::Sleep>>,
+}
+
+impl DeadlineBody {
+    pub fn new(inner: BoxBody, deadline: tokio::time::Instant) -> Self {
+        DeadlineBody {
+            inner: Some(inner),
+            deadline: Box::pin(tokio::time::sleep_until(deadline)),
+        }
+    }
+}
+
+impl Body for DeadlineBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let Some(inner) = self.inner.as_mut() else {
+            return Poll::Ready(None);
+        };
+        if let Poll::Ready(frame) = Pin::new(inner).poll_frame(cx) {
+            return Poll::Ready(frame);
+        }
+        if self.deadline.as_mut().poll(cx).is_pending() {
+            return Poll::Pending;
+        }
+        self.inner = None;
+        let mut trailers = http::HeaderMap::new();
+        trailers.insert("grpc-status", http::HeaderValue::from_static("4"));
+        trailers.insert(
+            "grpc-message",
+            http::HeaderValue::from_static("deadline exceeded"),
+        );
+        Poll::Ready(Some(Ok(Frame::trailers(trailers))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.as_ref().is_none_or(|b| b.is_end_stream())
+    }
+}
+
 /// A request body that may be sent more than once: kept in memory when it is small enough,
-/// otherwise streamed (once).
+/// otherwise streamed (once), or streamed to the first attempt while a copy is kept.
 pub enum ReplayBody {
     Buffered {
         chunks: Vec<Bytes>,
@@ -229,9 +287,59 @@ pub enum ReplayBody {
     },
     /// Streamed; `None` once an attempt took it.
     Streaming(Option<BoxBody>),
+    /// Streamed without waiting for its end (gRPC streams, requests without a retry policy of
+    /// their own), copied as it goes: once the body has ended within the limit, a retry sends
+    /// the copy, as Envoy replays what it buffered while streaming.
+    Teed {
+        body: Option<BoxBody>,
+        copy: Arc<std::sync::Mutex<TeeCopy>>,
+    },
+}
+
+/// What a [`ReplayBody::Teed`] body copied so far.
+pub struct TeeCopy {
+    /// `None` once the body outgrew the limit (or failed): nothing to replay.
+    frames: Option<Vec<Frame<Bytes>>>,
+    size: usize,
+    limit: usize,
+    ended: bool,
+}
+
+impl TeeCopy {
+    fn record(&mut self, frame: &Frame<Bytes>) {
+        let Some(frames) = self.frames.as_mut() else {
+            return;
+        };
+        let copy = if let Some(data) = frame.data_ref() {
+            self.size += data.len();
+            Frame::data(data.clone())
+        } else if let Some(trailers) = frame.trailers_ref() {
+            Frame::trailers(trailers.clone())
+        } else {
+            return;
+        };
+        if self.size > self.limit {
+            self.frames = None;
+        } else {
+            frames.push(copy);
+        }
+    }
 }
 
 impl ReplayBody {
+    /// A body streamed to the first attempt and copied, up to `limit` bytes, for retries.
+    pub fn teed(body: BoxBody, limit: usize) -> Self {
+        ReplayBody::Teed {
+            body: Some(body),
+            copy: Arc::new(std::sync::Mutex::new(TeeCopy {
+                frames: Some(Vec::new()),
+                size: 0,
+                limit,
+                ended: false,
+            })),
+        }
+    }
+
     /// Reads up to `limit` bytes of `body` into memory; a longer body is streamed, the part
     /// already read first.
     pub async fn buffer(mut body: BoxBody, limit: usize) -> Result<Self, hyper::Error> {
@@ -286,6 +394,10 @@ impl ReplayBody {
         match self {
             ReplayBody::Buffered { .. } => true,
             ReplayBody::Streaming(body) => body.is_some(),
+            ReplayBody::Teed { body, copy } => {
+                let copy = copy.lock().expect("tee lock");
+                body.is_some() || (copy.ended && copy.frames.is_some())
+            }
         }
     }
 
@@ -294,7 +406,8 @@ impl ReplayBody {
         matches!(self, ReplayBody::Buffered { .. })
     }
 
-    /// The body for one attempt: a copy when buffered, the stream itself (once) otherwise.
+    /// The body for one attempt: a copy when buffered, the stream itself (once) otherwise; a
+    /// teed body's copy once the stream went to an earlier attempt and ended.
     pub fn take(&mut self) -> Option<BoxBody> {
         match self {
             ReplayBody::Buffered { chunks, trailers } => {
@@ -306,7 +419,67 @@ impl ReplayBody {
                 Some(PrefixedBody { prefix, rest: None }.boxed_unsync())
             }
             ReplayBody::Streaming(body) => body.take(),
+            ReplayBody::Teed { body, copy } => {
+                if let Some(inner) = body.take() {
+                    return Some(
+                        TeeBody {
+                            inner,
+                            copy: copy.clone(),
+                        }
+                        .boxed_unsync(),
+                    );
+                }
+                let copy = copy.lock().expect("tee lock");
+                let frames = copy.frames.as_ref().filter(|_| copy.ended)?;
+                let prefix = frames
+                    .iter()
+                    .map(|f| match f.data_ref() {
+                        Some(data) => Frame::data(data.clone()),
+                        None => Frame::trailers(f.trailers_ref().cloned().unwrap_or_default()),
+                    })
+                    .collect();
+                Some(PrefixedBody { prefix, rest: None }.boxed_unsync())
+            }
         }
+    }
+}
+
+/// A body passed through while its frames are copied into a [`TeeCopy`].
+struct TeeBody {
+    inner: BoxBody,
+    copy: Arc<std::sync::Mutex<TeeCopy>>,
+}
+
+impl Body for TeeBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(result) = &polled {
+            let ended = self.inner.is_end_stream();
+            let mut copy = self.copy.lock().expect("tee lock");
+            match result {
+                Some(Ok(frame)) => copy.record(frame),
+                // A broken body is not one to send again.
+                Some(Err(_)) => copy.frames = None,
+                None => copy.ended = true,
+            }
+            // The sender ends the stream on the last frame when the body says it is over.
+            copy.ended |= ended;
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
     }
 }
 

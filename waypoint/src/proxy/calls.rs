@@ -106,6 +106,8 @@ async fn call(context: &Context, request: &HttpCallRequest) -> Result<HttpCallRe
         retry: None,
         per_try_timeout: None,
         upgrade: false,
+        // The port's declared protocol decides; an undeclared one gets HTTP/1.1.
+        downstream: http::Version::HTTP_11,
     };
     let mut body = ReplayBody::Streaming(Some(full(Bytes::from(request.body.clone()))));
     let mut labels = RequestLabels::default();

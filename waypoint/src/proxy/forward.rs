@@ -6,8 +6,10 @@
 //! number of retries and the base backoff, and adds its `codes`, resets before the response
 //! headers and per-try timeouts. Each retry goes to an endpoint not tried yet when there is one,
 //! after an exponential backoff with full jitter (Envoy's: `rand(0, base × 2^(n-1))`, capped at
-//! ten times the base). A request body that was streamed (too large to keep) cannot be sent
-//! twice, so once an attempt has taken it no retry happens. Failures are answered the way Envoy
+//! ten times the base). Request bodies stream to the first attempt at once and are copied on
+//! the way; a body that had ended within the buffer limit when the response came can be sent
+//! again, a longer or unfinished one cannot, and then no retry happens. Retries happen on
+//! response headers only, never once a byte of a response went to the client. Failures are answered the way Envoy
 //! answers them (503 `UF,URX`, 503 `UH`, 503 `UC`, 504 `UT`, and 400 `DPE` when the client's own
 //! body breaks off), with the same response flags.
 
@@ -26,7 +28,7 @@ use super::body::{BoxBody, InFlightBody, ReplayBody};
 use super::filters::RequestHead;
 use super::inbound::TunnelInfo;
 use super::pipeline::LocalReply;
-use super::upstream::{Failure, Target};
+use super::upstream::{Failure, Target, UpstreamProtocol};
 use super::Context;
 use crate::l7::routes::{Backend, Mirror, RetryPolicy};
 use crate::metrics::RequestLabels;
@@ -56,6 +58,8 @@ pub struct Plan {
     /// The request asks for a protocol upgrade (WebSocket): one attempt on a connection of its
     /// own, kept for the upgraded stream.
     pub upgrade: bool,
+    /// The HTTP version the client spoke: undeclared ports keep it upstream.
+    pub downstream: Version,
 }
 
 /// A uniformly random number, from the standard library's per-process random hash keys.
@@ -131,6 +135,11 @@ pub async fn forward(
         None => (context.settings.retries, context.settings.retry_backoff),
     };
     let attempts = if plan.upgrade { 1 } else { 1 + retries };
+    let protocol = if plan.upgrade {
+        UpstreamProtocol::Upgrade
+    } else {
+        plan.target.upstream_protocol(plan.downstream)
+    };
     let base = context.upstreams.next_base();
     let mut tried: Vec<Arc<Workload>> = Vec::new();
     let mut last = LocalReply::new(StatusCode::SERVICE_UNAVAILABLE, "UH", "no healthy upstream");
@@ -162,7 +171,7 @@ pub async fn forward(
         let sent = async {
             match context
                 .upstreams
-                .send(context, tunnel, &endpoint, head, body, plan.upgrade)
+                .send(context, tunnel, &endpoint, head, body, protocol)
                 .await
             {
                 Ok(response) => Attempt::Response(response),
@@ -275,6 +284,7 @@ pub fn mirror(
     mirrors: &[Mirror],
     head: &RequestHead,
     body: &ReplayBody,
+    downstream: Version,
 ) {
     for m in mirrors {
         if let Some(f) = m.fraction {
@@ -287,7 +297,7 @@ pub fn mirror(
                 chunks: chunks.clone(),
                 trailers: trailers.clone(),
             },
-            ReplayBody::Streaming(_) => {
+            ReplayBody::Streaming(_) | ReplayBody::Teed { .. } => {
                 tracing::debug!(backend = %m.backend.name, "request body too large to mirror; mirror skipped");
                 continue;
             }
@@ -315,6 +325,7 @@ pub fn mirror(
             }
         }
         let (context, tunnel) = (context.clone(), tunnel.clone());
+        let protocol = target.upstream_protocol(downstream);
         tokio::spawn(async move {
             let snapshot = context.state.load();
             let base = context.upstreams.next_base();
@@ -323,7 +334,7 @@ pub fn mirror(
             };
             match context
                 .upstreams
-                .send(&context, &tunnel, &endpoint, &head, &mut copy, false)
+                .send(&context, &tunnel, &endpoint, &head, &mut copy, protocol)
                 .await
             {
                 Ok(response) => {
@@ -335,28 +346,56 @@ pub fn mirror(
     }
 }
 
-/// The request as an HTTP/1.1 origin-form request, whatever version it arrived in; an upgrade
-/// request keeps its `connection: upgrade` and `upgrade` headers.
-pub fn upstream_request(head: &RequestHead, body: BoxBody, upgrade: bool) -> Request<BoxBody> {
+/// The request as the endpoint is to receive it. HTTP/1.1: origin form with a `host` header,
+/// whatever version it arrived in; an upgrade request keeps its `connection: upgrade` and
+/// `upgrade` headers. HTTP/2: `:scheme` and `:authority` (from `host` when the client sent
+/// HTTP/1.1), and `te: trailers` kept when the client asked for it (gRPC servers require it).
+pub fn upstream_request(
+    head: &RequestHead,
+    body: BoxBody,
+    protocol: UpstreamProtocol,
+) -> Request<BoxBody> {
     let mut headers = head.headers.clone();
-    if !headers.contains_key(header::HOST) {
-        if let Some(authority) = head.uri.authority() {
-            if let Ok(host) = HeaderValue::from_str(authority.as_str()) {
-                headers.insert(header::HOST, host);
-            }
-        }
-    }
+    let authority = head.authority();
     let upgrade_to = headers.get(header::UPGRADE).cloned();
+    let trailers = headers
+        .get_all(header::TE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("trailers"));
     strip_hop_by_hop(&mut headers);
-    if let (true, Some(protocol)) = (upgrade, upgrade_to) {
-        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-        headers.insert(header::UPGRADE, protocol);
-    }
     let path = head.uri.path_and_query().map_or("/", |p| p.as_str());
     let mut request = Request::new(body);
     *request.method_mut() = head.method.clone();
-    *request.uri_mut() = path.parse().unwrap_or_else(|_| Uri::from_static("/"));
-    *request.version_mut() = Version::HTTP_11;
+    match protocol {
+        UpstreamProtocol::Http1 | UpstreamProtocol::Upgrade => {
+            if !headers.contains_key(header::HOST) {
+                if let Ok(host) = HeaderValue::from_str(&authority) {
+                    headers.insert(header::HOST, host);
+                }
+            }
+            if let (UpstreamProtocol::Upgrade, Some(to)) = (protocol, upgrade_to) {
+                headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+                headers.insert(header::UPGRADE, to);
+            }
+            *request.uri_mut() = path.parse().unwrap_or_else(|_| Uri::from_static("/"));
+            *request.version_mut() = Version::HTTP_11;
+        }
+        UpstreamProtocol::Http2 => {
+            // `:authority` replaces `host` (RFC 9113 §8.3.1).
+            headers.remove(header::HOST);
+            if trailers {
+                headers.insert(header::TE, HeaderValue::from_static("trailers"));
+            }
+            let scheme = head.uri.scheme_str().unwrap_or("http");
+            *request.uri_mut() = format!("{scheme}://{authority}{path}")
+                .parse()
+                .or_else(|_| path.parse())
+                .unwrap_or_else(|_| Uri::from_static("/"));
+            *request.version_mut() = Version::HTTP_2;
+        }
+    }
     *request.headers_mut() = headers;
     request
 }
@@ -400,7 +439,7 @@ mod tests {
             uri: parts.uri,
             headers: parts.headers,
         };
-        let request = upstream_request(&head, full(""), false);
+        let request = upstream_request(&head, full(""), UpstreamProtocol::Http1);
         assert_eq!(request.version(), Version::HTTP_11);
         assert_eq!(request.uri(), "/a/b?c=d");
         assert_eq!(request.headers()["host"], "echo.default:80");

@@ -22,14 +22,15 @@ use std::time::Instant;
 use ambit_mesh::state::Snapshot;
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderValue};
-use http::{Request, Response, StatusCode};
+use http::{Request, Response, StatusCode, Version};
 use http_body_util::BodyExt;
 use hyper::body::{Body as _, Incoming};
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 
 use super::body::{
-    full, header_bytes, AccessLine, BoxBody, Completion, CountingBody, ObservedBody, ReplayBody,
+    full, header_bytes, AccessLine, BoxBody, Completion, CountingBody, DeadlineBody, ObservedBody,
+    ReplayBody,
 };
 use super::filters::{self, RequestHead};
 use super::forward::{self, Plan};
@@ -53,6 +54,8 @@ pub struct LocalReply {
     pub location: Option<HeaderValue>,
     /// Headers a Wasm filter's local response asked for (boxed: replies travel in `Err`s).
     pub headers: Box<HeaderMap>,
+    /// The gRPC status a gRPC client gets instead of the one the HTTP status maps to.
+    pub grpc_status: Option<u16>,
 }
 
 impl LocalReply {
@@ -63,8 +66,97 @@ impl LocalReply {
             body: body.into(),
             location: None,
             headers: Box::default(),
+            grpc_status: None,
         }
     }
+
+    /// A timeout of the whole request: Istio bounds routes (and `grpc-timeout`) with Envoy's
+    /// `max_stream_duration`, whose expiry a gRPC client sees as `DEADLINE_EXCEEDED`.
+    fn request_timeout() -> Self {
+        LocalReply {
+            grpc_status: Some(GRPC_DEADLINE_EXCEEDED),
+            ..LocalReply::new(
+                StatusCode::GATEWAY_TIMEOUT,
+                "UT",
+                "upstream request timeout",
+            )
+        }
+    }
+}
+
+const GRPC_DEADLINE_EXCEEDED: u16 = 4;
+
+/// The gRPC status a local reply's HTTP status stands for, as Envoy maps it (gRPC's
+/// http-grpc-status-mapping).
+fn grpc_status_of(status: StatusCode) -> u16 {
+    match status.as_u16() {
+        400 => 13,                   // INTERNAL
+        401 => 16,                   // UNAUTHENTICATED
+        403 => 7,                    // PERMISSION_DENIED
+        404 => 12,                   // UNIMPLEMENTED
+        429 | 502 | 503 | 504 => 14, // UNAVAILABLE
+        _ => 2,                      // UNKNOWN
+    }
+}
+
+/// A local reply to a gRPC request, as Envoy sends one: trailers-only (HTTP 200, `grpc-status`
+/// and `grpc-message` in the only header block), so that gRPC clients see a status, not a
+/// protocol error. A status a Wasm filter chose stays.
+fn grpc_local_response(reply: LocalReply) -> Response<BoxBody> {
+    let mut headers = *reply.headers;
+    if !headers.contains_key("grpc-status") {
+        let status = reply
+            .grpc_status
+            .unwrap_or_else(|| grpc_status_of(reply.status));
+        headers.insert("grpc-status", HeaderValue::from(status));
+    }
+    if !headers.contains_key("grpc-message") && !reply.body.is_empty() {
+        if let Ok(message) = HeaderValue::from_str(&grpc_message(&reply.body)) {
+            headers.insert("grpc-message", message);
+        }
+    }
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/grpc"),
+    );
+    headers.remove(header::CONTENT_LENGTH);
+    let mut response = Response::new(full(Bytes::new()));
+    *response.headers_mut() = headers;
+    response
+}
+
+/// `grpc-message` encoding: bytes outside printable ASCII, and `%`, percent-encoded.
+fn grpc_message(text: &[u8]) -> String {
+    let mut encoded = String::with_capacity(text.len());
+    for &b in text {
+        if (0x20..=0x7e).contains(&b) && b != b'%' {
+            encoded.push(char::from(b));
+        } else {
+            encoded.push_str(&format!("%{b:02X}"));
+        }
+    }
+    encoded
+}
+
+/// A `grpc-timeout` header's value (`<up to 8 digits><H|M|S|m|u|n>`); `None` when absent or
+/// malformed (gRPC servers ignore a malformed one too).
+fn grpc_timeout(headers: &HeaderMap) -> Option<std::time::Duration> {
+    let value = headers.get("grpc-timeout")?.to_str().ok()?;
+    let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
+    if digits.is_empty() || digits.len() > 8 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let n: u64 = digits.parse().ok()?;
+    use std::time::Duration;
+    Some(match unit {
+        "H" => Duration::from_secs(n * 3600),
+        "M" => Duration::from_secs(n * 60),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
 }
 
 /// Serves one request from a tunnel and arranges for its metrics to be recorded when the
@@ -110,22 +202,34 @@ pub async fn serve(
     // The client's side of an upgrade must be claimed before the request is taken apart.
     let upgrade = wants_upgrade(request.headers()).then(|| hyper::upgrade::on(&mut request));
     let (parts, body) = request.into_parts();
+    let version = parts.version;
     let body = CountingBody::new(body.boxed_unsync(), request_bytes.clone()).boxed_unsync();
     let head = RequestHead {
         method: parts.method,
         uri: parts.uri,
         headers: parts.headers,
     };
-    let (mut response, flags) = match handle(&context, &tunnel, head, body, upgrade, &mut labels)
-        .await
+    let (mut response, flags) = match handle(
+        &context,
+        &tunnel,
+        head,
+        version,
+        body,
+        upgrade,
+        &mut labels,
+    )
+    .await
     {
         Ok((response, flags)) => (response, flags),
         Err(reply) => {
             tracing::debug!(target = %tunnel.connect.target, status = %reply.status, flags = reply.flags, "local reply");
-            (
-                local_response(reply.status, reply.location, reply.body, *reply.headers),
-                reply.flags,
-            )
+            let flags = reply.flags;
+            let response = if grpc {
+                grpc_local_response(reply)
+            } else {
+                local_response(reply.status, reply.location, reply.body, *reply.headers)
+            };
+            (response, flags)
         }
     };
     if response.status() != StatusCode::SWITCHING_PROTOCOLS {
@@ -158,6 +262,7 @@ async fn handle(
     context: &Arc<Context>,
     tunnel: &Arc<TunnelInfo>,
     mut head: RequestHead,
+    version: Version,
     body: BoxBody,
     upgrade: Option<OnUpgrade>,
     labels: &mut RequestLabels,
@@ -202,11 +307,24 @@ async fn handle(
         None => body,
     };
 
-    let plan = plan(&snapshot, &target, rule.as_deref(), upgrade.is_some())?;
+    let plan = plan(
+        &snapshot,
+        &target,
+        rule.as_deref(),
+        version,
+        upgrade.is_some(),
+    )?;
+    // A gRPC client's deadline bounds the request too (Istio leaves Envoy's
+    // `grpc_timeout_header_max` at 0: no cap on it).
+    let grpc_deadline = grpc_timeout(&head.headers);
     let request_timeout = rule
         .as_ref()
         .and_then(|r| r.request_timeout)
-        .or(context.settings.request_timeout);
+        .or(context.settings.request_timeout)
+        .into_iter()
+        .chain(grpc_deadline)
+        .min();
+    let started = tokio::time::Instant::now();
     let forwarding = async {
         let mut body = match &rule {
             // Only a body that may be sent again is worth holding in memory.
@@ -217,10 +335,13 @@ async fn handle(
                         LocalReply::new(StatusCode::BAD_REQUEST, "DC", format!("request body: {e}"))
                     })?
             }
-            _ => ReplayBody::Streaming(Some(body)),
+            // Streamed at once (a gRPC stream must not wait for its end), and copied while it
+            // fits so that Istio's default retries (gRPC `unavailable`, refused streams) can
+            // send it again.
+            _ => ReplayBody::teed(body, context.settings.body_buffer_limit),
         };
         if let Some(r) = &rule {
-            forward::mirror(context, tunnel, &r.mirrors, &head, &body);
+            forward::mirror(context, tunnel, &r.mirrors, &head, &body, version);
         }
         forward::forward(context, tunnel, &plan, &head, &mut body, labels).await
     };
@@ -228,13 +349,7 @@ async fn handle(
         match request_timeout {
             Some(limit) => tokio::time::timeout(limit, forwarding)
                 .await
-                .unwrap_or_else(|_| {
-                    Err(LocalReply::new(
-                        StatusCode::GATEWAY_TIMEOUT,
-                        "UT",
-                        "upstream request timeout",
-                    ))
-                }),
+                .unwrap_or_else(|_| Err(LocalReply::request_timeout())),
             None => forwarding.await,
         }
     };
@@ -249,6 +364,10 @@ async fn handle(
 
     if let Some(rule) = &rule {
         filters::response_filters(response.headers_mut(), rule);
+    }
+    if let Some(deadline) = grpc_deadline {
+        // The deadline covers the whole call, streamed responses included.
+        response = response.map(|body| DeadlineBody::new(body, started + deadline).boxed_unsync());
     }
 
     if let Some(client) = upgrade {
@@ -374,6 +493,7 @@ fn plan(
     snapshot: &Snapshot,
     addressed: &Target,
     rule: Option<&Rule>,
+    downstream: Version,
     upgrade: bool,
 ) -> Result<Plan, LocalReply> {
     let target = match rule {
@@ -405,6 +525,7 @@ fn plan(
         retry: rule.and_then(|r| r.retry.clone()),
         per_try_timeout: rule.and_then(|r| r.backend_timeout),
         upgrade,
+        downstream,
     })
 }
 
@@ -483,4 +604,59 @@ fn is_grpc(headers: &HeaderMap) -> bool {
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("application/grpc"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn grpc_timeouts_parse_as_grpc_defines_them() {
+        let timeout = |v: &str| {
+            let mut headers = HeaderMap::new();
+            headers.insert("grpc-timeout", HeaderValue::from_str(v).unwrap());
+            grpc_timeout(&headers)
+        };
+        assert_eq!(timeout("100m"), Some(Duration::from_millis(100)));
+        assert_eq!(timeout("2S"), Some(Duration::from_secs(2)));
+        assert_eq!(timeout("1H"), Some(Duration::from_secs(3600)));
+        assert_eq!(timeout("5u"), Some(Duration::from_micros(5)));
+        assert_eq!(timeout("99999999n"), Some(Duration::from_nanos(99_999_999)));
+        for bad in ["", "m", "100", "100x", "123456789S", "-1S", "1.5S"] {
+            assert_eq!(timeout(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn grpc_local_replies_are_trailers_only_with_envoys_status_mapping() {
+        let reply = |status| grpc_local_response(LocalReply::new(status, "-", "no 100% ü"));
+        let denied = reply(StatusCode::FORBIDDEN);
+        assert_eq!(denied.status(), StatusCode::OK);
+        assert_eq!(denied.headers()["grpc-status"], "7");
+        assert_eq!(denied.headers()["content-type"], "application/grpc");
+        assert_eq!(denied.headers()["grpc-message"], "no 100%25 %C3%BC");
+        assert!(denied.body().is_end_stream());
+        assert_eq!(
+            reply(StatusCode::SERVICE_UNAVAILABLE).headers()["grpc-status"],
+            "14"
+        );
+        assert_eq!(
+            reply(StatusCode::GATEWAY_TIMEOUT).headers()["grpc-status"],
+            "14"
+        );
+        assert_eq!(reply(StatusCode::NOT_FOUND).headers()["grpc-status"], "12");
+        assert_eq!(
+            reply(StatusCode::INTERNAL_SERVER_ERROR).headers()["grpc-status"],
+            "2"
+        );
+        let timed_out = grpc_local_response(LocalReply::request_timeout());
+        assert_eq!(timed_out.headers()["grpc-status"], "4");
+        // A Wasm filter's own gRPC status stays.
+        let mut filtered = LocalReply::new(StatusCode::FORBIDDEN, "-", "");
+        filtered
+            .headers
+            .insert("grpc-status", HeaderValue::from(16));
+        assert_eq!(grpc_local_response(filtered).headers()["grpc-status"], "16");
+    }
 }

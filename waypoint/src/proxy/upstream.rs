@@ -4,6 +4,10 @@
 //! with its defaults: 5 in a row eject an endpoint for 30 s × the times it was ejected), and the
 //! upstream HTTP/1.1 connections themselves: an HBONE tunnel to `podIP:15008` (plain TCP for
 //! endpoints outside the mesh), kept alive and reused for later requests from the same client.
+//! HTTP/2 upstreams (ports declared `http2`, `grpc` or `grpc-web`, and HTTP/2 requests on
+//! undeclared ports, as Istio's clusters decide it) share one connection per pool key, its
+//! streams multiplexed, kept alive with PINGs; a connection the endpoint closes (GOAWAY) is
+//! replaced, and requests it refused unprocessed are retried.
 //!
 //! Pooled connections are keyed by the endpoint, the target and the client address the tunnel's
 //! `forwarded` header names, because the destination ztunnel takes the client's address from
@@ -18,11 +22,12 @@ use std::time::{Duration, Instant};
 use ambit_mesh::hbone::client::{ClientError, TunnelRequest};
 use ambit_mesh::hbone::server::Upstream as UpstreamIo;
 use ambit_mesh::hbone::{ConnectHeaders, HBONE_PORT};
+use ambit_mesh::state::AppProtocol;
 use ambit_mesh::state::{HealthStatus, Protocol, Service, Snapshot, Workload};
-use http::Response;
+use http::{Response, Version};
 use hyper::body::Incoming;
-use hyper::client::conn::http1::SendRequest;
-use hyper_util::rt::TokioIo;
+use hyper::client::conn::{http1::SendRequest, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 
 use super::body::{BoxBody, ReplayBody};
@@ -46,6 +51,23 @@ pub enum Target {
 }
 
 impl Target {
+    /// The protocol requests go upstream in, as Istio's clusters decide it: ports declared
+    /// `http2`, `grpc` or `grpc-web` speak HTTP/2 (prior knowledge), ports declared `http`
+    /// HTTP/1.1, and undeclared ports (and pod-addressed traffic) the client's own protocol
+    /// (Envoy's `USE_DOWNSTREAM_PROTOCOL`, which Istio sets for sniffed ports).
+    pub fn upstream_protocol(&self, downstream: Version) -> UpstreamProtocol {
+        let declared = match self {
+            Target::Service { service, port } => service.app_protocols.get(port).copied(),
+            Target::Workload { .. } => None,
+        };
+        match declared {
+            Some(AppProtocol::Http2 | AppProtocol::Grpc) => UpstreamProtocol::Http2,
+            Some(_) => UpstreamProtocol::Http1,
+            None if downstream == Version::HTTP_2 => UpstreamProtocol::Http2,
+            None => UpstreamProtocol::Http1,
+        }
+    }
+
     /// The addressed Service's (namespace, name), `None` for pod-addressed traffic, and the
     /// port: what policies and plugins are selected by.
     pub fn service_and_port(&self) -> (Option<(&str, &str)>, u16) {
@@ -57,6 +79,16 @@ impl Target {
             Target::Workload { port, .. } => (None, *port),
         }
     }
+}
+
+/// The HTTP version spoken to an endpoint.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UpstreamProtocol {
+    Http1,
+    Http2,
+    /// HTTP/1.1 on a connection of its own, never pooled: it becomes the upgraded stream
+    /// (WebSocket; Envoy too upgrades over HTTP/1.1 only).
+    Upgrade,
 }
 
 /// The endpoint chosen for one attempt.
@@ -81,10 +113,23 @@ pub enum Failure {
 }
 
 /// What a failed exchange on an upstream connection means for the attempt. Hyper reports an
-/// error of the request body it was sending as a "user" error.
+/// error of the request body it was sending as a "user" error. An HTTP/2 stream the endpoint
+/// refused (`REFUSED_STREAM`, or past the last stream of its GOAWAY) was never processed, so
+/// another endpoint or connection may take it (Envoy's `refused-stream`, in Istio's default
+/// retry policy).
 fn exchange_failure(err: hyper::Error) -> Failure {
     if err.is_user() {
-        Failure::ClientBody(err.to_string())
+        return Failure::ClientBody(err.to_string());
+    }
+    let refused = std::error::Error::source(&err)
+        .and_then(|e| e.downcast_ref::<h2::Error>())
+        .and_then(h2::Error::reason)
+        == Some(h2::Reason::REFUSED_STREAM);
+    if refused {
+        Failure::Connect {
+            message: format!("the endpoint refused the stream: {err}"),
+            retryable: true,
+        }
     } else {
         Failure::Reset(err.to_string())
     }
@@ -105,6 +150,15 @@ struct Idle {
     since: Instant,
 }
 
+/// One pool key's HTTP/2 connection. The async lock makes requests that arrive while it is
+/// being opened wait for it instead of each opening another.
+type H2Slot = Arc<tokio::sync::Mutex<Option<H2Connection>>>;
+
+struct H2Connection {
+    sender: http2::SendRequest<BoxBody>,
+    last_used: Instant,
+}
+
 /// Requests (or L4 connections) in flight at one endpoint, counted while this lives.
 pub struct InFlight(Arc<AtomicUsize>);
 
@@ -122,6 +176,8 @@ pub struct Upstreams {
     /// Requests in flight per endpoint (workload uid).
     in_flight: Mutex<HashMap<String, Arc<AtomicUsize>>>,
     idle: Arc<Mutex<HashMap<PoolKey, Vec<Idle>>>>,
+    /// Multiplexed HTTP/2 connections.
+    h2: Mutex<HashMap<PoolKey, H2Slot>>,
 }
 
 impl Upstreams {
@@ -132,6 +188,7 @@ impl Upstreams {
             health: Mutex::default(),
             in_flight: Mutex::default(),
             idle: Arc::default(),
+            h2: Mutex::default(),
         }
     }
 
@@ -263,7 +320,8 @@ impl Upstreams {
     /// Sends one request to `endpoint` on a pooled connection when one is idle, otherwise on a
     /// new one, and returns as soon as the response headers arrive. The body is taken only once
     /// a connection is there, so a connect failure leaves it for the next attempt. An upgrade
-    /// request gets a connection of its own, never pooled: it becomes the upgraded stream.
+    /// request gets an HTTP/1.1 connection of its own, never pooled: it becomes the upgraded
+    /// stream.
     pub async fn send(
         &self,
         context: &Context,
@@ -271,14 +329,14 @@ impl Upstreams {
         endpoint: &Endpoint,
         head: &RequestHead,
         body: &mut ReplayBody,
-        upgrade: bool,
+        protocol: UpstreamProtocol,
     ) -> Result<Response<Incoming>, Failure> {
+        let upgrade = protocol == UpstreamProtocol::Upgrade;
+        if protocol == UpstreamProtocol::Http2 {
+            return self.send_h2(context, tunnel, endpoint, head, body).await;
+        }
         let key = pool_key(tunnel, endpoint);
-        let build = |body: &mut ReplayBody| {
-            body.take()
-                .map(|b| upstream_request(head, b, upgrade))
-                .ok_or_else(|| Failure::Reset("the request body was already sent".into()))
-        };
+        let build = |body: &mut ReplayBody| take_request(head, body, protocol);
         let mut request = None;
         while let Some(mut sender) = (!upgrade).then(|| self.checkout(&key)).flatten() {
             let unsent = match request.take() {
@@ -321,6 +379,105 @@ impl Upstreams {
         Ok(response)
     }
 
+    /// [`send`](Self::send) over HTTP/2: on the key's connection while it takes new streams,
+    /// else on a new one. A request the connection handed back unsent (it closed first) goes on
+    /// the next connection as it is.
+    async fn send_h2(
+        &self,
+        context: &Context,
+        tunnel: &TunnelInfo,
+        endpoint: &Endpoint,
+        head: &RequestHead,
+        body: &mut ReplayBody,
+    ) -> Result<Response<Incoming>, Failure> {
+        let key = pool_key(tunnel, endpoint);
+        let mut request = None;
+        // A pooled connection may turn out closed; the second round opens a fresh one.
+        for _ in 0..2 {
+            let mut sender = self.h2_sender(context, tunnel, endpoint, &key).await?;
+            let unsent = match request.take() {
+                Some(r) => r,
+                None => take_request(head, body, UpstreamProtocol::Http2)?,
+            };
+            match sender.try_send_request(unsent).await {
+                Ok(response) => return Ok(response),
+                Err(mut err) => match err.take_message() {
+                    Some(unsent) => request = Some(unsent),
+                    None => return Err(exchange_failure(err.into_error())),
+                },
+            }
+        }
+        Err(Failure::Connect {
+            message: "the endpoint's HTTP/2 connection closed before the request was sent".into(),
+            retryable: true,
+        })
+    }
+
+    /// The key's HTTP/2 connection, opened when there is none that takes new streams (it closed,
+    /// the endpoint sent GOAWAY, or it sat unused past the idle timeout).
+    async fn h2_sender(
+        &self,
+        context: &Context,
+        tunnel: &TunnelInfo,
+        endpoint: &Endpoint,
+        key: &PoolKey,
+    ) -> Result<http2::SendRequest<BoxBody>, Failure> {
+        let slot = self
+            .h2
+            .lock()
+            .expect("h2 pool lock")
+            .entry(key.clone())
+            .or_default()
+            .clone();
+        let mut connection = slot.lock().await;
+        if let Some(c) = connection.as_mut() {
+            if c.sender.is_ready() && c.last_used.elapsed() < self.settings.pool_idle_timeout {
+                c.last_used = Instant::now();
+                return Ok(c.sender.clone());
+            }
+        }
+        self.sweep_h2(key);
+        let io = open(context, tunnel, endpoint).await?;
+        let (sender, conn) = http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .keep_alive_interval(self.settings.h2_keepalive_interval)
+            .keep_alive_timeout(self.settings.h2_keepalive_timeout)
+            .keep_alive_while_idle(true)
+            .handshake(TokioIo::new(io))
+            .await
+            .map_err(|e| Failure::Connect {
+                message: format!("HTTP/2 handshake: {e}"),
+                retryable: true,
+            })?;
+        let uid = endpoint.workload.uid.clone();
+        tokio::spawn(async move {
+            if let Err(err) = conn.await {
+                tracing::debug!(endpoint = %uid, error = %err, "upstream HTTP/2 connection ended with an error");
+            }
+        });
+        *connection = Some(H2Connection {
+            sender: sender.clone(),
+            last_used: Instant::now(),
+        });
+        Ok(sender)
+    }
+
+    /// Drops the HTTP/2 connections of other keys that closed or sat unused past the idle
+    /// timeout (their clients or endpoints went away): run whenever a connection is opened, so
+    /// the pool never holds more than what was recently in use.
+    fn sweep_h2(&self, keep: &PoolKey) {
+        let idle_timeout = self.settings.pool_idle_timeout;
+        self.h2.lock().expect("h2 pool lock").retain(|key, slot| {
+            key == keep
+                // A slot locked is being opened or used right now.
+                || slot.try_lock().map_or(true, |c| {
+                    c.as_ref().is_some_and(|c| {
+                        c.sender.is_ready() && c.last_used.elapsed() < idle_timeout
+                    })
+                })
+        });
+    }
+
     fn checkout(&self, key: &PoolKey) -> Option<SendRequest<BoxBody>> {
         let mut idle = self.idle.lock().expect("pool lock");
         let list = idle.get_mut(key)?;
@@ -356,6 +513,17 @@ impl Upstreams {
             }
         });
     }
+}
+
+/// The request for one attempt, once a connection is there to take it.
+fn take_request(
+    head: &RequestHead,
+    body: &mut ReplayBody,
+    protocol: UpstreamProtocol,
+) -> Result<http::Request<BoxBody>, Failure> {
+    body.take()
+        .map(|b| upstream_request(head, b, protocol))
+        .ok_or_else(|| Failure::Reset("the request body was already sent".into()))
 }
 
 fn pool_key(tunnel: &TunnelInfo, endpoint: &Endpoint) -> PoolKey {
@@ -435,6 +603,14 @@ mod tests {
     use super::*;
     use ambit_mesh::state::local::LocalConfig;
 
+    fn snapshot(yaml: &str) -> Snapshot {
+        let path = std::path::Path::new("t.yaml");
+        LocalConfig::parse(yaml, path)
+            .unwrap()
+            .into_snapshot(path)
+            .unwrap()
+    }
+
     #[test]
     fn five_consecutive_failures_eject_an_endpoint_until_all_are_ejected() {
         let yaml = r#"
@@ -444,11 +620,7 @@ workloads:
 services:
 - {name: echo, namespace: default, hostname: echo.default.svc.cluster.local, vips: ["/10.96.0.1"], ports: {80: 8080}}
 "#;
-        let path = std::path::Path::new("t.yaml");
-        let snapshot = LocalConfig::parse(yaml, path)
-            .unwrap()
-            .into_snapshot(path)
-            .unwrap();
+        let snapshot = snapshot(yaml);
         let service = snapshot.services().next().unwrap().clone();
         let target = Target::Service { service, port: 80 };
         let upstreams = Upstreams::new(ProxySettings::default());
@@ -486,6 +658,38 @@ services:
     }
 
     #[test]
+    fn upstream_protocol_follows_the_declared_protocol_else_the_clients() {
+        let yaml = r#"
+workloads: []
+services:
+- {name: s, namespace: default, hostname: s.default.svc.cluster.local, vips: ["/10.96.0.1"], ports: {1: 1, 2: 2, 3: 3, 4: 4}, appProtocols: {1: grpc, 2: http2, 3: http11}}
+"#;
+        let snapshot = snapshot(yaml);
+        let service = snapshot.services().next().unwrap().clone();
+        let protocol = |port, version| {
+            Target::Service {
+                service: service.clone(),
+                port,
+            }
+            .upstream_protocol(version)
+        };
+        use UpstreamProtocol::{Http1, Http2};
+        assert_eq!(protocol(1, Version::HTTP_11), Http2, "grpc");
+        assert_eq!(protocol(2, Version::HTTP_11), Http2, "http2");
+        assert_eq!(protocol(3, Version::HTTP_2), Http1, "http");
+        assert_eq!(
+            protocol(4, Version::HTTP_2),
+            Http2,
+            "undeclared, client on HTTP/2"
+        );
+        assert_eq!(
+            protocol(4, Version::HTTP_11),
+            Http1,
+            "undeclared, client on HTTP/1.1"
+        );
+    }
+
+    #[test]
     fn busy_endpoints_lose_to_idle_ones_and_idle_ones_take_turns() {
         let yaml = r#"
 workloads:
@@ -495,11 +699,7 @@ workloads:
 services:
 - {name: echo, namespace: default, hostname: echo.default.svc.cluster.local, vips: ["/10.96.0.1"], ports: {80: 8080}}
 "#;
-        let path = std::path::Path::new("t.yaml");
-        let snapshot = LocalConfig::parse(yaml, path)
-            .unwrap()
-            .into_snapshot(path)
-            .unwrap();
+        let snapshot = snapshot(yaml);
         let service = snapshot.services().next().unwrap().clone();
         let target = Target::Service { service, port: 80 };
         let upstreams = Upstreams::new(ProxySettings::default());

@@ -12,6 +12,11 @@
 //! Beside HTTP on port 80 (no declared protocol: sniffed), each pod serves two TCP ports: 5432,
 //! declared `tcp`, echoes what it receives; 7000, undeclared, is server-first: it greets with
 //! `hello from <pod>\n`, then echoes.
+//!
+//! A fifth workload, `grpc-a`, backs the `grpc` service: port 50051 declared `grpc`, 50052
+//! undeclared (sniffed), both to 50051 where [`L7Mesh::start_grpc_pod`] runs a Python `grpcio`
+//! server (`grpc_peer.py`); [`L7Mesh::entry`] is a local TCP port whose connections are tunnelled
+//! to a VIP, so a Python client reaches the waypoint as a source ztunnel would carry it.
 
 #![allow(dead_code)]
 
@@ -48,6 +53,12 @@ pub const ECHO_TCP_VIP: &str = "10.96.1.10:5432";
 pub const ECHO_GREETER_VIP: &str = "10.96.1.10:7000";
 pub const ECHO_HOST: &str = "echo.default.svc.cluster.local";
 pub const CLIENT_ADDR: &str = "10.9.9.9:40000";
+/// The gRPC service's port declared `grpc`.
+pub const GRPC_VIP: &str = "10.96.1.13:50051";
+/// The gRPC service's undeclared port.
+pub const GRPC_SNIFFED_VIP: &str = "10.96.1.13:50052";
+/// The gRPC pod's host byte in its `127.78.<net>.<n>` address.
+pub const GRPC_POD_HOST: u8 = 5;
 
 pub const PODS: [(&str, &str, u8); 4] = [
     ("echo-a", "echo", 1),
@@ -78,6 +89,8 @@ impl Drop for Pod {
 pub struct L7Mesh {
     pub waypoint: Waypoint,
     pub client: Client,
+    pub certificates: Arc<CertificateManager>,
+    pub net: u8,
     pub pods: Vec<Pod>,
     /// How many more `/flaky` requests fail.
     pub failures: Arc<AtomicU32>,
@@ -114,9 +127,18 @@ fn state(net: u8) -> StateStore {
 "#
         ));
     }
+    let grpc_ip = pod_ip(net, GRPC_POD_HOST);
     let yaml = format!(
         r#"
 workloads:{workloads}
+- uid: cluster1//v1/Pod/default/grpc-a
+  name: grpc-a
+  namespace: default
+  serviceAccount: grpc
+  workloadIps: ["{grpc_ip}"]
+  protocol: HBONE
+  services:
+    default/grpc.default.svc.cluster.local: {{50051: 50051, 50052: 50051}}
 - uid: cluster1//v1/Pod/default/sleep
   name: sleep
   namespace: default
@@ -127,6 +149,7 @@ services:
 - {{name: echo, namespace: default, hostname: echo.default.svc.cluster.local, vips: ["/10.96.1.10"], ports: {{80: 8080, 5432: 5432, 7000: 7000}}, appProtocols: {{5432: tcp}}}}
 - {{name: echo-v2, namespace: default, hostname: echo-v2.default.svc.cluster.local, vips: ["/10.96.1.11"], ports: {{80: 8080}}}}
 - {{name: shadow, namespace: default, hostname: shadow.default.svc.cluster.local, vips: ["/10.96.1.12"], ports: {{80: 8080}}}}
+- {{name: grpc, namespace: default, hostname: grpc.default.svc.cluster.local, vips: ["/10.96.1.13"], ports: {{50051: 50051, 50052: 50051}}, appProtocols: {{50051: grpc}}}}
 "#
     );
     let path = Path::new("test.yaml");
@@ -360,11 +383,74 @@ impl L7Mesh {
         .expect("start waypoint");
         L7Mesh {
             waypoint,
-            client: Client::new(certificates, Settings::default()),
+            client: Client::new(certificates.clone(), Settings::default()),
+            certificates,
+            net,
             pods,
             failures,
             config_path,
         }
+    }
+
+    /// Starts the `grpc-a` pod: its HBONE server and the Python gRPC server behind it (`args`
+    /// are extra server options). Fails the test when `python3` or `grpcio` is missing.
+    pub async fn start_grpc_pod(&self, args: &[&str]) -> GrpcPod {
+        let ip = pod_ip(self.net, GRPC_POD_HOST);
+        let hbone = start_pod_hbone(
+            ip,
+            "grpc",
+            self.certificates.clone(),
+            Arc::new(testing::TcpForwarder::default()),
+        )
+        .await;
+        let mut server = tokio::process::Command::new("python3")
+            .arg(grpc_peer())
+            .args(["server", &format!("{ip}:50051"), "grpc-a"])
+            .args(args)
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("python3 runs (the gRPC tests need python3 with grpcio: pip install grpcio)");
+        let mut line = String::new();
+        let stdout = server.stdout.take().unwrap();
+        let mut stdout = tokio::io::BufReader::new(stdout);
+        tokio::time::timeout(
+            Duration::from_secs(20),
+            tokio::io::AsyncBufReadExt::read_line(&mut stdout, &mut line),
+        )
+        .await
+        .expect("the Python gRPC server starts within 20 s")
+        .unwrap();
+        assert_eq!(
+            line.trim(),
+            "ready",
+            "the Python gRPC server did not start (pip install grpcio)"
+        );
+        GrpcPod {
+            _server: server,
+            hbone,
+        }
+    }
+
+    /// A local TCP port whose connections are each tunnelled, as `sleep`, to the waypoint with
+    /// `vip` as the target: what a source ztunnel does with a captured connection.
+    pub async fn entry(self: &Arc<Self>, vip: &'static str) -> (SocketAddr, JoinHandle<()>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let mesh = Arc::downgrade(self);
+        let task = tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let Some(mesh) = mesh.upgrade() else { return };
+                // As ztunnel's sockets: small gRPC frames must not wait for Nagle.
+                let _ = stream.set_nodelay(true);
+                tokio::spawn(async move {
+                    let mut tunnel = mesh.tunnel_as("sleep", vip).await;
+                    drop(mesh);
+                    let _ = tokio::io::copy_bidirectional(&mut stream, &mut tunnel).await;
+                });
+            }
+        });
+        (address, task)
     }
 
     pub fn pod(&self, name: &str) -> &Pod {
@@ -494,6 +580,47 @@ impl L7Mesh {
         }
         seen
     }
+}
+
+/// The running `grpc-a` pod; dropping it stops the Python server and the HBONE server.
+pub struct GrpcPod {
+    _server: tokio::process::Child,
+    hbone: JoinHandle<()>,
+}
+
+impl Drop for GrpcPod {
+    fn drop(&mut self) {
+        self.hbone.abort();
+    }
+}
+
+/// The Python gRPC peer script.
+pub fn grpc_peer() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/grpc_peer.py")
+}
+
+/// Runs the Python gRPC client against `target` and returns the JSON line it prints.
+pub async fn grpc_client(target: SocketAddr, args: &[&str]) -> serde_json::Value {
+    let output = tokio::time::timeout(
+        Duration::from_secs(90),
+        tokio::process::Command::new("python3")
+            .arg(grpc_peer())
+            .arg("client")
+            .arg(target.to_string())
+            .args(args)
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("the Python gRPC client finishes within 90 s")
+    .expect("python3 runs");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "the Python gRPC client {args:?} failed: {stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("{e}: {stdout}"))
 }
 
 /// The manifest header of an HTTPRoute on the echo service.

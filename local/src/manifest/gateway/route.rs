@@ -199,6 +199,109 @@ pub(in crate::manifest) fn rule(node: &Node<'_>) -> Result<HttpRouteRule> {
     })
 }
 
+/// One GRPCRoute `rules[]` entry as an HTTPRoute rule, as istiod translates it: a method match
+/// becomes a path match (both names: Exact `/<service>/<method>`; the service only: PathPrefix
+/// `/<service>`; the method only, or `RegularExpression`: a path regex), headers stay header
+/// matches; its filters (RequestHeaderModifier, ResponseHeaderModifier, RequestMirror) and
+/// weighted backends are HTTPRoute's.
+pub(in crate::manifest) fn grpc_rule(node: &Node<'_>) -> Result<HttpRouteRule> {
+    let f = node.fields()?;
+    let name = f.str("name")?;
+    let matches = bounded(&f, "matches", MAX_MATCHES, grpc_match)?;
+    let filters = bounded(&f, "filters", MAX_FILTERS, |n| {
+        let filter = filter(n)?;
+        match filter {
+            HttpRouteFilter::RequestHeaderModifier(_)
+            | HttpRouteFilter::ResponseHeaderModifier(_)
+            | HttpRouteFilter::RequestMirror(_) => Ok(filter),
+            _ => Err(n.error(
+                "a GRPCRoute rule takes RequestHeaderModifier, ResponseHeaderModifier and \
+                 RequestMirror filters only",
+            )),
+        }
+    })?;
+    let backend_refs = bounded(&f, "backendRefs", MAX_BACKENDS, http_backend_ref)?;
+    if f.get("sessionPersistence").is_some() {
+        return Err(f.error_at(
+            "sessionPersistence",
+            "session persistence is not supported by the waypoint",
+        ));
+    }
+    f.finish()?;
+    Ok(HttpRouteRule {
+        name,
+        matches,
+        filters,
+        backend_refs,
+        ..HttpRouteRule::default()
+    })
+}
+
+fn grpc_match(node: &Node<'_>) -> Result<HttpRouteMatch> {
+    let f = node.fields()?;
+    let path = f.get("method").map(|n| grpc_method(&n)).transpose()?;
+    let headers = bounded(&f, "headers", MAX_HEADERS, |n| value_match(n, true))?;
+    f.finish()?;
+    Ok(HttpRouteMatch {
+        path,
+        headers,
+        ..HttpRouteMatch::default()
+    })
+}
+
+/// A GRPCMethodMatch as the path it stands for.
+fn grpc_method(node: &Node<'_>) -> Result<PathMatch> {
+    let f = node.fields()?;
+    let exact = match f.str("type")?.as_deref() {
+        None | Some("Exact") => true,
+        Some("RegularExpression") => false,
+        Some(other) => {
+            return Err(f.error_at(
+                "type",
+                format!("unknown method match type {other:?}; expected Exact or RegularExpression"),
+            ))
+        }
+    };
+    let service = f.str("service")?;
+    let method = f.str("method")?;
+    f.finish()?;
+    if exact {
+        // The CRD's rules: `service` a dotted name, `method` a plain name.
+        let check = |value: &Option<String>, field: &str, dots: bool| -> Result<()> {
+            match value {
+                Some(v)
+                    if v.is_empty()
+                        || !v.bytes().all(|b| {
+                            b.is_ascii_alphanumeric() || b == b'_' || (dots && b == b'.')
+                        }) =>
+                {
+                    Err(node.error(format!("{field} {v:?} is not a valid gRPC name")))
+                }
+                _ => Ok(()),
+            }
+        };
+        check(&service, "service", true)?;
+        check(&method, "method", false)?;
+    }
+    let (kind, value) = match (exact, service, method) {
+        (_, None, None) => {
+            return Err(node.error("a method match needs a service, a method or both"));
+        }
+        (true, Some(s), Some(m)) => (PathMatchType::Exact, format!("/{s}/{m}")),
+        (true, Some(s), None) => (PathMatchType::PathPrefix, format!("/{s}")),
+        (true, None, Some(m)) => (PathMatchType::RegularExpression, format!("/[^/]+/{m}")),
+        (false, s, m) => (
+            PathMatchType::RegularExpression,
+            format!(
+                "/{}/{}",
+                s.as_deref().unwrap_or("[^/]+"),
+                m.as_deref().unwrap_or("[^/]+")
+            ),
+        ),
+    };
+    Ok(PathMatch { kind, value })
+}
+
 /// The list under `key`, at most `max` long.
 fn bounded<'a, T>(
     f: &Fields<'a>,
