@@ -10,6 +10,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use ambit_mesh::file::{self, FileError};
 use serde_json::{json, Value};
 
 use crate::plugin::PLUGIN_TYPE;
@@ -24,6 +25,8 @@ pub enum InstallError {
         #[source]
         source: io::Error,
     },
+    #[error("{0} (is the host directory mounted into the agent's pod?)")]
+    Write(#[from] FileError),
     #[error("the CNI configuration {} is not valid JSON, so ambit-cni cannot chain itself into it: {source}", path.display())]
     Parse {
         path: PathBuf,
@@ -185,15 +188,9 @@ pub async fn keep_installed(conf_dir: PathBuf, entry: Value, period: Duration) {
 }
 
 fn write_atomically(path: &Path, value: &Value) -> Result<(), InstallError> {
-    let name = path
-        .file_name()
-        .and_then(|n| n.to_str())
-        .unwrap_or("config");
-    let temp = path.with_file_name(format!(".{name}.ambit.tmp"));
     let mut text = serde_json::to_vec_pretty(value).expect("JSON values serialize");
     text.push(b'\n');
-    std::fs::write(&temp, text).map_err(io_error("write", &temp))?;
-    std::fs::rename(&temp, path).map_err(io_error("replace", path))
+    Ok(file::replace(path, &text, 0o644)?)
 }
 
 #[cfg(test)]

@@ -15,6 +15,8 @@
 //! and addresses, and feeds the running pods and service VIPs back in.
 
 pub mod control;
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing;
 pub mod manifest;
 pub mod services;
 pub mod topology;

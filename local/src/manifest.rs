@@ -390,7 +390,18 @@ pub fn parse(text: &str) -> Result<Vec<Object>, ManifestError> {
 /// namespaced objects that name no namespace into `default_namespace` (`kubectl apply -n`).
 /// Objects come out in document order.
 pub fn parse_in(text: &str, default_namespace: &str) -> Result<Vec<Object>, ManifestError> {
+    Ok(parse_documents(text, default_namespace)?.unwrap_or_default())
+}
+
+/// Like [`parse_in`], but tells a text with no document at all (empty, blanks, comments, bare
+/// `---`: `None`) from one whose documents hold no object (an empty `List`: `Some` of nothing),
+/// for readers of files where an empty text may be a truncated one.
+pub fn parse_documents(
+    text: &str,
+    default_namespace: &str,
+) -> Result<Option<Vec<Object>>, ManifestError> {
     let mut objects = Vec::new();
+    let mut any_document = false;
     for (i, document) in serde_yaml::Deserializer::from_str(text).enumerate() {
         let index = i + 1;
         let value = Value::deserialize(document).map_err(|err| {
@@ -402,9 +413,10 @@ pub fn parse_in(text: &str, default_namespace: &str) -> Result<Vec<Object>, Mani
                 message: err.to_string(),
             }
         })?;
+        any_document |= !value.is_null();
         decode_document(index, &value, default_namespace, &mut objects)?;
     }
-    Ok(objects)
+    Ok(any_document.then_some(objects))
 }
 
 fn decode_document(

@@ -118,7 +118,9 @@ impl ConnectHeaders {
                 let Some((key, value)) = pair.trim().split_once('=') else {
                     continue;
                 };
-                let value = value.trim().trim_matches('"');
+                // Quotes and blanks off both ends, together: what is left has neither, so the
+                // value reads back the same once written with `forwarded_value`.
+                let value = value.trim_matches(|c: char| c == '"' || c.is_ascii_whitespace());
                 match key.trim().to_ascii_lowercase().as_str() {
                     "for" => parsed.forwarded_for = value.parse().ok(),
                     "host" => parsed.forwarded_host = Some(value.to_owned()),

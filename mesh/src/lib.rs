@@ -3,6 +3,7 @@
 //! client and a server), following Istio's wire format so Ambit and Istio components interoperate.
 
 pub mod copy;
+pub mod file;
 pub mod hbone;
 pub mod identity;
 pub mod lifecycle;
@@ -12,5 +13,7 @@ pub mod telemetry;
 pub mod tls;
 pub mod zds;
 
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing;
 #[cfg(feature = "testing")]
 pub mod testing;

@@ -11,10 +11,10 @@
 //! [`ZdsClient`] is ztunnel's end, [`ZdsServer`] / [`ZdsConnection`] the node agent's. Both match
 //! Istio's wire format (see [`proto`]), so either can face the Istio implementation.
 
-mod client;
+pub(crate) mod client;
 pub mod proto;
-mod server;
-mod socket;
+pub(crate) mod server;
+pub(crate) mod socket;
 
 use std::io;
 use std::path::PathBuf;

@@ -190,11 +190,6 @@ fn invalid_meshes_are_refused_naming_the_object() {
     assert!(err.to_string().contains("10.96.0.999"), "{err}");
 }
 
-/// The state with one workload fewer.
-fn without_db_0() -> String {
-    MESH.replace("- uid: cluster1//v1/Pod/legacy/db-0\n  name: db-0\n  namespace: legacy\n  workloadIps: [\"10.0.3.10\"]\n  protocol: TCP\n  services: {}\n", "")
-}
-
 #[tokio::test]
 async fn reload_swaps_valid_files_and_keeps_state_on_corrupt_ones() {
     let dir = std::env::temp_dir().join(format!("ambit-state-{}", std::process::id()));
@@ -234,6 +229,90 @@ async fn reload_swaps_valid_files_and_keeps_state_on_corrupt_ones() {
     assert_eq!(count(&store), 4);
     watcher.abort();
     std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[tokio::test]
+async fn empty_missing_and_truncated_files_never_replace_the_state() {
+    let dir = std::env::temp_dir().join(format!("ambit-state-safety-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("state.yaml");
+    std::fs::write(&path, MESH).unwrap();
+    let store = Arc::new(StateStore::new(LocalConfig::load(&path).unwrap()));
+    let interval = Duration::from_millis(100);
+    let watcher = tokio::spawn(local::watch(path.clone(), store.clone(), interval));
+    let count = |store: &StateStore| store.load().workloads().count();
+
+    // No document at all is refused, at start as on reload, with a message saying what to write.
+    for text in ["", "\n  \n", "# nothing yet\n", "null\n", "~\n", "---\n"] {
+        let err = LocalConfig::parse(text, &path).unwrap_err();
+        assert!(matches!(err, LocalError::Empty { .. }), "{text:?}: {err}");
+        assert!(err.to_string().contains("workloads: []"), "{err}");
+        std::fs::write(&path, text).unwrap();
+        tokio::time::sleep(interval * 4).await;
+        assert_eq!(count(&store), 4, "{text:?} replaced the state");
+    }
+    // Cut mid-workload, as a writer that died half-way leaves it. (A cut that leaves valid YAML,
+    // say after `node: n`, cannot be told from a real file by any reader: that is why writers
+    // replace files atomically and readers wait for a file to settle.)
+    let cut = MESH.find("10.0.2.10").unwrap() + 5;
+    std::fs::write(&path, &MESH[..cut]).unwrap();
+    tokio::time::sleep(interval * 4).await;
+    assert_eq!(count(&store), 4);
+    std::fs::remove_file(&path).unwrap();
+    tokio::time::sleep(interval * 4).await;
+    assert_eq!(count(&store), 4, "a deleted file replaced the state");
+
+    // A slow writer whose first half is a valid state with a single workload: never taken while
+    // the rest follows within a poll interval.
+    let half = MESH.find("- uid: cluster1//v1/Pod/default/echo-2").unwrap();
+    assert_eq!(
+        LocalConfig::parse(&MESH[..half], &path)
+            .unwrap()
+            .workloads
+            .len(),
+        1
+    );
+    let mut file = std::fs::File::create(&path).unwrap();
+    std::io::Write::write_all(&mut file, &MESH.as_bytes()[..half]).unwrap();
+    let sampler = {
+        let store = store.clone();
+        tokio::spawn(async move {
+            let mut least = usize::MAX;
+            for _ in 0..100 {
+                least = least.min(count(&store));
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            least
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    std::io::Write::write_all(&mut file, &MESH.as_bytes()[half..]).unwrap();
+    assert_eq!(sampler.await.unwrap(), 4, "half a file was served");
+
+    // Empty on purpose: a document that says so.
+    for (text, expected) in [("workloads: []\n", 0), (MESH, 4), ("{}\n", 0)] {
+        std::fs::write(&path, text).unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(3);
+        while count(&store) != expected {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{text:?} was not taken"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    // What the local mesh writes for an empty state is that explicit form.
+    LocalConfig::default().write(&path).unwrap();
+    let written = std::fs::read_to_string(&path).unwrap();
+    assert!(written.contains("workloads: []"), "{written}");
+    assert_eq!(LocalConfig::load(&path).unwrap().workloads().count(), 0);
+    watcher.abort();
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// The mesh without the `db-0` workload: three workloads instead of four.
+fn without_db_0() -> String {
+    MESH.replace("- uid: cluster1//v1/Pod/legacy/db-0\n  name: db-0\n  namespace: legacy\n  workloadIps: [\"10.0.3.10\"]\n  protocol: TCP\n  services: {}\n", "")
 }
 
 #[tokio::test]

@@ -4,17 +4,24 @@
 //! into an immutable [`L7Config`] ([`routes::RouteTable`] + [`authz::PolicyTable`]) that the data
 //! path reads lock-free from an [`L7Store`].
 //!
-//! The file is polled like the state file; a file that does not parse or compile never replaces
-//! the configuration in force (the error is logged, naming the object and field).
+//! The file is polled like the state file, and like it is a safety boundary: a waypoint never
+//! serves without the policies it last had. A file that is missing (deleted, or not written
+//! yet), holds no Kubernetes object at all (empty, blanks or comments only: a truncated or
+//! half-written file), is still changing, or does not parse or compile never replaces the
+//! configuration in force (the error is logged, naming the object and field), and a waypoint
+//! whose file is unusable at start does not start. A configuration with nothing in it on purpose
+//! is an empty Kubernetes `List` ([`EMPTY_CONFIG`]).
 
 pub mod authz;
 pub mod routes;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use ambit_local::manifest::{self, ManifestError, Object, WasmPlugin};
+use ambit_mesh::file::FileWatch;
+pub use ambit_mesh::file::{fingerprint, Fingerprint};
 use arc_swap::ArcSwap;
 
 pub use authz::PolicyTable;
@@ -30,6 +37,12 @@ pub enum L7Error {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error(
+        "waypoint configuration {path} holds no Kubernetes object (empty, or only comments): \
+         taken as a file still being written or truncated, not as \"no policies\"; an empty \
+         configuration is `apiVersion: v1`, `kind: List`, `items: []`"
+    )]
+    Empty { path: PathBuf },
     #[error("waypoint configuration {path}: {source}")]
     Manifest {
         path: PathBuf,
@@ -44,6 +57,10 @@ pub enum L7Error {
         message: String,
     },
 }
+
+/// The configuration with no routes, policies or plugins, on purpose: an empty Kubernetes `List`
+/// (what `kubectl get -o yaml` prints when nothing matches).
+pub const EMPTY_CONFIG: &str = "apiVersion: v1\nkind: List\nitems: []\n";
 
 /// Who this waypoint is, for deciding which policies target it.
 #[derive(Clone, Debug, Default)]
@@ -74,11 +91,16 @@ impl L7Config {
     /// Parses and compiles a configuration text. Kinds other than HTTPRoute and
     /// AuthorizationPolicy are accepted and ignored (the file may be a whole namespace's
     /// manifests); AuthorizationPolicies without `targetRefs` are for ztunnel and ignored too.
+    /// Text with no document at all is refused (see the module doc).
     pub fn parse(text: &str, path: &Path, me: &WaypointName) -> Result<Self, L7Error> {
-        let objects = manifest::parse(text).map_err(|source| L7Error::Manifest {
-            path: path.to_owned(),
-            source: Box::new(source),
-        })?;
+        let objects = manifest::parse_documents(text, manifest::DEFAULT_NAMESPACE)
+            .map_err(|source| L7Error::Manifest {
+                path: path.to_owned(),
+                source: Box::new(source),
+            })?
+            .ok_or_else(|| L7Error::Empty {
+                path: path.to_owned(),
+            })?;
         Self::compile(&objects, me).map_err(|e| L7Error::Compile {
             path: path.to_owned(),
             object: e.object,
@@ -110,17 +132,14 @@ impl L7Config {
         })
     }
 
-    /// Reads and compiles the file at `path`; a missing file is an empty configuration (the
-    /// daemon may not have written it yet), any other problem an error.
+    /// Reads and compiles the file at `path`. A missing file is an error like any other: the
+    /// policies it held may have been deleted with it.
     pub fn load(path: &Path, me: &WaypointName) -> Result<Self, L7Error> {
-        match std::fs::read_to_string(path) {
-            Ok(text) => Self::parse(&text, path, me),
-            Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(Self::default()),
-            Err(source) => Err(L7Error::Read {
-                path: path.to_owned(),
-                source,
-            }),
-        }
+        let text = std::fs::read_to_string(path).map_err(|source| L7Error::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text, path, me)
     }
 }
 
@@ -164,26 +183,23 @@ impl L7Store {
     }
 }
 
-/// Polls `path` every `interval` and swaps in each change that compiles; one that does not is
-/// logged and the previous configuration stays. `loaded` is the file's [`fingerprint`] taken
-/// before the configuration in force was read: a version written since (while a waypoint
-/// starts) is not missed.
+/// Polls `path` every `interval` and swaps in each change that compiles, once the file has
+/// stopped changing (see [`FileWatch`]); one that does not, or a deleted file, is logged and the
+/// previous configuration stays. `loaded` is the file's [`fingerprint`] taken before the
+/// configuration in force was read: a version written since (while a waypoint starts) is not
+/// missed.
 pub async fn watch(
     path: PathBuf,
     me: WaypointName,
     store: Arc<L7Store>,
     interval: Duration,
-    loaded: Option<Fingerprint>,
+    loaded: Fingerprint,
 ) {
-    let mut last_seen = loaded;
+    let mut file = FileWatch::since(path, interval, loaded);
     loop {
-        tokio::time::sleep(interval).await;
-        let now = fingerprint(&path);
-        if now == last_seen {
-            continue;
-        }
-        last_seen = now;
-        match L7Config::load(&path, &me) {
+        file.changed().await;
+        let path = file.path();
+        match L7Config::load(path, &me) {
             Ok(config) => {
                 tracing::info!(path = %path.display(), routes = config.routes.len(), policies = config.policies.len(), "waypoint configuration reloaded");
                 store.replace(config);
@@ -194,15 +210,4 @@ pub async fn watch(
             ),
         }
     }
-}
-
-/// What tells one version of a file from the next.
-pub type Fingerprint = (SystemTime, u64, u64);
-
-/// Modification time, inode and size: a rewrite in place or a rename over the file both change
-/// it, even within one mtime tick (the size or inode moves).
-pub fn fingerprint(path: &Path) -> Option<Fingerprint> {
-    use std::os::unix::fs::MetadataExt;
-    let meta = std::fs::metadata(path).ok()?;
-    Some((meta.modified().ok()?, meta.ino(), meta.size()))
 }

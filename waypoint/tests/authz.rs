@@ -1,13 +1,18 @@
 //! L7 AuthorizationPolicy through a real waypoint: DENY on a path, ALLOW by principal, policies
-//! for other Gateways ignored, denials counted with flag `RBAC`, `ipBlocks` on an address only
-//! a peer that may claim it gets. Fixture: `support/l7mesh.rs`.
+//! for other Gateways ignored, denials counted with flag `RBAC`, a DENY kept through a broken or
+//! missing configuration file, `ipBlocks` on an address only a peer that may claim it gets.
+//! Fixture: `support/l7mesh.rs`.
 
 #[path = "support/l7mesh.rs"]
 mod l7mesh;
 
+use std::io::Write;
+use std::time::{Duration, Instant};
+
+use ambit_waypoint::l7::EMPTY_CONFIG;
 use ambit_waypoint::proxy::ProxySettings;
 use hyper::StatusCode;
-use l7mesh::{L7Mesh, CLIENT_ADDR, ECHO_VIP};
+use l7mesh::{write_config, L7Mesh, CLIENT_ADDR, ECHO_VIP};
 
 const DENY_ADMIN: &str = r#"
 apiVersion: security.istio.io/v1
@@ -117,6 +122,72 @@ spec:
         .await,
         2
     );
+}
+
+/// The configuration file is a safety boundary: whatever happens to it, a waypoint never serves
+/// without the policies it last had. Emptied, cut mid-token, deleted, or caught half-written by a
+/// slow writer (where the half would be a DENY with no rules, which denies nothing), the DENY
+/// still answers 403. The explicit empty configuration does take effect.
+#[tokio::test]
+async fn deny_survives_an_emptied_deleted_or_truncated_config() {
+    let mesh = L7Mesh::start(57, DENY_ADMIN, ProxySettings::default()).await;
+    let still_denies = async |what: &str| {
+        assert_eq!(
+            mesh.get("/admin/users", &[]).await.0,
+            StatusCode::FORBIDDEN,
+            "after {what}"
+        );
+        assert_eq!(
+            mesh.get("/public", &[]).await.0,
+            StatusCode::OK,
+            "after {what}"
+        );
+    };
+    still_denies("start").await;
+    // Two poll intervals and more: each bad file had every chance to be taken.
+    let settle = Duration::from_millis(1600);
+    let cut = DENY_ADMIN.find("/admin*").expect("the denied path") + 3;
+    for (what, text) in [
+        ("emptied", ""),
+        ("comments only", "# regenerated below\n---\n"),
+        ("cut mid-token", &DENY_ADMIN[..cut]),
+    ] {
+        // In place, as `cat >` or an editor would.
+        std::fs::write(&mesh.config_path, text).unwrap();
+        tokio::time::sleep(settle).await;
+        still_denies(what).await;
+    }
+    std::fs::remove_file(&mesh.config_path).unwrap();
+    tokio::time::sleep(settle).await;
+    still_denies("deleted").await;
+
+    // A slow writer: the first half (a valid DENY without its rules) stands for less than a poll
+    // interval before the rest follows; requests all along are denied.
+    let half = DENY_ADMIN.find("  rules:").expect("rules");
+    let mut file = std::fs::File::create(&mesh.config_path).unwrap();
+    file.write_all(&DENY_ADMIN.as_bytes()[..half]).unwrap();
+    let writer = async {
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        file.write_all(&DENY_ADMIN.as_bytes()[half..]).unwrap();
+    };
+    let requests = async {
+        let until = Instant::now() + Duration::from_millis(1500);
+        while Instant::now() < until {
+            still_denies("half a write").await;
+        }
+    };
+    tokio::join!(writer, requests);
+
+    // Nothing to enforce, on purpose: taken.
+    write_config(&mesh.config_path, EMPTY_CONFIG);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while mesh.get("/admin/users", &[]).await.0 != StatusCode::OK {
+        assert!(
+            Instant::now() < deadline,
+            "the explicit empty configuration was not taken"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// `ipBlocks` sees the `forwarded: for` address only when the peer's identity is that of the

@@ -8,6 +8,7 @@ mod l7mesh;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use ambit_waypoint::l7::EMPTY_CONFIG;
 use ambit_waypoint::proxy::ProxySettings;
 use hyper::StatusCode;
 use l7mesh::{echo_route, write_config, L7Mesh, ECHO_HOST, ECHO_VIP};
@@ -236,7 +237,7 @@ async fn mirror_sends_a_copy_to_another_service() {
 
 #[tokio::test]
 async fn config_reload_applies_new_routes_and_a_broken_file_keeps_the_old_ones() {
-    let mesh = L7Mesh::start(8, "", ProxySettings::default()).await;
+    let mesh = L7Mesh::start(8, EMPTY_CONFIG, ProxySettings::default()).await;
     let (status, _, body) = mesh.get("/", &[]).await;
     assert_eq!(status, StatusCode::OK);
     assert_ne!(body, "echo-c");
@@ -260,7 +261,7 @@ async fn config_reload_applies_new_routes_and_a_broken_file_keeps_the_old_ones()
         assert_eq!(mesh.get("/", &[]).await.2, "echo-c");
     }
     // Routes removed: the service itself again.
-    write_config(&mesh.config_path, "");
+    write_config(&mesh.config_path, EMPTY_CONFIG);
     let mut back = false;
     for _ in 0..50 {
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -274,7 +275,7 @@ async fn config_reload_applies_new_routes_and_a_broken_file_keeps_the_old_ones()
 
 #[tokio::test]
 async fn upstream_connections_are_kept_alive() {
-    let mesh = L7Mesh::start(9, "", ProxySettings::default()).await;
+    let mesh = L7Mesh::start(9, EMPTY_CONFIG, ProxySettings::default()).await;
     let requests = 8;
     for _ in 0..requests {
         assert_eq!(mesh.get("/", &[]).await.0, StatusCode::OK);
@@ -291,7 +292,7 @@ async fn upstream_connections_are_kept_alive() {
 
 #[tokio::test]
 async fn websocket_style_upgrade_is_passed_through() {
-    let mesh = L7Mesh::start(10, "", ProxySettings::default()).await;
+    let mesh = L7Mesh::start(10, EMPTY_CONFIG, ProxySettings::default()).await;
     let mut tunnel = mesh.tunnel_as("sleep", ECHO_VIP).await;
     tunnel
         .write_all(

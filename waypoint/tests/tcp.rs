@@ -11,6 +11,7 @@ mod l7mesh;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use ambit_waypoint::l7::EMPTY_CONFIG;
 use ambit_waypoint::proxy::ProxySettings;
 use l7mesh::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -42,7 +43,7 @@ fn tcp_connections(mesh: &L7Mesh, pods: &[&str]) -> u32 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn declared_tcp_port_is_proxied_byte_for_byte_and_counted() {
-    let mesh = L7Mesh::start(37, "", settings()).await;
+    let mesh = L7Mesh::start(37, EMPTY_CONFIG, settings()).await;
     // Bytes that look like HTTP are not HTTP on a TCP port: no route, no 400, just an echo.
     let payloads: [&[u8]; 3] = [
         b"\x00\x01\x02binary\xff\xfe",
@@ -127,7 +128,7 @@ async fn declared_tcp_port_is_proxied_byte_for_byte_and_counted() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn undeclared_ports_are_sniffed() {
-    let mesh = L7Mesh::start(38, "", settings()).await;
+    let mesh = L7Mesh::start(38, EMPTY_CONFIG, settings()).await;
 
     // A server-first protocol: the client waits for the greeting, which comes once the
     // detection timeout has passed and the waypoint has connected at L4.
@@ -224,7 +225,7 @@ spec:
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn least_request_keeps_new_requests_off_a_busy_endpoint() {
-    let mesh = L7Mesh::start(11, "", settings()).await;
+    let mesh = L7Mesh::start(11, EMPTY_CONFIG, settings()).await;
     // A long-lived L4 connection keeps one endpoint busy.
     let mut held = mesh.tunnel_as("sleep", ECHO_TCP_VIP).await;
     held.write_all(b"hold").await.unwrap();

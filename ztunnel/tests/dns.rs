@@ -565,3 +565,60 @@ async fn the_resolved_vip_goes_through_the_mesh_and_the_proxy_leaves_with_the_po
     let listening = netns_exec(&cluster.sleep.netns, &["ss", "-Hlnt"]);
     assert!(!listening.contains(":15053"), "{listening}");
 }
+
+/// The state file is a safety boundary: emptied, deleted, or cut short by a writer that died
+/// half-way, it never replaces the last good state, so names keep resolving and service traffic
+/// keeps crossing the mesh. The explicit empty document does take effect.
+#[tokio::test]
+async fn an_emptied_deleted_or_truncated_state_file_keeps_names_and_traffic() {
+    let cluster = cluster().await;
+    app_server(&cluster.echo, 8080).await;
+    let client = client(&cluster.sleep);
+    let good = std::fs::read_to_string(&cluster.state_path).unwrap();
+    // Cut inside the `echo` workload: what an interrupted in-place write leaves.
+    let truncated = &good[..good.find("canonicalRevision").expect("echo's revision") + 12];
+    let resolves_and_serves = async |what: &str| {
+        let answer = client
+            .udp("echo.default.svc.cluster.local.", RecordType::A)
+            .await;
+        assert_eq!(addresses(&answer), vec![vip()], "after {what}");
+        let reply = app_call(&cluster.sleep, SocketAddr::new(vip(), 80), b"still here")
+            .await
+            .unwrap_or_else(|e| panic!("after {what}: {e}"));
+        assert!(reply.ends_with(b"still here"), "after {what}");
+    };
+    resolves_and_serves("start").await;
+    // Two poll intervals and more: each bad file had every chance to be taken.
+    let settle = Duration::from_millis(1600);
+    for (what, text) in [
+        ("emptied", ""),
+        ("comments only", "# regenerated below\n"),
+        ("truncated", truncated),
+    ] {
+        // In place, as `cat >` or an editor would.
+        std::fs::write(&cluster.state_path, text).unwrap();
+        tokio::time::sleep(settle).await;
+        resolves_and_serves(what).await;
+    }
+    std::fs::remove_file(&cluster.state_path).unwrap();
+    tokio::time::sleep(settle).await;
+    resolves_and_serves("deleted").await;
+    assert_eq!(cluster.ztunnels[0].state.load().workloads().count(), 3);
+
+    // An empty state on purpose is taken: the name is gone.
+    std::fs::write(&cluster.state_path, "workloads: []\n").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let answer = client
+            .udp("echo.default.svc.cluster.local.", RecordType::A)
+            .await;
+        if answer.metadata.response_code == ResponseCode::NXDomain {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the explicit empty state was not taken"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

@@ -27,8 +27,10 @@ use ambit_local::control::{ClusterState, Route, RunningPod, WaypointRef, WAYPOIN
 use ambit_local::manifest::{self, Kind, ObjectRef, Pod, RestartPolicy, TargetPort};
 use ambit_local::services;
 use ambit_local::topology::{self, PodNet, Topology};
+use ambit_mesh::file;
 use ambit_mesh::identity::CertificateAuthority;
 use ambit_mesh::state::local::LocalConfig;
+use ambit_waypoint::l7::EMPTY_CONFIG;
 use ambit_ztunnel::app::Ztunnel;
 use ambit_ztunnel::config::Config;
 use anyhow::Context;
@@ -180,7 +182,8 @@ impl Mesh {
         std::fs::create_dir_all(dir.join("zds"))?;
         CertificateAuthority::generate(TRUST_DOMAIN)?.save(&dir.join("cacerts"))?;
         let state_path = dir.join("ztunnel-state.yaml");
-        std::fs::write(&state_path, "workloads: []\n")?;
+        // An explicit empty state: an empty file would be taken as one not yet written.
+        LocalConfig::default().write(&state_path)?;
         let mut topology = Topology::create(&options.prefix, POD_RANGE)?;
         let mut nodes = Vec::new();
         for index in 1..=options.nodes.max(1) {
@@ -505,10 +508,7 @@ impl Mesh {
             ambit_local::control::ztunnel_config(&self.cluster, &running, &self.vips, TRUST_DOMAIN);
         // The file is what an operator inspects; the stores are set directly so the change is
         // in force before the next step, not at the next poll of the file.
-        // Replaced by rename: a waypoint starting meanwhile never reads half a file.
-        let tmp = self.state_path.with_extension("yaml.tmp");
-        std::fs::write(&tmp, serde_yaml::to_string(&config)?)?;
-        std::fs::rename(&tmp, &self.state_path)?;
+        config.write(&self.state_path)?;
         for node in &self.nodes {
             let snapshot = config.clone().into_snapshot(&self.state_path)?;
             node.ztunnel.state.replace(snapshot);
@@ -525,7 +525,8 @@ impl Mesh {
 
     /// istiod's part for waypoints: each one's L7 configuration file holds the routes and
     /// policies that apply to it now (documents of deleted objects are dropped). Files are
-    /// replaced by rename, so a waypoint never reads half a file.
+    /// replaced by rename, so a waypoint never reads half a file; a waypoint with nothing to
+    /// enforce gets the explicit empty configuration, as an empty file would not be taken.
     fn write_waypoint_configs(&mut self) -> anyhow::Result<()> {
         let cluster = &self.cluster;
         self.l7_documents.retain(|r, _| cluster.get(r).is_some());
@@ -544,13 +545,14 @@ impl Mesh {
                     text.push_str(&serde_yaml::to_string(document)?);
                 }
             }
+            if text.is_empty() {
+                text.push_str(EMPTY_CONFIG);
+            }
             let path = self.waypoint_config_path(&key);
             if std::fs::read_to_string(&path).ok().as_deref() == Some(text.as_str()) {
                 continue;
             }
-            let tmp = path.with_extension("yaml.tmp");
-            std::fs::write(&tmp, text)?;
-            std::fs::rename(&tmp, &path)?;
+            file::replace(&path, text.as_bytes(), 0o644)?;
         }
         Ok(())
     }
@@ -599,7 +601,9 @@ impl Mesh {
             );
             let dir = PathBuf::from(format!("/etc/netns/{}", pod.net.netns));
             std::fs::create_dir_all(&dir)?;
-            // Written in place: running processes have these very inodes mounted over /etc.
+            // Written in place, the one exception to replacing files atomically: running
+            // processes have these very inodes bind-mounted over /etc, so a renamed file would
+            // never reach them. One write each; a lookup racing it may see a short file.
             std::fs::write(dir.join("hosts"), hosts)?;
             std::fs::write(dir.join("resolv.conf"), resolv)?;
         }
@@ -771,7 +775,8 @@ impl Mesh {
             .flat_map(|p| p.containers.iter().filter_map(Container::pid))
             .map(|pid| format!("{pid}\n"))
             .collect();
-        std::fs::write(self.options.state_dir.join("pids"), pids)?;
+        // Read by `mesh down` and the next `mesh up` to kill what this daemon started.
+        file::replace(&self.options.state_dir.join("pids"), pids.as_bytes(), 0o644)?;
         Ok(())
     }
 

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use h2::server::SendResponse;
 use h2::RecvStream;
-use http::{Method, Request, Response, StatusCode};
+use http::{Method, Request, Response, StatusCode, Uri};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
@@ -284,7 +284,7 @@ impl Server {
         peer_addr: SocketAddr,
         local_addr: SocketAddr,
     ) {
-        let connect = match parse_connect(&request) {
+        let connect = match connect_target(request.method(), request.uri()) {
             Ok(target) => ConnectRequest {
                 target,
                 peer_identity,
@@ -335,16 +335,15 @@ impl Server {
     }
 }
 
-/// Checks method and authority; returns the target address.
-fn parse_connect(request: &Request<RecvStream>) -> Result<SocketAddr, Rejection> {
-    if request.method() != Method::CONNECT {
+/// Checks method and authority (as h2 hands them over: the URI of a CONNECT is its
+/// `:authority`); returns the target address.
+pub(crate) fn connect_target(method: &Method, uri: &Uri) -> Result<SocketAddr, Rejection> {
+    if method != Method::CONNECT {
         return Err(Rejection::BadRequest(format!(
-            "HBONE accepts only CONNECT, not {}",
-            request.method()
+            "HBONE accepts only CONNECT, not {method}"
         )));
     }
-    let authority = request
-        .uri()
+    let authority = uri
         .authority()
         .ok_or_else(|| Rejection::BadRequest("CONNECT without :authority".into()))?;
     authority.as_str().parse().map_err(|_| {

@@ -34,6 +34,8 @@ pub enum CaError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Replace(#[from] crate::file::FileError),
     #[error("{path}: {reason}")]
     BadFile { path: PathBuf, reason: String },
     #[error("the CSR is not a valid signed PKCS#10 request: {0}")]
@@ -357,22 +359,7 @@ fn to_pem(certs: &[CertificateDer<'_>]) -> String {
 }
 
 fn write_file(path: &Path, contents: &str, mode: u32) -> Result<(), CaError> {
-    use std::io::Write;
-    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-    let err = |source| CaError::Write {
-        path: path.to_owned(),
-        source,
-    };
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(mode)
-        .open(path)
-        .map_err(err)?;
-    // `mode` applies only when the file is created: an existing key file keeps loose permissions
-    // unless they are set again.
-    file.set_permissions(std::fs::Permissions::from_mode(mode))
-        .map_err(err)?;
-    file.write_all(contents.as_bytes()).map_err(err)
+    // Replaced whole: ztunnels and waypoints started later read these files, and the key is
+    // never readable by others, not even for a moment (the new file is created with `mode`).
+    Ok(crate::file::replace(path, contents.as_bytes(), mode)?)
 }

@@ -1,16 +1,20 @@
 //! The local state source: a YAML file in Istio ztunnel's `LOCAL_XDS_PATH` format
 //! (`workloads`, `services`, `policies`), reloaded when it changes.
 //!
-//! A file that fails to parse or validate never replaces the state: the error (file, line, what is
-//! wrong) is logged and the previous snapshot keeps serving.
+//! The file is a safety boundary: what it does not say is not served. So a file that is missing,
+//! holds no document (empty, blanks or comments only, a bare `null`), is still being written,
+//! or fails to parse or validate never replaces the state: the error (file, line, what is wrong)
+//! is logged and the previous snapshot keeps serving. A state with nothing in it on purpose is a
+//! mapping that says so, `workloads: []` (or `{}`), which [`LocalConfig::write`] produces.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
 use super::{Service, Snapshot, StateError, StateStore, Workload};
+use crate::file::{self, FileError, FileWatch};
 use crate::rbac::Authorization;
 
 /// The file's top level.
@@ -40,14 +44,23 @@ pub enum LocalError {
         column: usize,
         message: String,
     },
+    #[error(
+        "{path} holds no document (empty, or only comments): taken as a file still being written \
+         or truncated, not as an empty state; write `workloads: []` to remove every workload"
+    )]
+    Empty { path: PathBuf },
     #[error("{path}: {source}")]
     Invalid { path: PathBuf, source: StateError },
+    #[error("cannot write the state as YAML: {0}")]
+    Serialize(#[source] serde_yaml::Error),
+    #[error("writing the state: {0}")]
+    Write(#[from] FileError),
 }
 
 impl LocalConfig {
-    /// Parses YAML text; `path` only labels errors.
+    /// Parses YAML text; `path` only labels errors. Text without a document is refused.
     pub fn parse(text: &str, path: &Path) -> Result<Self, LocalError> {
-        serde_yaml::from_str(text).map_err(|err| {
+        let config: Option<Self> = serde_yaml::from_str(text).map_err(|err| {
             let (line, column) = err.location().map_or((0, 0), |at| (at.line(), at.column()));
             LocalError::Parse {
                 path: path.to_owned(),
@@ -55,7 +68,17 @@ impl LocalConfig {
                 column,
                 message: err.to_string(),
             }
+        })?;
+        config.ok_or_else(|| LocalError::Empty {
+            path: path.to_owned(),
         })
+    }
+
+    /// Writes the configuration to `path` atomically, for ztunnels and waypoints that poll it.
+    /// Every key is written, so even an empty state is an explicit document.
+    pub fn write(&self, path: &Path) -> Result<(), LocalError> {
+        let text = serde_yaml::to_string(self).map_err(LocalError::Serialize)?;
+        Ok(file::replace(path, text.as_bytes(), 0o644)?)
     }
 
     /// Parses and validates the file into a snapshot.
@@ -77,21 +100,17 @@ impl LocalConfig {
     }
 }
 
-/// Watches `path` and swaps each valid new version into `store`. Polls the file's modification
-/// time (and identity, so a ConfigMap-style symlink swap is seen) every `interval`.
+/// Watches `path` and swaps each valid new version into `store`, once the file has stopped
+/// changing for one `interval` (see [`FileWatch`]). A missing or unusable file keeps the state.
 pub async fn watch(path: PathBuf, store: Arc<StateStore>, interval: Duration) {
-    // No baseline: the caller loaded the file some time before this starts, and a version
-    // written in between would otherwise never be read (a process restarted while its state
-    // changes). The first look always reloads.
-    let mut last_seen = None;
+    // The caller loaded the file some time before this starts, and a version written in between
+    // would otherwise never be read (a process restarted while its state changes): the first
+    // settled look always reloads.
+    let mut file = FileWatch::since(path, interval, None);
     loop {
-        tokio::time::sleep(interval).await;
-        let now = fingerprint(&path);
-        if now == last_seen {
-            continue;
-        }
-        last_seen = now;
-        match LocalConfig::load(&path) {
+        file.changed().await;
+        let path = file.path();
+        match LocalConfig::load(path) {
             Ok(snapshot) => {
                 tracing::info!(path = %path.display(), "local state reloaded");
                 store.replace(snapshot);
@@ -101,10 +120,4 @@ pub async fn watch(path: PathBuf, store: Arc<StateStore>, interval: Duration) {
             }
         }
     }
-}
-
-fn fingerprint(path: &Path) -> Option<(SystemTime, u64, u64)> {
-    use std::os::unix::fs::MetadataExt;
-    let meta = std::fs::metadata(path).ok()?;
-    Some((meta.modified().ok()?, meta.ino(), meta.size()))
 }

@@ -111,7 +111,7 @@ fn fit_error(error: &str) -> String {
     format!("{}{MARK}", &error[..end])
 }
 
-fn decode_request(packet: Packet, buf: &[u8]) -> Result<WorkloadEvent, ZdsError> {
+pub(crate) fn decode_request(packet: Packet, buf: &[u8]) -> Result<WorkloadEvent, ZdsError> {
     let bytes = packet_bytes(&packet, buf)?.ok_or(ZdsError::Closed)?;
     let mut fds = packet.fds;
     let request = WorkloadRequest::decode(bytes).map_err(|source| ZdsError::Decode {

@@ -13,7 +13,7 @@ use super::proto::{
     workload_request::Payload, workload_response, AddWorkload, DelWorkload, KeepWorkload,
     SnapshotSent, Version, WorkloadInfo, WorkloadRequest, WorkloadResponse, ZdsHello,
 };
-use super::socket::{SeqPacket, SeqPacketListener};
+use super::socket::{Packet, SeqPacket, SeqPacketListener};
 use super::{io_error, packet_bytes, ZdsError, ACK_TIMEOUT, MAX_MESSAGE_LEN};
 
 /// The listening socket ztunnel connects to.
@@ -72,13 +72,29 @@ impl ZdsServer {
 async fn read_hello(sock: &SeqPacket) -> Result<i32, ZdsError> {
     let mut buf = [0u8; MAX_MESSAGE_LEN];
     let packet = sock.recv(&mut buf).await.map_err(io_error)?;
-    let bytes = packet_bytes(&packet, &buf)?.ok_or(ZdsError::Closed)?;
+    decode_hello(&packet, &buf)
+}
+
+/// The bytes of a packet ztunnel sends: it never carries descriptors (any that came are closed
+/// with the packet).
+fn bytes_without_fds<'a>(
+    packet: &Packet,
+    buf: &'a [u8],
+    message: &'static str,
+) -> Result<&'a [u8], ZdsError> {
+    let bytes = packet_bytes(packet, buf)?.ok_or(ZdsError::Closed)?;
     if !packet.fds.is_empty() {
         return Err(ZdsError::UnexpectedFds {
-            message: ZdsHello::NAME,
+            message,
             count: packet.fds.len(),
         });
     }
+    Ok(bytes)
+}
+
+/// Checks ztunnel's first packet: a [`ZdsHello`] for V1, without descriptors.
+pub(crate) fn decode_hello(packet: &Packet, buf: &[u8]) -> Result<i32, ZdsError> {
+    let bytes = bytes_without_fds(packet, buf, ZdsHello::NAME)?;
     let hello = ZdsHello::decode(bytes).map_err(|source| ZdsError::Decode {
         message: ZdsHello::NAME,
         source,
@@ -168,17 +184,7 @@ impl ZdsConnection {
             self.sock.send(&bytes, &fds).await.map_err(io_error)?;
             let mut buf = [0u8; MAX_MESSAGE_LEN];
             let packet = self.sock.recv(&mut buf).await.map_err(io_error)?;
-            let bytes = packet_bytes(&packet, &buf)?.ok_or(ZdsError::Closed)?;
-            if !packet.fds.is_empty() {
-                return Err(ZdsError::UnexpectedFds {
-                    message: WorkloadResponse::NAME,
-                    count: packet.fds.len(),
-                });
-            }
-            WorkloadResponse::decode(bytes).map_err(|source| ZdsError::Decode {
-                message: WorkloadResponse::NAME,
-                source,
-            })
+            decode_response(&packet, &buf)
         };
         let response = match tokio::time::timeout(self.ack_timeout, exchange).await {
             Ok(Ok(response)) => response,
@@ -194,19 +200,29 @@ impl ZdsConnection {
                 });
             }
         };
-        match response.payload {
-            Some(workload_response::Payload::Ack(ack)) if ack.error.is_empty() => {
+        match response {
+            Ok(()) => {
                 debug!(%request, "ZDS request acked");
                 Ok(())
             }
-            Some(workload_response::Payload::Ack(ack)) => Err(ZdsError::Nack {
-                request,
-                reason: ack.error,
-            }),
-            None => Err(ZdsError::MissingPayload {
-                message: WorkloadResponse::NAME,
-            }),
+            Err(reason) => Err(ZdsError::Nack { request, reason }),
         }
+    }
+}
+
+/// Decodes ztunnel's answer to a request: `Ok(Ok(()))` for an ack, `Ok(Err(reason))` for a nack.
+pub(crate) fn decode_response(packet: &Packet, buf: &[u8]) -> Result<Result<(), String>, ZdsError> {
+    let bytes = bytes_without_fds(packet, buf, WorkloadResponse::NAME)?;
+    let response = WorkloadResponse::decode(bytes).map_err(|source| ZdsError::Decode {
+        message: WorkloadResponse::NAME,
+        source,
+    })?;
+    match response.payload {
+        Some(workload_response::Payload::Ack(ack)) if ack.error.is_empty() => Ok(Ok(())),
+        Some(workload_response::Payload::Ack(ack)) => Ok(Err(ack.error)),
+        None => Err(ZdsError::MissingPayload {
+            message: WorkloadResponse::NAME,
+        }),
     }
 }
 

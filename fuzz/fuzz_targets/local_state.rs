@@ -1,0 +1,4 @@
+//! `ambit_mesh::fuzzing::local_state`; the checks are there, shared with the corpus replay test.
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| ambit_mesh::fuzzing::local_state(data));
