@@ -58,8 +58,9 @@ impl Default for CircuitSettings {
     fn default() -> Self {
         CircuitSettings {
             trip_after: 3,
-            open_for: Duration::from_secs(1),
-            max_open_for: Duration::from_secs(30),
+            // A probe costs a whole budget of CPU: a looping plugin is retried rarely.
+            open_for: Duration::from_secs(5),
+            max_open_for: Duration::from_secs(60),
         }
     }
 }
