@@ -461,7 +461,7 @@ impl Vm {
         let result = run(&mut self.store, self.budget, self.deadline, name, f, args).await;
         // The callback may have moved the effective context to the request: back to the root.
         self.store.data_mut().effective_context = ROOT_CONTEXT;
-        if let Some(data) = data.as_deref_mut() {
+        if let Some(data) = data {
             self.leave_stream(data);
         }
         self.store.data_mut().call_response = None;

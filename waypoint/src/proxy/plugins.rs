@@ -51,10 +51,14 @@ impl Drop for Chains {
             self.logged = true;
             let mut before = std::mem::take(&mut self.before_authz);
             let mut after = std::mem::take(&mut self.after_authz);
-            tokio::spawn(async move {
-                before.log().await;
-                after.log().await;
-            });
+            // Outside a runtime (shutting down) the chains' streams still finish their contexts
+            // when they drop.
+            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                runtime.spawn(async move {
+                    before.log().await;
+                    after.log().await;
+                });
+            }
         }
     }
 }
