@@ -83,7 +83,7 @@ async fn per_request(plugins: &[Arc<Plugin>], requests: usize) -> Duration {
                 chain.request_headers(&mut req, true).await;
                 let mut resp = response.clone();
                 chain.response_headers(&mut resp, false).await;
-                chain.log();
+                chain.log().await;
             }
             started.elapsed()
         }

@@ -12,6 +12,7 @@ use crate::plugin::Plugin;
 use crate::stream::{BodyStep, HttpStream, Step};
 
 /// One request's contexts in each plugin of a chain.
+#[derive(Default)]
 pub struct FilterChain {
     streams: Vec<HttpStream>,
     /// Body bytes released by a trailers phase (held by a filter that paused every chunk), to
@@ -134,10 +135,11 @@ impl FilterChain {
         Step::Continue
     }
 
-    /// `proxy_on_log` in every plugin: call once when the request is over.
-    pub fn log(&mut self) {
+    /// `proxy_on_log` in every plugin: call once when the request is over. A chain dropped
+    /// without it still finishes its contexts (without `proxy_on_log`), in the background.
+    pub async fn log(&mut self) {
         for stream in &mut self.streams {
-            stream.log();
+            stream.log().await;
         }
     }
 }

@@ -176,6 +176,10 @@ pub(crate) struct HostState {
     pub stderr: Vec<u8>,
     /// Set by `proc_exit`: the guest asked to end; the trap that follows is not a crash.
     pub exit_code: Option<i32>,
+    /// Whether the running call is on a fiber that yields at every epoch tick.
+    pub yielding: bool,
+    /// The runtime tick at which the running call is interrupted.
+    pub call_deadline: u64,
 }
 
 impl HostState {
@@ -207,6 +211,8 @@ impl HostState {
             stdout: Vec::new(),
             stderr: Vec::new(),
             exit_code: None,
+            yielding: false,
+            call_deadline: 0,
         }
     }
 

@@ -2,14 +2,25 @@
 //! VMs that requests spread over. A VM that fails is dropped and a fresh one started for the next
 //! request (with backoff if starting fails too); the failure touches only the requests that were
 //! using it. Ticks, queue notifications and calls made from the root context run as tasks.
+//!
+//! A request's context lives in one VM, and a VM runs one callback at a time: a callback waits
+//! for its VM asynchronously (the VM's slot is a Tokio mutex), so a busy or runaway guest never
+//! blocks an async worker, and only its own plugin's requests ever wait for it. How many may
+//! wait is bounded, and a plugin whose callbacks keep timing out is cut off by a circuit
+//! (`circuit`): both fail requests fast, per `failStrategy`.
+
+pub(crate) mod circuit;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
+use futures_util::FutureExt as _;
 use tokio::sync::Notify;
 use wasmtime::{InstancePre, Module};
+
+use self::circuit::{Circuit, Outcome};
 
 use crate::abi::{AbiError, AbiVersion, LogLevel};
 use crate::context::{HostState, OutgoingCall, StreamData, StreamInfo};
@@ -101,12 +112,36 @@ pub enum PluginError {
     Start { plugin: String, source: VmFailure },
 }
 
+/// How long a plugin counts as slow after a callback of it last ran past a tick: a minute of
+/// epoch ticks.
+const SLOW_FOR_TICKS: u64 = 60_000 / crate::runtime::EPOCH_TICK.as_millis() as u64;
+
 /// What every VM of a plugin reads.
 pub(crate) struct PluginShared {
     pub config: PluginConfig,
     pub limits: Limits,
     pub runtime: Arc<RuntimeInner>,
     pub log_sink: Option<LogSink>,
+    /// The runtime tick until which the plugin counts as slow: its callbacks run on fibers that
+    /// yield at every tick instead of on the caller's thread.
+    slow_until: AtomicU64,
+}
+
+impl PluginShared {
+    /// A callback ran past a tick (it is at tick `now`): the plugin's calls yield from now on.
+    pub fn mark_slow(&self, now: u64) {
+        if self
+            .slow_until
+            .swap(now + SLOW_FOR_TICKS, Ordering::Relaxed)
+            <= now
+        {
+            tracing::info!(plugin = %self.config.name, "wasm plugin callbacks run long: they now yield to other requests at every tick");
+        }
+    }
+
+    fn is_slow(&self) -> bool {
+        self.slow_until.load(Ordering::Relaxed) > self.runtime.now_ticks()
+    }
 }
 
 struct Slot {
@@ -115,6 +150,29 @@ struct Slot {
     /// No new VM is started before this instant after a failed start.
     retry_at: Option<Instant>,
     failed_starts: u32,
+    /// Set while a callback runs: still set when the next caller gets the slot, the caller of
+    /// that callback went away while it was suspended at a yield, leaving the guest mid-call.
+    in_call: bool,
+}
+
+/// Who a visit to a VM is for: its calls made from a request's context are carried by that
+/// request, the others (root context) by tasks.
+#[derive(Clone, Copy)]
+pub(crate) enum Caller {
+    Root,
+    Stream(u32),
+    /// A request whose context the visit creates (it gets the VM's next context id).
+    NewStream,
+}
+
+/// Whether a visit counts against the plugin's bound and circuit.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Admit {
+    /// A callback on a request's behalf: refused while the circuit is open or the plugin is
+    /// saturated.
+    Request,
+    /// Finishing a context the guest holds, or only reading the VM's state: always runs.
+    Always,
 }
 
 /// A loaded plugin. Requests hold an `Arc` to the plugin they started with, so replacing a
@@ -124,8 +182,9 @@ pub struct Plugin {
     pre: InstancePre<HostState>,
     abi: AbiVersion,
     hooks: PluginHooks,
-    slots: Vec<Mutex<Slot>>,
+    slots: Vec<tokio::sync::Mutex<Slot>>,
     next_slot: AtomicUsize,
+    circuit: Circuit,
     /// Woken after any root-context callback, which may have resumed a paused request.
     pub(crate) resumed: Notify,
     failures: AtomicU64,
@@ -171,19 +230,27 @@ impl Plugin {
             })?;
         let slots = (0..inner.config.vms_per_plugin.max(1))
             .map(|_| {
-                Mutex::new(Slot {
+                tokio::sync::Mutex::new(Slot {
                     vm: None,
                     generation: 0,
                     retry_at: None,
                     failed_starts: 0,
+                    in_call: false,
                 })
             })
             .collect();
+        let circuit = Circuit::new(
+            &config.name,
+            inner.clone(),
+            inner.config.max_pending_calls,
+            inner.circuit_stats(&config.name),
+        );
         let shared = Arc::new(PluginShared {
             limits: inner.config.limits.clone(),
             runtime: inner,
             log_sink: hooks.log.clone(),
             config,
+            slow_until: AtomicU64::new(0),
         });
         let plugin = Arc::new_cyclic(|me| Plugin {
             shared,
@@ -192,12 +259,15 @@ impl Plugin {
             hooks,
             slots,
             next_slot: AtomicUsize::new(0),
+            circuit,
             resumed: Notify::new(),
             failures: AtomicU64::new(0),
             last_failure: Mutex::new(None),
             me: me.clone(),
         });
-        let mut slot = plugin.slots[0].lock().expect("slot lock");
+        let mut slot = plugin.slots[0]
+            .try_lock()
+            .expect("a new plugin's slot is free");
         plugin
             .start_vm(0, &mut slot)
             .map_err(|source| PluginError::Start {
@@ -265,24 +335,11 @@ impl Plugin {
         Ok(took)
     }
 
-    /// Starts a request's context on the next VM.
+    /// A request's passage through this plugin, on the next VM; its context is created there by
+    /// the first callback.
     pub fn http_stream(self: &Arc<Self>, info: Arc<StreamInfo>) -> HttpStream {
         let index = self.next_slot.fetch_add(1, Ordering::Relaxed) % self.slots.len();
-        let mut slot = self.slots[index].lock().expect("slot lock");
-        let created = self
-            .ensure_vm(index, &mut slot)
-            .and_then(|()| slot.vm.as_mut().expect("ensured").create_http_context());
-        let context = match created {
-            Ok(context) => Ok((slot.generation, context)),
-            Err(failure) => {
-                if failure != VmFailure::Unavailable {
-                    self.retire(&mut slot, &failure);
-                }
-                Err(failure)
-            }
-        };
-        drop(slot);
-        HttpStream::new(self.clone(), index, context, info)
+        HttpStream::new(self.clone(), index, info)
     }
 
     fn ensure_vm(&self, index: usize, slot: &mut Slot) -> Result<(), VmFailure> {
@@ -334,33 +391,64 @@ impl Plugin {
         slot.generation += 1;
     }
 
-    /// Runs `f` on the VM that holds a request's (or the root's) context, if that VM is still the
-    /// same one; afterwards starts what the callback set in motion. Calls made by `stream` (its
-    /// context id) are returned to the caller, which waits for them.
-    pub(crate) fn with_vm<R>(
+    /// Runs `f` on the VM in slot `index` once it is free: the VM of `generation`, or for a new
+    /// context (`None`) whichever VM is there, started if need be. Afterwards starts what the
+    /// callback set in motion; calls made from the caller's request context are returned with
+    /// the VM's generation, for the caller to carry.
+    pub(crate) async fn with_vm<R>(
         &self,
         index: usize,
-        generation: u64,
-        stream: Option<u32>,
-        f: impl FnOnce(&mut Vm) -> Result<R, VmFailure>,
-    ) -> Result<(R, Vec<OutgoingCall>), VmFailure> {
-        let mut slot = self.slots[index].lock().expect("slot lock");
-        if slot.generation != generation {
-            return Err(VmFailure::Gone);
+        generation: Option<u64>,
+        caller: Caller,
+        admit: Admit,
+        f: impl AsyncFnOnce(&mut Vm) -> Result<R, VmFailure>,
+    ) -> Result<(R, Vec<OutgoingCall>, u64), VmFailure> {
+        let admission = match admit {
+            Admit::Request => self.circuit.admit()?,
+            Admit::Always => self.circuit.admit_always(),
+        };
+        let mut slot = self.slots[index].lock().await;
+        if std::mem::take(&mut slot.in_call) && slot.vm.is_some() {
+            self.retire(&mut slot, &VmFailure::Abandoned);
         }
+        let generation = match generation {
+            Some(generation) if generation == slot.generation => generation,
+            Some(_) => return Err(VmFailure::Gone),
+            None => {
+                if let Err(failure) = self.ensure_vm(index, &mut slot) {
+                    if failure != VmFailure::Unavailable {
+                        self.retire(&mut slot, &failure);
+                    }
+                    admission.settle(Outcome::of::<()>(&Err(failure.clone())));
+                    return Err(failure);
+                }
+                slot.generation
+            }
+        };
+        slot.in_call = true;
         let vm = slot.vm.as_mut().ok_or(VmFailure::Gone)?;
-        let result = match f(vm) {
+        let stream = match caller {
+            Caller::Root => None,
+            Caller::Stream(context) => Some(context),
+            Caller::NewStream => Some(vm.next_context_id()),
+        };
+        vm.set_yielding(self.shared.is_slow());
+        let result = f(vm).await;
+        slot.in_call = false;
+        admission.settle(Outcome::of(&result));
+        let result = match result {
             Ok(value) => value,
             Err(failure) => {
                 self.retire(&mut slot, &failure);
                 return Err(failure);
             }
         };
+        let vm = slot.vm.as_mut().expect("the VM ran the callback");
         self.start_ticker(index, generation, vm);
         let state = vm.store.data_mut();
         // The common case (a callback that made no call and touched no queue) takes nothing.
         if state.outgoing_calls.is_empty() && state.queues_to_notify.is_empty() {
-            return Ok((result, Vec::new()));
+            return Ok((result, Vec::new(), generation));
         }
         let calls = std::mem::take(&mut state.outgoing_calls);
         let notify = std::mem::take(&mut state.queues_to_notify);
@@ -370,7 +458,19 @@ impl Plugin {
             .partition(|call| Some(call.context_id) == stream);
         self.spawn_root_calls(index, generation, root);
         self.notify_queues(notify);
-        Ok((result, own))
+        Ok((result, own, generation))
+    }
+
+    /// [`Plugin::with_vm`] for the root context of the VM of `generation`.
+    async fn with_root<R>(
+        &self,
+        index: usize,
+        generation: u64,
+        f: impl AsyncFnOnce(&mut Vm) -> Result<R, VmFailure>,
+    ) -> Result<R, VmFailure> {
+        self.with_vm(index, Some(generation), Caller::Root, Admit::Request, f)
+            .await
+            .map(|(value, _, _)| value)
     }
 
     /// Starts ticking a VM whose filter set a tick period (in any callback) while no ticker
@@ -388,9 +488,11 @@ impl Plugin {
         for (owner, queue) in notify {
             spawn(async move {
                 if let Some(plugin) = owner.plugin.upgrade() {
-                    let _ = plugin.with_vm(owner.slot, owner.generation, None, |vm| {
-                        vm.on_queue_ready(queue)
-                    });
+                    let _ = plugin
+                        .with_root(owner.slot, owner.generation, async |vm| {
+                            vm.on_queue_ready(queue).await
+                        })
+                        .await;
                     plugin.resumed.notify_waiters();
                 }
             });
@@ -398,19 +500,37 @@ impl Plugin {
     }
 
     /// `proxy_on_log` and the end of a request's context, in one visit to its VM.
-    pub(crate) fn log_and_finish(
+    pub(crate) async fn log_and_finish(
         &self,
         index: usize,
         generation: u64,
         data: &mut Box<StreamData>,
     ) -> Result<(), VmFailure> {
-        self.with_vm(index, generation, None, |vm| vm.log_and_finish(data))
-            .map(|((), _)| ())
+        let caller = Caller::Stream(data.context_id);
+        self.with_vm(index, Some(generation), caller, Admit::Always, async |vm| {
+            vm.log_and_finish(data).await
+        })
+        .await
+        .map(|((), _, _)| ())
     }
 
-    /// Finishes a request's context without waiting for anything.
-    pub(crate) fn finish_stream(&self, index: usize, generation: u64, data: &mut Box<StreamData>) {
-        let _ = self.with_vm(index, generation, None, |vm| vm.finish(data));
+    /// Finishes a request's context, as a task of its own: a request dropped without its log
+    /// (it failed, or its client went away) must still free its context in the guest.
+    pub(crate) fn finish_stream_later(
+        self: &Arc<Self>,
+        index: usize,
+        generation: u64,
+        mut data: Box<StreamData>,
+    ) {
+        let plugin = self.clone();
+        spawn_or_poll(async move {
+            let caller = Caller::Stream(data.context_id);
+            let _ = plugin
+                .with_vm(index, Some(generation), caller, Admit::Always, async |vm| {
+                    vm.finish(&mut data).await
+                })
+                .await;
+        });
     }
 
     /// Carries calls made from the root context (ticks, `on_configure`) and delivers their
@@ -423,9 +543,11 @@ impl Plugin {
             spawn(async move {
                 let response = tokio::time::timeout(timeout, request).await.ok().flatten();
                 if let Some(plugin) = me.upgrade() {
-                    let _ = plugin.with_vm(index, generation, None, |vm| {
-                        vm.http_call_response(None, call.token, response)
-                    });
+                    let _ = plugin
+                        .with_root(index, generation, async |vm| {
+                            vm.http_call_response(None, call.token, response).await
+                        })
+                        .await;
                     plugin.resumed.notify_waiters();
                 }
             });
@@ -441,16 +563,21 @@ impl Plugin {
             loop {
                 tokio::time::sleep(period).await;
                 let Some(plugin) = me.upgrade() else { return };
-                let ticked = plugin.with_vm(index, generation, None, |vm| {
-                    vm.on_tick()?;
-                    let state = vm.store.data_mut();
-                    // Stopping here, under the slot lock, lets a later period start a new ticker.
-                    state.ticker_running = state.tick_period.is_some();
-                    Ok(state.tick_period)
-                });
+                let ticked = plugin
+                    .with_root(index, generation, async |vm| {
+                        let ticked = vm.on_tick().await;
+                        let state = vm.store.data_mut();
+                        // Stopping here, under the slot lock, lets a later period start a new
+                        // ticker.
+                        state.ticker_running = state.tick_period.is_some() && ticked.is_ok();
+                        ticked.map(|()| state.tick_period)
+                    })
+                    .await;
                 plugin.resumed.notify_waiters();
                 match ticked {
-                    Ok((Some(next), _)) => period = next,
+                    Ok(Some(next)) => period = next,
+                    // Refused by the circuit: the VM is fine, the tick is skipped.
+                    Err(refused) if refused.is_refusal() => {}
                     _ => return,
                 }
             }
@@ -458,7 +585,7 @@ impl Plugin {
     }
 
     /// Delivers a response to a call a request made, with its data in the store.
-    pub(crate) fn deliver(
+    pub(crate) async fn deliver(
         &self,
         index: usize,
         generation: u64,
@@ -466,19 +593,39 @@ impl Plugin {
         token: u32,
         response: Option<HttpCallResponse>,
     ) -> Result<Vec<OutgoingCall>, VmFailure> {
-        let context = data.context_id;
-        self.with_vm(index, generation, Some(context), |vm| {
-            vm.http_call_response(Some(data), token, response)
-        })
-        .map(|((), calls)| calls)
+        let caller = Caller::Stream(data.context_id);
+        self.with_vm(
+            index,
+            Some(generation),
+            caller,
+            Admit::Request,
+            async |vm| vm.http_call_response(Some(data), token, response).await,
+        )
+        .await
+        .map(|((), calls, _)| calls)
     }
 
     /// Whether a tick or queue callback resumed the request `context` while it was paused.
-    pub(crate) fn take_resumed(&self, index: usize, generation: u64, context: u32) -> bool {
-        self.with_vm(index, generation, None, |vm| {
+    pub(crate) async fn take_resumed(&self, index: usize, generation: u64, context: u32) -> bool {
+        let caller = Caller::Stream(context);
+        self.with_vm(index, Some(generation), caller, Admit::Always, async |vm| {
             Ok(vm.store.data_mut().resumed_elsewhere.remove(&context))
         })
-        .is_ok_and(|(resumed, _)| resumed)
+        .await
+        .is_ok_and(|(resumed, _, _)| resumed)
+    }
+}
+
+/// Runs `task` on the current Tokio runtime, or, outside one (a plugin used by a plain test),
+/// right here: with no runtime there is no other task to wait for, so it completes at once.
+fn spawn_or_poll(task: impl std::future::Future<Output = ()> + Send + 'static) {
+    match tokio::runtime::Handle::try_current() {
+        Ok(handle) => {
+            handle.spawn(task);
+        }
+        Err(_) => {
+            let _ = task.now_or_never();
+        }
     }
 }
 

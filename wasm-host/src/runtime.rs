@@ -1,9 +1,10 @@
 //! One wasmtime `Engine` per process (pooling allocator, copy-on-write memory images, epoch
 //! interruption) and the `Linker` with every host function, built once; plus what all plugins
-//! share: shared data, queues and metrics.
+//! share: shared data, queues, metrics and a coarse clock.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, Linker, PoolingAllocationConfig};
@@ -11,6 +12,7 @@ use wasmtime::{Config, Engine, InstanceAllocationStrategy, Linker, PoolingAlloca
 use crate::context::HostState;
 use crate::host;
 use crate::metrics::WasmMetrics;
+use crate::plugin::circuit::CircuitStats;
 use crate::shared::{SharedData, SharedQueues};
 
 /// How often the engine's epoch advances: the granularity of the per-callback CPU budget.
@@ -41,6 +43,28 @@ impl Default for Limits {
     }
 }
 
+/// When a plugin's circuit opens: requests then fail fast, per the plugin's `failStrategy`,
+/// without entering the guest, until a probe request gets through in time.
+#[derive(Clone, Debug)]
+pub struct CircuitSettings {
+    /// Consecutive callbacks interrupted at the CPU budget that open the circuit.
+    pub trip_after: u32,
+    /// How long the circuit first stays open; doubled each time a probe times out again.
+    pub open_for: Duration,
+    pub max_open_for: Duration,
+}
+
+impl Default for CircuitSettings {
+    fn default() -> Self {
+        CircuitSettings {
+            trip_after: 3,
+            // A probe costs a whole budget of CPU: a looping plugin is retried rarely.
+            open_for: Duration::from_secs(5),
+            max_open_for: Duration::from_secs(60),
+        }
+    }
+}
+
 /// Runtime-wide settings.
 #[derive(Clone, Debug)]
 pub struct RuntimeConfig {
@@ -49,14 +73,21 @@ pub struct RuntimeConfig {
     pub max_instances: u32,
     /// VMs per plugin; requests spread over them so callbacks run in parallel.
     pub vms_per_plugin: usize,
+    /// Callbacks of one plugin running or waiting for their VM at once; past it the plugin is
+    /// saturated and further requests fail fast (per `failStrategy`) instead of queueing.
+    pub max_pending_calls: usize,
+    pub circuit: CircuitSettings,
 }
 
 impl Default for RuntimeConfig {
     fn default() -> Self {
+        let vms_per_plugin = std::thread::available_parallelism().map_or(2, |n| n.get());
         RuntimeConfig {
             limits: Limits::default(),
             max_instances: 128,
-            vms_per_plugin: std::thread::available_parallelism().map_or(2, |n| n.get()),
+            vms_per_plugin,
+            max_pending_calls: vms_per_plugin * 32,
+            circuit: CircuitSettings::default(),
         }
     }
 }
@@ -77,7 +108,23 @@ pub(crate) struct RuntimeInner {
     pub shared_data: SharedData,
     pub queues: SharedQueues,
     pub metrics: WasmMetrics,
+    /// Epoch ticks since the runtime started: a clock that costs one load to read, for the
+    /// per-call checks (circuit deadlines, how long a plugin counts as slow).
+    pub ticks: Arc<AtomicU64>,
+    /// Each plugin's circuit, by plugin name (a new version of a plugin carries on its counts).
+    pub circuits: Mutex<BTreeMap<String, Arc<CircuitStats>>>,
     stop_epoch: Arc<AtomicBool>,
+}
+
+impl RuntimeInner {
+    pub fn now_ticks(&self) -> u64 {
+        self.ticks.load(Ordering::Relaxed)
+    }
+
+    pub fn circuit_stats(&self, plugin: &str) -> Arc<CircuitStats> {
+        let mut circuits = self.circuits.lock().unwrap_or_else(|e| e.into_inner());
+        circuits.entry(plugin.to_owned()).or_default().clone()
+    }
 }
 
 impl Drop for RuntimeInner {
@@ -101,6 +148,9 @@ impl Runtime {
             .total_tables(config.max_instances)
             .max_memory_size(config.limits.max_memory);
         let mut engine_config = Config::new();
+        // Every VM runs one callback at a time, and only a plugin that proved slow runs its
+        // callbacks on fibers: one stack per instance is enough.
+        pooling.total_stacks(config.max_instances);
         engine_config
             .epoch_interruption(true)
             .memory_init_cow(true)
@@ -110,7 +160,8 @@ impl Runtime {
         let mut linker = Linker::new(&engine);
         host::define(&mut linker).map_err(|e| RuntimeError::Linker(format!("{e:#}")))?;
         let stop_epoch = Arc::new(AtomicBool::new(false));
-        spawn_epoch_ticker(engine.clone(), stop_epoch.clone());
+        let ticks = Arc::new(AtomicU64::new(0));
+        spawn_epoch_ticker(engine.clone(), ticks.clone(), stop_epoch.clone());
         Ok(Runtime {
             inner: Arc::new(RuntimeInner {
                 engine,
@@ -119,14 +170,24 @@ impl Runtime {
                 shared_data: SharedData::default(),
                 queues: SharedQueues::default(),
                 metrics: WasmMetrics::default(),
+                ticks,
+                circuits: Mutex::default(),
                 stop_epoch,
             }),
         })
     }
 
-    /// Metrics filters defined, in Prometheus text, for the proxy's `/metrics`.
+    /// Metrics filters defined, and each plugin's circuit, in Prometheus text for the proxy's
+    /// `/metrics`.
     pub fn render_metrics(&self) -> String {
-        self.inner.metrics.render()
+        let mut text = self.inner.metrics.render();
+        let circuits = self
+            .inner
+            .circuits
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        text.push_str(&CircuitStats::render(circuits.iter()));
+        text
     }
 
     pub fn limits(&self) -> &Limits {
@@ -136,12 +197,13 @@ impl Runtime {
 
 /// A plain thread, not a task: it must keep ticking while every runtime worker is stuck in a
 /// runaway guest, which is exactly when it is needed.
-fn spawn_epoch_ticker(engine: Engine, stop: Arc<AtomicBool>) {
+fn spawn_epoch_ticker(engine: Engine, ticks: Arc<AtomicU64>, stop: Arc<AtomicBool>) {
     std::thread::Builder::new()
         .name("wasm-epoch".into())
         .spawn(move || {
             while !stop.load(Ordering::Relaxed) {
                 std::thread::sleep(EPOCH_TICK);
+                ticks.fetch_add(1, Ordering::Relaxed);
                 engine.increment_epoch();
             }
         })

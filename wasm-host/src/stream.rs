@@ -11,7 +11,7 @@ use futures_util::stream::{FuturesUnordered, StreamExt};
 use crate::abi::{Action, Pairs};
 use crate::context::{LocalResponse, OutgoingCall, StreamData, StreamInfo};
 use crate::http_call::{BoxFuture, HttpCallResponse};
-use crate::plugin::{FailStrategy, Plugin};
+use crate::plugin::{Admit, Caller, FailStrategy, Plugin};
 use crate::vm::{HttpCallback, VmFailure};
 
 /// How a headers or trailers phase ended.
@@ -49,7 +49,9 @@ type PendingCall = BoxFuture<(u32, Option<HttpCallResponse>)>;
 pub struct HttpStream {
     plugin: Arc<Plugin>,
     slot: usize,
-    generation: u64,
+    /// The generation of the VM holding the request's context, once the first callback
+    /// created it.
+    generation: Option<u64>,
     data: Box<StreamData>,
     /// Calls the filter made and waits for; created with the first call (most requests make
     /// none, and an empty `FuturesUnordered` still allocates).
@@ -58,34 +60,21 @@ pub struct HttpStream {
     bypass: bool,
     /// Set once the context is gone (VM failure or finished).
     finished: bool,
-    /// Why the context could not be created.
-    unavailable: Option<VmFailure>,
 }
 
 impl HttpStream {
-    pub(crate) fn new(
-        plugin: Arc<Plugin>,
-        slot: usize,
-        context: Result<(u64, u32), VmFailure>,
-        info: Arc<StreamInfo>,
-    ) -> Self {
-        let (generation, context_id, unavailable) = match context {
-            Ok((generation, context_id)) => (generation, context_id, None),
-            Err(failure) => (0, 0, Some(failure)),
-        };
+    pub(crate) fn new(plugin: Arc<Plugin>, slot: usize, info: Arc<StreamInfo>) -> Self {
         HttpStream {
             plugin,
             slot,
-            generation,
+            generation: None,
             data: Box::new(StreamData {
-                context_id,
                 info,
                 ..Default::default()
             }),
             pending: None,
             bypass: false,
-            finished: unavailable.is_some(),
-            unavailable,
+            finished: false,
         }
     }
 
@@ -177,18 +166,21 @@ impl HttpStream {
 
     /// `proxy_on_log`: the request is over; called once. The context is finished at the same
     /// time (`proxy_on_done`, `proxy_on_delete`), sparing a second visit to the VM on drop.
-    pub fn log(&mut self) {
+    pub async fn log(&mut self) {
         if self.bypass || self.finished {
             return;
         }
-        self.finished = true;
         self.pending = None;
-        if let Err(failure) = self
-            .plugin
-            .log_and_finish(self.slot, self.generation, &mut self.data)
-        {
-            tracing::debug!(plugin = %self.plugin.name(), error = %failure, "proxy_on_log failed");
+        if let Some(generation) = self.generation {
+            let finished = self
+                .plugin
+                .log_and_finish(self.slot, generation, &mut self.data)
+                .await;
+            if let Err(failure) = finished {
+                tracing::debug!(plugin = %self.plugin.name(), error = %failure, "proxy_on_log failed");
+            }
         }
+        self.finished = true;
         // Whatever the embedder calls after the log, the context is gone: pass it through.
         self.bypass = true;
     }
@@ -197,7 +189,7 @@ impl HttpStream {
         if self.bypass {
             return Step::Continue;
         }
-        match self.invoke(callback) {
+        match self.invoke(callback).await {
             Ok(action) => self.settle(action, direction).await,
             Err(step) => step,
         }
@@ -227,7 +219,7 @@ impl HttpStream {
             Direction::Request => HttpCallback::RequestBody { size, end },
             Direction::Response => HttpCallback::ResponseBody { size, end },
         };
-        let action = match self.invoke(callback) {
+        let action = match self.invoke(callback).await {
             Ok(action) => action,
             Err(step) => return self.body_step(step, direction),
         };
@@ -269,19 +261,41 @@ impl HttpStream {
         self.pending.as_ref().is_some_and(|p| !p.is_empty())
     }
 
-    /// Runs a callback; a failure is turned into the plugin's fail strategy at once.
-    fn invoke(&mut self, callback: HttpCallback) -> Result<Action, Step> {
-        if let Some(failure) = self.unavailable.take() {
-            return Err(self.fail(failure));
-        }
+    /// Runs a callback (the first one creates the request's context, in the same visit to the
+    /// VM); a failure is turned into the plugin's fail strategy at once.
+    async fn invoke(&mut self, callback: HttpCallback) -> Result<Action, Step> {
         let data = &mut self.data;
-        let context = data.context_id;
-        match self
-            .plugin
-            .with_vm(self.slot, self.generation, Some(context), |vm| {
-                vm.http_callback(data, callback)
-            }) {
-            Ok((raw, calls)) => {
+        let visit = match self.generation {
+            Some(generation) => {
+                let caller = Caller::Stream(data.context_id);
+                self.plugin
+                    .with_vm(
+                        self.slot,
+                        Some(generation),
+                        caller,
+                        Admit::Request,
+                        async |vm| vm.http_callback(data, callback).await,
+                    )
+                    .await
+            }
+            None => {
+                self.plugin
+                    .with_vm(
+                        self.slot,
+                        None,
+                        Caller::NewStream,
+                        Admit::Request,
+                        async |vm| {
+                            data.context_id = vm.create_http_context().await?;
+                            vm.http_callback(data, callback).await
+                        },
+                    )
+                    .await
+            }
+        };
+        match visit {
+            Ok((raw, calls, generation)) => {
+                self.generation = Some(generation);
                 self.carry(calls);
                 Ok(Action::from_raw(raw))
             }
@@ -305,13 +319,16 @@ impl HttpStream {
             if action == Action::Continue || resumed {
                 return Step::Continue;
             }
+            // Never 0 once a callback ran: a stale generation finds the VM gone.
+            let generation = self.generation.unwrap_or_default();
             let resumed = self.plugin.resumed.notified();
             // A tick or queue callback may have resumed this request between the callback that
             // paused it and the waiter above: checked after the waiter exists, so a resume is
             // either seen here or wakes it.
             if self
                 .plugin
-                .take_resumed(self.slot, self.generation, self.data.context_id)
+                .take_resumed(self.slot, generation, self.data.context_id)
+                .await
             {
                 return Step::Continue;
             }
@@ -319,13 +336,13 @@ impl HttpStream {
             tokio::select! {
                 Some((token, response)) = next_pending(&mut self.pending), if has_pending => {
                     let data = &mut self.data;
-                    match self.plugin.deliver(self.slot, self.generation, data, token, response) {
+                    match self.plugin.deliver(self.slot, generation, data, token, response).await {
                         Ok(calls) => self.carry(calls),
                         Err(failure) => return self.fail(failure),
                     }
                 }
                 () = resumed => {
-                    if self.plugin.take_resumed(self.slot, self.generation, self.data.context_id) {
+                    if self.plugin.take_resumed(self.slot, generation, self.data.context_id).await {
                         match direction {
                             Direction::Request => self.data.resume_request = true,
                             Direction::Response => self.data.resume_response = true,
@@ -354,10 +371,18 @@ impl HttpStream {
     }
 
     fn fail(&mut self, failure: VmFailure) -> Step {
-        self.finished = true;
         self.pending = None;
-        tracing::warn!(plugin = %self.plugin.name(), error = %failure, strategy = ?self.plugin.fail_strategy(), "wasm filter failed for a request");
-        match self.plugin.fail_strategy() {
+        let strategy = self.plugin.fail_strategy();
+        if failure.is_refusal() {
+            // Refused before the guest: the VM, and the request's context in it (if any), are
+            // fine; dropping the stream finishes the context. Logged per circuit or
+            // saturation episode, not per request.
+            tracing::debug!(plugin = %self.plugin.name(), error = %failure, ?strategy, "wasm filter refused a request");
+        } else {
+            self.finished = true;
+            tracing::warn!(plugin = %self.plugin.name(), error = %failure, ?strategy, "wasm filter failed for a request");
+        }
+        match strategy {
             FailStrategy::FailOpen => {
                 self.bypass = true;
                 Step::Continue
@@ -371,10 +396,10 @@ impl HttpStream {
 
 impl Drop for HttpStream {
     fn drop(&mut self) {
-        if !self.finished {
+        if let (false, Some(generation)) = (self.finished, self.generation) {
             self.finished = true;
-            self.plugin
-                .finish_stream(self.slot, self.generation, &mut self.data);
+            let data = std::mem::take(&mut self.data);
+            self.plugin.finish_stream_later(self.slot, generation, data);
         }
     }
 }

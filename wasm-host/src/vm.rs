@@ -1,15 +1,30 @@
 //! One instance of a plugin's module: its `Store`, the callbacks it exports (looked up once), and
 //! every call into it run under the CPU budget, with failures told apart for operators.
+//!
+//! Calls run on the caller's thread, synchronously: a fiber per call would cost more than most
+//! callbacks. A callback still running after two epoch ticks marks its plugin slow (see
+//! `PluginShared::mark_slow`); a slow plugin's calls run on fibers that yield to the executor at
+//! every tick, so a runaway guest holds an async worker for one tick at a time, never for its
+//! whole budget.
 
 use std::time::Duration;
 
-use wasmtime::{Func, Instance, InstancePre, Store, Trap, TypedFunc, WasmParams, WasmResults};
+use wasmtime::{
+    Func, Instance, InstancePre, Store, StoreContextMut, Trap, TypedFunc, UpdateDeadline,
+    WasmParams, WasmResults,
+};
 
 use crate::context::{HostState, StreamData};
 use crate::http_call::HttpCallResponse;
 use crate::runtime::EPOCH_TICK;
 
-/// Why a VM can no longer be used; every variant ends the VM (it is replaced).
+/// Ticks a synchronous call runs before its plugin counts as slow: two, so that a short call
+/// which merely straddles a tick is not taken for a slow one.
+const SLOW_AFTER_TICKS: u64 = 2;
+
+/// Why a VM can no longer be used, or why a request could not use it. Every variant but the
+/// last two ends the VM (it is replaced); `CircuitOpen` and `Saturated` refuse a request
+/// before it reaches the guest.
 #[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
 pub enum VmFailure {
     #[error("{callback} ran past its CPU budget of {limit:?} and was interrupted")]
@@ -39,6 +54,22 @@ pub enum VmFailure {
     Gone,
     #[error("the plugin is unavailable after repeated failures (retrying with backoff)")]
     Unavailable,
+    #[error("a request went away while its callback was suspended mid-call; the VM is replaced")]
+    Abandoned,
+    #[error(
+        "the plugin's circuit is open: its callbacks kept running past their CPU budget \
+         (requests fail fast until a probe gets through)"
+    )]
+    CircuitOpen,
+    #[error("the plugin is saturated: {0} callbacks are already running or waiting for its VMs")]
+    Saturated(usize),
+}
+
+impl VmFailure {
+    /// Whether the request was refused before reaching the guest (the VM is fine).
+    pub fn is_refusal(&self) -> bool {
+        matches!(self, VmFailure::CircuitOpen | VmFailure::Saturated(_))
+    }
 }
 
 /// An HTTP callback and its arguments.
@@ -101,16 +132,42 @@ pub(crate) struct Vm {
     deadline: u64,
 }
 
-/// Runs one guest call under the CPU budget and turns its failure into a [`VmFailure`]. A free
+/// Runs one guest call under the CPU budget and turns its failure into a [`VmFailure`]: on the
+/// calling thread, or on a fiber that yields at every tick when the plugin is slow. A free
 /// function over the store, so callers can borrow a callback from `Vm::callbacks` at the same
 /// time instead of cloning it (a `TypedFunc` clone bumps wasmtime's type registry refcounts).
-fn run<R>(
+async fn run<P, R>(
+    store: &mut Store<HostState>,
+    budget: Duration,
+    deadline: u64,
+    callback: &'static str,
+    f: &TypedFunc<P, R>,
+    params: P,
+) -> Result<R, VmFailure>
+where
+    P: WasmParams + Sync,
+    R: WasmResults + Sync,
+{
+    arm(store, deadline);
+    let result = if store.data().yielding {
+        f.call_async(&mut *store, params).await
+    } else {
+        f.call(&mut *store, params)
+    };
+    crate::host::flush_output(store.data_mut());
+    result.map_err(|e| classify(store, callback, budget, e))
+}
+
+/// [`run`] for the calls that start a VM, which never yield (a VM starts off the async workers,
+/// or once after a failure).
+fn run_sync<R>(
     store: &mut Store<HostState>,
     budget: Duration,
     deadline: u64,
     callback: &'static str,
     f: impl FnOnce(&mut Store<HostState>) -> wasmtime::Result<R>,
 ) -> Result<R, VmFailure> {
+    store.data_mut().yielding = false;
     arm(store, deadline);
     let result = f(store);
     crate::host::flush_output(store.data_mut());
@@ -125,7 +182,7 @@ impl Vm {
         let deadline = deadline_ticks(budget);
         let mut store = Store::new(pre.module().engine(), state);
         store.limiter(|state| &mut state.limiter);
-        store.epoch_deadline_trap();
+        store.epoch_deadline_callback(on_epoch);
         arm(&mut store, deadline);
         let instance = pre
             .instantiate(&mut store)
@@ -180,14 +237,14 @@ impl Vm {
         } = &mut vm;
         let (budget, deadline) = (*budget, *deadline);
         if let Some(f) = &callbacks.on_context_create {
-            run(store, budget, deadline, "proxy_on_context_create", |s| {
+            run_sync(store, budget, deadline, "proxy_on_context_create", |s| {
                 f.call(s, (root, 0))
             })?;
         }
         let vm_config = store.data().plugin.config.vm_configuration.len() as i32;
         if let Some(f) = &callbacks.on_vm_start {
             store.data_mut().effective_context = ROOT_CONTEXT;
-            if run(store, budget, deadline, "proxy_on_vm_start", |s| {
+            if run_sync(store, budget, deadline, "proxy_on_vm_start", |s| {
                 f.call(s, (root, vm_config))
             })? == 0
             {
@@ -197,7 +254,7 @@ impl Vm {
         let config = store.data().plugin.config.configuration.len() as i32;
         if let Some(f) = &callbacks.on_configure {
             store.data_mut().effective_context = ROOT_CONTEXT;
-            if run(store, budget, deadline, "proxy_on_configure", |s| {
+            if run_sync(store, budget, deadline, "proxy_on_configure", |s| {
                 f.call(s, (root, config))
             })? == 0
             {
@@ -235,119 +292,135 @@ impl Vm {
         callback: &'static str,
         f: impl FnOnce(&mut Store<HostState>) -> wasmtime::Result<R>,
     ) -> Result<R, VmFailure> {
-        run(&mut self.store, self.budget, self.deadline, callback, f)
+        run_sync(&mut self.store, self.budget, self.deadline, callback, f)
+    }
+
+    /// The id the next request context gets.
+    pub fn next_context_id(&self) -> u32 {
+        self.next_context_id
+    }
+
+    /// Whether the next calls run on yielding fibers (the plugin is slow) or on the caller's
+    /// thread.
+    pub fn set_yielding(&mut self, yielding: bool) {
+        self.store.data_mut().yielding = yielding;
     }
 
     /// A new context for a request, child of the root context.
-    pub fn create_http_context(&mut self) -> Result<u32, VmFailure> {
+    pub async fn create_http_context(&mut self) -> Result<u32, VmFailure> {
         let id = self.next_context_id;
         self.next_context_id += 1;
         if let Some(f) = &self.callbacks.on_context_create {
             self.store.data_mut().effective_context = ROOT_CONTEXT;
+            let args = (id as i32, ROOT_CONTEXT as i32);
             run(
                 &mut self.store,
                 self.budget,
                 self.deadline,
                 "proxy_on_context_create",
-                |s| f.call(s, (id as i32, ROOT_CONTEXT as i32)),
-            )?;
+                f,
+                args,
+            )
+            .await?;
         }
         self.store.data_mut().http_contexts.insert(id);
         Ok(id)
     }
 
-    /// Runs `f` with the request's data in the store and `effective` as the effective context.
-    /// The data moves by swapping boxes (with a spare kept in the store), not by copying it.
-    fn with_stream<R>(
-        &mut self,
-        data: &mut Box<StreamData>,
-        effective: u32,
-        f: impl FnOnce(&mut Store<HostState>, &Callbacks, Duration, u64) -> Result<R, VmFailure>,
-    ) -> Result<R, VmFailure> {
+    /// Moves the request's data into the store with `effective` as the effective context, by
+    /// swapping boxes (a spare is kept in the store), not by copying it. [`Vm::leave_stream`]
+    /// moves it back.
+    fn enter_stream(&mut self, data: &mut Box<StreamData>, effective: u32) {
         let state = self.store.data_mut();
         let spare = state.spare_stream.take().unwrap_or_default();
         state.stream = Some(std::mem::replace(data, spare));
         state.effective_context = effective;
-        let result = f(&mut self.store, &self.callbacks, self.budget, self.deadline);
+    }
+
+    fn leave_stream(&mut self, data: &mut Box<StreamData>) {
         let state = self.store.data_mut();
         if let Some(stream) = state.stream.take() {
             state.spare_stream = Some(std::mem::replace(data, stream));
         }
         state.effective_context = ROOT_CONTEXT;
-        result
     }
 
     /// An HTTP callback for one request; a callback the module does not export continues.
-    pub fn http_callback(
+    pub async fn http_callback(
         &mut self,
         data: &mut Box<StreamData>,
         callback: HttpCallback,
     ) -> Result<i32, VmFailure> {
         let ctx = data.context_id;
-        self.with_stream(data, ctx, |store, c, budget, deadline| {
-            let ctx = ctx as i32;
-            let (name, three, two, a, b): (_, Option<&Fn3>, Option<&Fn2>, usize, bool) =
-                match callback {
-                    HttpCallback::RequestHeaders { count, end } => (
-                        "proxy_on_request_headers",
-                        c.on_request_headers.as_ref(),
-                        None,
-                        count,
-                        end,
-                    ),
-                    HttpCallback::RequestBody { size, end } => (
-                        "proxy_on_request_body",
-                        c.on_request_body.as_ref(),
-                        None,
-                        size,
-                        end,
-                    ),
-                    HttpCallback::RequestTrailers { count } => (
-                        "proxy_on_request_trailers",
-                        None,
-                        c.on_request_trailers.as_ref(),
-                        count,
-                        false,
-                    ),
-                    HttpCallback::ResponseHeaders { count, end } => (
-                        "proxy_on_response_headers",
-                        c.on_response_headers.as_ref(),
-                        None,
-                        count,
-                        end,
-                    ),
-                    HttpCallback::ResponseBody { size, end } => (
-                        "proxy_on_response_body",
-                        c.on_response_body.as_ref(),
-                        None,
-                        size,
-                        end,
-                    ),
-                    HttpCallback::ResponseTrailers { count } => (
-                        "proxy_on_response_trailers",
-                        None,
-                        c.on_response_trailers.as_ref(),
-                        count,
-                        false,
-                    ),
-                };
-            match (three, two) {
-                (Some(f), _) => run(store, budget, deadline, name, |s| {
-                    f.call(s, (ctx, a as i32, b as i32))
-                }),
-                (_, Some(f)) => run(store, budget, deadline, name, |s| {
-                    f.call(s, (ctx, a as i32))
-                }),
-                _ => Ok(0),
-            }
-        })
+        self.enter_stream(data, ctx);
+        let Vm {
+            store,
+            callbacks: c,
+            budget,
+            deadline,
+            ..
+        } = self;
+        let (budget, deadline) = (*budget, *deadline);
+        let ctx = ctx as i32;
+        let (name, three, two, a, b): (_, Option<&Fn3>, Option<&Fn2>, usize, bool) = match callback
+        {
+            HttpCallback::RequestHeaders { count, end } => (
+                "proxy_on_request_headers",
+                c.on_request_headers.as_ref(),
+                None,
+                count,
+                end,
+            ),
+            HttpCallback::RequestBody { size, end } => (
+                "proxy_on_request_body",
+                c.on_request_body.as_ref(),
+                None,
+                size,
+                end,
+            ),
+            HttpCallback::RequestTrailers { count } => (
+                "proxy_on_request_trailers",
+                None,
+                c.on_request_trailers.as_ref(),
+                count,
+                false,
+            ),
+            HttpCallback::ResponseHeaders { count, end } => (
+                "proxy_on_response_headers",
+                c.on_response_headers.as_ref(),
+                None,
+                count,
+                end,
+            ),
+            HttpCallback::ResponseBody { size, end } => (
+                "proxy_on_response_body",
+                c.on_response_body.as_ref(),
+                None,
+                size,
+                end,
+            ),
+            HttpCallback::ResponseTrailers { count } => (
+                "proxy_on_response_trailers",
+                None,
+                c.on_response_trailers.as_ref(),
+                count,
+                false,
+            ),
+        };
+        let result = match (three, two) {
+            (Some(f), _) => run(store, budget, deadline, name, f, (ctx, a as i32, b as i32)).await,
+            (_, Some(f)) => run(store, budget, deadline, name, f, (ctx, a as i32)).await,
+            _ => Ok(0),
+        };
+        self.leave_stream(data);
+        result
     }
 
     /// Delivers a call's response to the root context, with the request that made it (if any)
     /// in the store so the SDK can switch to it with `proxy_set_effective_context`. A response
     /// to a call whose request context is already gone is dropped, as Envoy cancels such calls:
     /// the SDK would otherwise switch to a context the host no longer knows and trap.
-    pub fn http_call_response(
+    pub async fn http_call_response(
         &mut self,
         data: Option<&mut Box<StreamData>>,
         token: u32,
@@ -374,57 +447,47 @@ impl Vm {
             body as i32,
             trailers as i32,
         );
-        let deliver = |store: &mut Store<HostState>, c: &Callbacks, budget, deadline| {
-            let f = c.on_http_call_response.as_ref().expect("checked above");
-            run(
-                store,
-                budget,
-                deadline,
-                "proxy_on_http_call_response",
-                |s| f.call(s, args),
-            )
-        };
-        let result = match data {
-            Some(data) => self.with_stream(data, ROOT_CONTEXT, deliver),
-            None => {
-                self.store.data_mut().effective_context = ROOT_CONTEXT;
-                let result = deliver(&mut self.store, &self.callbacks, self.budget, self.deadline);
-                self.store.data_mut().effective_context = ROOT_CONTEXT;
-                result
-            }
-        };
+        let mut data = data;
+        match data.as_deref_mut() {
+            Some(data) => self.enter_stream(data, ROOT_CONTEXT),
+            None => self.store.data_mut().effective_context = ROOT_CONTEXT,
+        }
+        let f = self
+            .callbacks
+            .on_http_call_response
+            .as_ref()
+            .expect("checked above");
+        let name = "proxy_on_http_call_response";
+        let result = run(&mut self.store, self.budget, self.deadline, name, f, args).await;
+        // The callback may have moved the effective context to the request: back to the root.
+        self.store.data_mut().effective_context = ROOT_CONTEXT;
+        if let Some(data) = data {
+            self.leave_stream(data);
+        }
         self.store.data_mut().call_response = None;
         result
     }
 
     /// `proxy_on_log`, then `proxy_on_done` and `proxy_on_delete`: the request is over and its
     /// context finished, all in one visit to the VM.
-    pub fn log_and_finish(&mut self, data: &mut Box<StreamData>) -> Result<(), VmFailure> {
-        self.finish_inner(data, true)
+    pub async fn log_and_finish(&mut self, data: &mut Box<StreamData>) -> Result<(), VmFailure> {
+        self.finish_inner(data, true).await
     }
 
     /// `proxy_on_done` then `proxy_on_delete`: the request's context is finished.
-    pub fn finish(&mut self, data: &mut Box<StreamData>) -> Result<(), VmFailure> {
-        self.finish_inner(data, false)
+    pub async fn finish(&mut self, data: &mut Box<StreamData>) -> Result<(), VmFailure> {
+        self.finish_inner(data, false).await
     }
 
-    fn finish_inner(&mut self, data: &mut Box<StreamData>, log: bool) -> Result<(), VmFailure> {
+    async fn finish_inner(
+        &mut self,
+        data: &mut Box<StreamData>,
+        log: bool,
+    ) -> Result<(), VmFailure> {
         let ctx = data.context_id;
-        let result = self.with_stream(data, ctx, |store, c, budget, deadline| {
-            let id = ctx as i32;
-            if let (true, Some(f)) = (log, &c.on_log) {
-                run(store, budget, deadline, "proxy_on_log", |s| f.call(s, id))?;
-            }
-            if let Some(f) = &c.on_done {
-                run(store, budget, deadline, "proxy_on_done", |s| f.call(s, id))?;
-            }
-            if let Some(f) = &c.on_delete {
-                run(store, budget, deadline, "proxy_on_delete", |s| {
-                    f.call(s, id)
-                })?;
-            }
-            Ok(())
-        });
+        self.enter_stream(data, ctx);
+        let result = self.finish_calls(ctx as i32, log).await;
+        self.leave_stream(data);
         let state = self.store.data_mut();
         state.http_contexts.remove(&ctx);
         if !state.resumed_elsewhere.is_empty() {
@@ -433,16 +496,42 @@ impl Vm {
         result
     }
 
-    pub fn on_tick(&mut self) -> Result<(), VmFailure> {
+    async fn finish_calls(&mut self, id: i32, log: bool) -> Result<(), VmFailure> {
+        let Vm {
+            store,
+            callbacks: c,
+            budget,
+            deadline,
+            ..
+        } = self;
+        let (budget, deadline) = (*budget, *deadline);
+        if let (true, Some(f)) = (log, &c.on_log) {
+            run(store, budget, deadline, "proxy_on_log", f, id).await?;
+        }
+        if let Some(f) = &c.on_done {
+            run(store, budget, deadline, "proxy_on_done", f, id).await?;
+        }
+        if let Some(f) = &c.on_delete {
+            run(store, budget, deadline, "proxy_on_delete", f, id).await?;
+        }
+        Ok(())
+    }
+
+    pub async fn on_tick(&mut self) -> Result<(), VmFailure> {
         self.store.data_mut().effective_context = ROOT_CONTEXT;
         let result = match &self.callbacks.on_tick {
-            Some(f) => run(
-                &mut self.store,
-                self.budget,
-                self.deadline,
-                "proxy_on_tick",
-                |s| f.call(s, ROOT_CONTEXT as i32),
-            ),
+            Some(f) => {
+                let root = ROOT_CONTEXT as i32;
+                run(
+                    &mut self.store,
+                    self.budget,
+                    self.deadline,
+                    "proxy_on_tick",
+                    f,
+                    root,
+                )
+                .await
+            }
             None => Ok(()),
         };
         // A root callback may switch to a request's context to resume it; the next callback
@@ -451,16 +540,14 @@ impl Vm {
         result
     }
 
-    pub fn on_queue_ready(&mut self, queue: u32) -> Result<(), VmFailure> {
+    pub async fn on_queue_ready(&mut self, queue: u32) -> Result<(), VmFailure> {
         self.store.data_mut().effective_context = ROOT_CONTEXT;
         let result = match &self.callbacks.on_queue_ready {
-            Some(f) => run(
-                &mut self.store,
-                self.budget,
-                self.deadline,
-                "proxy_on_queue_ready",
-                |s| f.call(s, (ROOT_CONTEXT as i32, queue as i32)),
-            ),
+            Some(f) => {
+                let args = (ROOT_CONTEXT as i32, queue as i32);
+                let name = "proxy_on_queue_ready";
+                run(&mut self.store, self.budget, self.deadline, name, f, args).await
+            }
             None => Ok(()),
         };
         self.store.data_mut().effective_context = ROOT_CONTEXT;
@@ -481,12 +568,35 @@ fn deadline_ticks(budget: Duration) -> u64 {
     budget.as_nanos().div_ceil(EPOCH_TICK.as_nanos()).max(1) as u64
 }
 
-/// Arms the epoch deadline for one callback's budget.
+/// Arms the budget for one call: its deadline on the runtime's clock, and the first epoch
+/// check (every tick when yielding, after `SLOW_AFTER_TICKS` otherwise).
 fn arm(store: &mut Store<HostState>, ticks: u64) {
     let state = store.data_mut();
     state.limiter.memory_refused = false;
     state.exit_code = None;
-    store.set_epoch_deadline(ticks);
+    state.call_deadline = state.plugin.runtime.now_ticks() + ticks;
+    let first = if state.yielding {
+        1
+    } else {
+        SLOW_AFTER_TICKS.min(ticks)
+    };
+    store.set_epoch_deadline(first);
+}
+
+/// The epoch check of a running call: past its budget it is interrupted (`Trap::Interrupt`);
+/// before that its plugin is marked slow, and a yielding call lets the executor run other tasks.
+fn on_epoch(mut store: StoreContextMut<'_, HostState>) -> wasmtime::Result<UpdateDeadline> {
+    let state = store.data_mut();
+    let now = state.plugin.runtime.now_ticks();
+    if now >= state.call_deadline {
+        return Ok(UpdateDeadline::Interrupt);
+    }
+    state.plugin.mark_slow(now);
+    Ok(if state.yielding {
+        UpdateDeadline::Yield(1)
+    } else {
+        UpdateDeadline::Continue(1)
+    })
 }
 
 fn classify(

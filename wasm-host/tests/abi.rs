@@ -51,6 +51,7 @@ fn runtime() -> Runtime {
         limits: Limits::default(),
         max_instances: 32,
         vms_per_plugin: 1,
+        ..RuntimeConfig::default()
     })
     .unwrap()
 }
@@ -147,7 +148,7 @@ async fn simple(plugin: &Arc<Plugin>, extra: &[(&str, &str)]) -> Pairs {
         stream.response_headers(&mut response, true).await,
         Step::Continue
     );
-    stream.log();
+    stream.log().await;
     response
 }
 
@@ -297,7 +298,7 @@ async fn one_request_exercises_every_host_call_with_envoy_answers() {
         Step::Continue
     );
     assert_eq!(get(&trailers, "x-ks-resp-trailer"), Some("1"));
-    stream.log();
+    stream.log().await;
     drop(stream);
 
     // Logging: direct proxy_log, the `log` facade at debug (the plugin's level is trace), and
@@ -367,7 +368,7 @@ async fn send_http_response_answers_locally_with_body_and_headers() {
         }
         other => panic!("expected a local response, got {other:?}"),
     }
-    stream.log();
+    stream.log().await;
     assert_eq!(ks.plugin.failures(), 0);
 }
 
@@ -495,7 +496,7 @@ async fn a_chain_runs_requests_first_to_last_and_responses_last_to_first() {
     assert_eq!(all(&resp, "x-ks-plugin-name"), ["ks-2", "ks-1"]);
     // The second filter saw the first one's four additions (`x-ks-set`, `a`, `b`, `x-ks-pairs`).
     assert_eq!(all(&resp, "x-ks-req-headers"), ["8", "4"]);
-    chain.log();
+    chain.log().await;
 }
 
 #[tokio::test]
@@ -507,6 +508,7 @@ async fn a_body_rewrite_past_the_buffer_limit_is_answered_413_and_the_vm_survive
         },
         max_instances: 8,
         vms_per_plugin: 1,
+        ..RuntimeConfig::default()
     })
     .unwrap();
     let ks = load(&runtime, "ks", "", r#"{"tick_ms": 0}"#);

@@ -60,7 +60,7 @@ async fn headers_filter_rewrites_both_directions_from_its_configuration() {
     );
     assert_eq!(get(&response, "server"), None);
     assert_eq!(get(&response, "x-frame-options"), Some("DENY"));
-    stream.log();
+    stream.log().await;
 }
 
 #[test]

@@ -21,6 +21,7 @@ fn runtime() -> Runtime {
         },
         max_instances: 16,
         vms_per_plugin: 1,
+        ..RuntimeConfig::default()
     })
     .unwrap()
 }
@@ -241,7 +242,7 @@ async fn full_request(plugin: &Arc<Plugin>) -> (Step, Step, Pairs) {
     let request = stream.request_headers(&mut headers, true).await;
     let mut response = vec![(":status".to_owned(), b"200".to_vec())];
     let step = stream.response_headers(&mut response, true).await;
-    stream.log();
+    stream.log().await;
     (request, step, response)
 }
 
@@ -291,7 +292,7 @@ async fn sdk_filter_limits_fail_the_request_and_name_the_limit() {
             Step::Continue
         );
         assert_eq!(mode_header(&response), Some("none"), "{mode}");
-        good_stream.log();
+        good_stream.log().await;
         // The failed plugin serves the next request on a fresh VM (and fails it again).
         let (request, _, _) = full_request(&bad).await;
         assert_500(request);
@@ -378,7 +379,7 @@ async fn raw_abi_bad_pointers_and_lying_lengths_get_statuses_and_the_vm_survives
                 Step::Continue,
                 "case {case}"
             );
-            stream.log();
+            stream.log().await;
         }
         let line = format!("raw-abi case {case} status {status}");
         let logs = logs.lock().unwrap();
@@ -419,7 +420,7 @@ async fn a_replaced_plugin_finishes_its_requests_in_flight() {
     );
     assert_eq!(mode_header(&response), Some("none"));
     assert_eq!(stream.plugin().failures(), 0);
-    stream.log();
+    stream.log().await;
 }
 
 #[tokio::test]
@@ -463,5 +464,5 @@ async fn an_abi_0_2_0_module_is_accepted_and_served() {
         headers.iter().any(|(k, v)| k == "x-abi" && v == b"020"),
         "{headers:?}"
     );
-    stream.log();
+    stream.log().await;
 }

@@ -233,7 +233,7 @@ async fn the_assemblyscript_filter_adds_headers_through_an_http_stream() {
         );
         assert_eq!(get(&response, ":status"), Some("200"));
         assert_eq!(get(&response, "content-type"), Some("text/html"));
-        stream.log();
+        stream.log().await;
     }
     assert_eq!(
         plugin.failures(),
@@ -291,7 +291,7 @@ async fn the_assemblyscript_filter_answers_403_locally_for_admin() {
         grpc_status, None,
         "{PEER}: GET /admin/users: grpc_status -1 means none"
     );
-    stream.log();
+    stream.log().await;
 
     // The same VM still serves other paths afterwards, and the empty configuration gives the
     // filter's default response header.

@@ -38,6 +38,12 @@
 //!   server: the waypoint proxies it byte for byte. One tunnel; `bulk` streams 128 MiB through it
 //!   and back (MiB/s counts the bytes sent one way) while `ping-pong` sends 64 bytes and waits for
 //!   them, one round trip at a time for `AMBIT_BENCH_SECONDS`. Direct is the same tunnel to a pod.
+//! - **NEIGHBOUR**: a second service `other` (VIP 10.96.1.11, the same pods) under paced load
+//!   (8 connections, 50 requests/s each) beside `echo` at `AMBIT_BENCH_CONNS` closed-loop
+//!   connections for `AMBIT_BENCH_SECONDS` (after 2 s for `other`'s load, and a looping
+//!   filter's circuit, to settle): `echo`'s requests/s and p99 with no plugin, then with
+//!   `test-hostile` looping in `proxy_on_request_headers` as a WasmPlugin on `other` only
+//!   (FAIL_CLOSE: `other` answers 500), and the ratio of the two.
 //! - **MEMORY**: the waypoint alone in a child process (this binary again; its CA written to a
 //!   temporary directory), so its VmRSS is the waypoint's and nothing else's: just started, after
 //!   one request, with `AMBIT_BENCH_MEMORY_CONNS` client connections open (each with one request
@@ -49,7 +55,8 @@
 //! - `AMBIT_BENCH_CONNS`: concurrent client connections for requests/s (default 16).
 //! - `AMBIT_BENCH_RATE`: requests per second in the latency rows (default 500).
 //! - `AMBIT_BENCH_MEMORY_CONNS`: connections held open for the memory rows (default 1000).
-//! - `AMBIT_BENCH_ONLY`: `throughput`, `latency`, `l4` or `memory` to run just that group.
+//! - `AMBIT_BENCH_ONLY`: `throughput`, `latency`, `l4`, `neighbour` or `memory` to run just that
+//!   group.
 //! - `AMBIT_BENCH_THREADS`: Tokio worker threads in this process (default: the machine's cores).
 
 use std::convert::Infallible;
@@ -93,6 +100,9 @@ const TCP_PORT: u16 = 5432;
 /// Bytes the L4 bulk row streams through and back.
 const BULK_BYTES: usize = 128 * 1024 * 1024;
 const HOST: &str = "echo.default.svc.cluster.local";
+/// The neighbour rows' second service, on the same pods.
+const OTHER_VIP: &str = "10.96.1.11:80";
+const OTHER_HOST: &str = "other.default.svc.cluster.local";
 const CLIENT_ADDR: &str = "10.9.9.9:40000";
 /// Set (to the CA directory) in the memory test's child, which runs only a waypoint.
 const CHILD_ENV: &str = "AMBIT_BENCH_WAYPOINT_CHILD";
@@ -255,6 +265,30 @@ async fn run(config: Config) {
         println!();
     }
 
+    if config.runs_group("neighbour") {
+        println!(
+            "NEIGHBOUR: echo at {} closed-loop connections for {} s, beside service other at 8 \
+             connections x 50 requests/s (after 2 s to settle)",
+            config.conns, config.seconds
+        );
+        println!(
+            "  {:<40}{:>12}{:>12}{:>14}",
+            "other's plugins", "echo req/s", "echo p99", "other 500s"
+        );
+        let clean = bench.neighbour(&bench.waypoint(None).await, &config).await;
+        clean.print("none");
+        let looping = bench
+            .neighbour(&bench.waypoint(Some(&looping_config())).await, &config)
+            .await;
+        looping.print("test-hostile looping (FAIL_CLOSE)");
+        println!(
+            "  ratio looping / none: req/s {:.2}, p99 {:.2}",
+            looping.per_second / clean.per_second,
+            looping.p99.as_secs_f64() / clean.p99.as_secs_f64()
+        );
+        println!();
+    }
+
     if config.runs_group("memory") {
         let dir = std::env::temp_dir().join(format!("ambit-waypoint-bench-{}", std::process::id()));
         ca.save(&dir.join("ca")).expect("save the CA");
@@ -306,6 +340,16 @@ fn l7_config(filter: &Path, count: usize) -> String {
         .join("---\n")
 }
 
+/// A WasmPlugin looping in `proxy_on_request_headers`, on service `other` only.
+fn looping_config() -> String {
+    format!(
+        "apiVersion: extensions.istio.io/v1alpha1\nkind: WasmPlugin\nmetadata: {{name: looping, \
+         namespace: default}}\nspec:\n  targetRefs: [{{kind: Service, group: \"\", name: other}}]\n  \
+         url: file://{}\n  failStrategy: FAIL_CLOSE\n  pluginConfig: {{\"mode\": \"loop\"}}\n",
+        build_filter("test-hostile").display()
+    )
+}
+
 // --- The mesh ---
 
 fn pod_ip(host: usize) -> IpAddr {
@@ -339,6 +383,8 @@ fn state() -> StateStore {
     default/echo.default.svc.cluster.local:
       80: 8080
       5432: 5432
+    default/other.default.svc.cluster.local:
+      80: 8080
 "#,
             pod_ip(i)
         ));
@@ -354,6 +400,7 @@ workloads:{workloads}
   protocol: HBONE
 services:
 - {{name: echo, namespace: default, hostname: {HOST}, vips: ["/10.96.1.10"], ports: {{80: 8080, 5432: 5432}}, appProtocols: {{80: http11, 5432: tcp}}}}
+- {{name: other, namespace: default, hostname: {OTHER_HOST}, vips: ["/10.96.1.11"], ports: {{80: 8080}}, appProtocols: {{80: http11}}}}
 "#
     );
     let path = Path::new("bench.yaml");
@@ -548,6 +595,63 @@ impl Bench {
         }
     }
 
+    /// `echo` in a closed loop beside paced load on `other`, through `waypoint`.
+    async fn neighbour(&self, waypoint: &InProcessWaypoint, config: &Config) -> Neighbour {
+        let address = Some(waypoint.address);
+        let stop = Arc::new(AtomicBool::new(false));
+        let failed = Arc::new(AtomicU64::new(0));
+        let mut others = JoinSet::new();
+        for i in 0..8 {
+            let mut connection =
+                connect_to(&self.client, address, i, Http::One, OTHER_VIP, OTHER_HOST).await;
+            let (stop, failed) = (stop.clone(), failed.clone());
+            others.spawn(async move {
+                let mut ticks = tokio::time::interval(Duration::from_millis(20));
+                ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                while !stop.load(Ordering::Relaxed) {
+                    ticks.tick().await;
+                    if connection.get().await.is_err() {
+                        failed.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            });
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let failed_before = failed.load(Ordering::Relaxed);
+        let measuring = Arc::new(AtomicBool::new(true));
+        let mut echoes = JoinSet::new();
+        for i in 0..config.conns {
+            let mut connection = connect(&self.client, address, i, Http::One).await;
+            let measuring = measuring.clone();
+            echoes.spawn(async move {
+                let mut samples = Vec::new();
+                while measuring.load(Ordering::Relaxed) {
+                    let started = Instant::now();
+                    connection.get().await.expect("echo is served beside other");
+                    samples.push(started.elapsed());
+                }
+                samples
+            });
+        }
+        let wall = Instant::now();
+        tokio::time::sleep(Duration::from_secs(config.seconds)).await;
+        measuring.store(false, Ordering::Relaxed);
+        let wall = wall.elapsed();
+        let mut samples = Vec::new();
+        while let Some(done) = echoes.join_next().await {
+            samples.extend(done.expect("echo task"));
+        }
+        let other_failed = failed.load(Ordering::Relaxed) - failed_before;
+        stop.store(true, Ordering::Relaxed);
+        while others.join_next().await.is_some() {}
+        let latencies = Latencies::new(samples, Duration::MAX);
+        Neighbour {
+            per_second: latencies.sorted.len() as f64 / wall.as_secs_f64(),
+            p99: latencies.quantile(0.99),
+            other_failed,
+        }
+    }
+
     /// Paced requests on one connection.
     async fn latency(
         &self,
@@ -695,7 +799,18 @@ async fn connect(
     index: usize,
     http: Http,
 ) -> Connection {
-    let request = tunnel_request(waypoint, index, VIP, 8080);
+    connect_to(client, waypoint, index, http, VIP, HOST).await
+}
+
+async fn connect_to(
+    client: &Client,
+    waypoint: Option<SocketAddr>,
+    index: usize,
+    http: Http,
+    vip: &str,
+    host: &'static str,
+) -> Connection {
+    let request = tunnel_request(waypoint, index, vip, 8080);
     let tunnel = TokioIo::new(client.connect(&request).await.expect("tunnel"));
     let sender = match http {
         Http::One => {
@@ -714,7 +829,7 @@ async fn connect(
             Sender::Two(sender)
         }
     };
-    Connection { sender }
+    Connection { sender, host }
 }
 
 /// What the client speaks inside its tunnel.
@@ -769,6 +884,8 @@ impl Drop for InProcessWaypoint {
 
 struct Connection {
     sender: Sender,
+    /// The service's host name, sent as `host` / `:authority`.
+    host: &'static str,
 }
 
 impl Connection {
@@ -777,10 +894,10 @@ impl Connection {
         // HTTP/2 carries the authority in the URI (`:authority`); HTTP/1.1 in origin form.
         let uri = match self.sender {
             Sender::One(_) => "/api/v1/items?page=2".to_owned(),
-            Sender::Two(_) => format!("http://{HOST}/api/v1/items?page=2"),
+            Sender::Two(_) => format!("http://{}/api/v1/items?page=2", self.host),
         };
         let request = Request::get(uri)
-            .header("host", HOST)
+            .header("host", self.host)
             .header("user-agent", "ambit-bench")
             .header("accept", "*/*")
             .header("x-debug", "1")
@@ -952,6 +1069,24 @@ impl Latencies {
                 "  added vs direct", added[0], added[1], added[2], added[3], added[4]
             );
         }
+    }
+}
+
+struct Neighbour {
+    per_second: f64,
+    p99: Duration,
+    /// `other`'s requests answered other than 200 while `echo` was measured.
+    other_failed: u64,
+}
+
+impl Neighbour {
+    fn print(&self, name: &str) {
+        println!(
+            "  {name:<40}{:>12.0}{:>9.0} µs{:>14}",
+            self.per_second,
+            self.p99.as_secs_f64() * 1e6,
+            self.other_failed
+        );
     }
 }
 

@@ -239,7 +239,7 @@ impl<'f> Request<'f> {
             self.upstream,
         )
         .await;
-        stream.log();
+        stream.log().await;
         drop(stream);
         let logs = filter.logs.lock().unwrap_or_else(|e| e.into_inner())[log_mark..].to_vec();
         Outcome {

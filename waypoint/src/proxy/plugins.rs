@@ -43,19 +43,32 @@ struct Chains {
 }
 
 /// Whatever way the request ended, its filters' `proxy_on_log` runs once, when the last
-/// holder of its contexts (the pipeline or a body task) lets go.
+/// holder of its contexts (the pipeline or a body task) lets go: in a task of its own, since
+/// the guest's callbacks are async.
 impl Drop for Chains {
     fn drop(&mut self) {
-        self.log();
+        if !self.logged {
+            self.logged = true;
+            let mut before = std::mem::take(&mut self.before_authz);
+            let mut after = std::mem::take(&mut self.after_authz);
+            // Outside a runtime (shutting down) the chains' streams still finish their contexts
+            // when they drop.
+            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                runtime.spawn(async move {
+                    before.log().await;
+                    after.log().await;
+                });
+            }
+        }
     }
 }
 
 impl Chains {
-    fn log(&mut self) {
+    async fn log(&mut self) {
         if !self.logged {
             self.logged = true;
-            self.before_authz.log();
-            self.after_authz.log();
+            self.before_authz.log().await;
+            self.after_authz.log().await;
         }
     }
 }
@@ -136,7 +149,7 @@ impl RequestPlugins {
                 .await;
         }
         if end_of_stream {
-            chains.log();
+            chains.log().await;
         }
         drop(chains);
         match step {
@@ -157,7 +170,7 @@ impl RequestPlugins {
             if let Err(reply) = pump(&chains, body, Direction::Response, frames).await {
                 tracing::warn!(status = %reply.status, "a wasm filter answered after the response headers were sent; the response body is cut short");
             }
-            chains.lock().await.log();
+            chains.lock().await.log().await;
         })
     }
 }
