@@ -35,7 +35,7 @@ use ambit_mesh::state::local::LocalConfig;
 use ambit_mesh::state::StateStore;
 use ambit_mesh::testing;
 use ambit_waypoint::app::{Options, Waypoint};
-use ambit_waypoint::l7::WaypointName;
+use ambit_waypoint::l7::{WaypointName, EMPTY_CONFIG};
 use ambit_waypoint::proxy::ProxySettings;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty, Full};
@@ -317,6 +317,21 @@ pub fn waypoint_identity() -> Identity {
     testing::identity("default", "waypoint")
 }
 
+/// Waits for the watcher to apply a configuration: until `check` holds (or 5 s pass).
+pub async fn eventually<F, Fut>(mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    for _ in 0..100 {
+        if check().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("the waypoint did not apply the new configuration within 5 s");
+}
+
 /// Writes the configuration so the watcher sees a new file (a rename: a new inode).
 pub fn write_config(path: &Path, yaml: &str) {
     let tmp = path.with_extension("tmp");
@@ -325,7 +340,7 @@ pub fn write_config(path: &Path, yaml: &str) {
 }
 
 impl L7Mesh {
-    /// Starts the pods and a waypoint reading `config` (written to a file first).
+    /// Starts the pods and a waypoint reading `config` (written to a file first; "" for none).
     pub async fn start(net: u8, config: &str, proxy: ProxySettings) -> L7Mesh {
         let certificates = testing::manager(testing::ca(), Duration::from_secs(3600));
         let failures = Arc::new(AtomicU32::new(0));
@@ -359,6 +374,13 @@ impl L7Mesh {
             "ambit-waypoint-test-{}-{net}.yaml",
             std::process::id()
         ));
+        // "" reads as no configuration at all, which a waypoint refuses to start with; tests
+        // that have nothing to configure mean the explicitly empty one.
+        let config = if config.trim().is_empty() {
+            EMPTY_CONFIG
+        } else {
+            config
+        };
         write_config(&config_path, config);
         let local = |port| SocketAddr::from(([127, 0, 0, 1], port));
         let waypoint = Waypoint::start_with(
