@@ -914,7 +914,6 @@ fn l7_policy_fails_closed_while_its_waypoint_is_gone() {
         "HTTP/1.1 403 Forbidden"
     );
     mesh.ok(&["down"]);
-    mesh.ok(&["down"]);
 }
 
 /// A Python `grpcio` server behind a Service whose port is named `grpc`, used through the
