@@ -125,3 +125,21 @@ where
     tokio::try_join!(writer, reader)?;
     Ok(echoed)
 }
+
+/// Sends `line` through a line-echoing connection and reads it back within 5 s; an error says
+/// what came back instead.
+pub async fn echo_line<S>(stream: &mut S, line: &str) -> std::io::Result<()>
+where
+    S: tokio::io::AsyncBufRead + AsyncWriteExt + Unpin,
+{
+    use tokio::io::AsyncBufReadExt;
+    stream.write_all(format!("{line}\n").as_bytes()).await?;
+    let mut back = String::new();
+    tokio::time::timeout(Duration::from_secs(5), stream.read_line(&mut back))
+        .await
+        .map_err(|_| std::io::Error::other("no echo within 5 s"))??;
+    if back.trim_end() != line {
+        return Err(std::io::Error::other(format!("echoed {back:?}")));
+    }
+    Ok(())
+}

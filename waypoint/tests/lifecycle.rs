@@ -13,7 +13,7 @@ use ambit_mesh::hbone::client::{Client, TunnelRequest};
 use ambit_mesh::hbone::{ConnectHeaders, Settings};
 use ambit_mesh::identity::CertificateAuthority;
 use ambit_mesh::testing;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 
 const ECHO: &str = "127.78.60.1:5432";
@@ -71,21 +71,6 @@ async fn get(address: SocketAddr, path: &str) -> String {
     let mut response = String::new();
     let _ = stream.read_to_string(&mut response).await;
     response
-}
-
-async fn echo_line(
-    stream: &mut (impl tokio::io::AsyncBufRead + AsyncWriteExt + Unpin),
-    line: &str,
-) -> std::io::Result<()> {
-    stream.write_all(format!("{line}\n").as_bytes()).await?;
-    let mut back = String::new();
-    tokio::time::timeout(Duration::from_secs(5), stream.read_line(&mut back))
-        .await
-        .map_err(|_| std::io::Error::other("no echo within 5 s"))??;
-    if back.trim_end() != line {
-        return Err(std::io::Error::other(format!("echoed {back:?}")));
-    }
-    Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -155,7 +140,7 @@ async fn sigterm_drains_an_open_tunnel_until_the_deadline_then_exits_zero() {
     };
     let client = Client::new(certificates.clone(), Settings::default());
     let mut tunnel = BufReader::new(client.connect(&request).await.unwrap());
-    echo_line(&mut tunnel, "before").await.unwrap();
+    testing::echo_line(&mut tunnel, "before").await.unwrap();
 
     // The shell's builtin: no procps needed.
     let kill = Command::new("sh")
@@ -183,7 +168,7 @@ async fn sigterm_drains_an_open_tunnel_until_the_deadline_then_exits_zero() {
 
     let mut moved = 0;
     while signalled.elapsed() + Duration::from_millis(600) < deadline {
-        echo_line(&mut tunnel, &format!("during {moved}"))
+        testing::echo_line(&mut tunnel, &format!("during {moved}"))
             .await
             .unwrap_or_else(|e| panic!("open tunnel broke while draining: {e}"));
         moved += 1;

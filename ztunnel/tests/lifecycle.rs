@@ -14,13 +14,14 @@ use std::sync::Arc;
 
 use ambit_mesh::identity::{CertificateAuthority, CertificateManager, Identity};
 use ambit_mesh::lifecycle;
+use ambit_mesh::testing::echo_line;
 use ambit_mesh::tls;
 use ambit_ztunnel::netns::PodNetns;
 use ambit_ztunnel::testing::{
     app_call, app_connect, app_server, http_get, metric_sum, Cluster, ClusterOptions,
     ProcessOptions, ZtunnelProcess, VIP,
 };
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 
 const OPENED: &str = "istio_tcp_connections_opened_total";
 const CLOSED: &str = "istio_tcp_connections_closed_total";
@@ -41,22 +42,6 @@ fn process(env: &[(&str, &str)], open_files_soft_limit: Option<u64>) -> ClusterO
 
 fn service() -> SocketAddr {
     SocketAddr::new(VIP.parse().unwrap(), 80)
-}
-
-/// Sends a line through an echoing connection and reads it back.
-async fn echo_line<S: tokio::io::AsyncBufRead + AsyncWriteExt + Unpin>(
-    stream: &mut S,
-    line: &str,
-) -> std::io::Result<()> {
-    stream.write_all(format!("{line}\n").as_bytes()).await?;
-    let mut back = String::new();
-    tokio::time::timeout(Duration::from_secs(5), stream.read_line(&mut back))
-        .await
-        .map_err(|_| std::io::Error::other("no echo within 5 s"))??;
-    if back.trim_end() != line {
-        return Err(std::io::Error::other(format!("echoed {back:?}")));
-    }
-    Ok(())
 }
 
 async fn readiness(process: &ZtunnelProcess) -> String {
