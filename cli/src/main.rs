@@ -45,6 +45,11 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .with_ansi(false)
         .init();
+    if let Command::Mesh(args) = &cli.command {
+        if !args.is_server() {
+            stdout_pipe_may_close();
+        }
+    }
     match cli.command {
         Command::Demo(args) => tokio::runtime::Builder::new_multi_thread()
             .enable_all()
@@ -52,5 +57,15 @@ fn main() -> anyhow::Result<()> {
             .block_on(demo::run(args)),
         Command::Mesh(args) => mesh::run(args),
         Command::Filter(args) => filter::run(args),
+    }
+}
+
+/// A command whose output goes to `head` ends quietly when `head` exits, as Unix tools do,
+/// instead of panicking in `println!`: SIGPIPE back to its default (Rust ignores it). Only for
+/// commands that serve nothing: a server would die on a peer's closed socket.
+fn stdout_pipe_may_close() {
+    // SAFETY: setting a signal's disposition to the default before any thread is started.
+    unsafe {
+        nix::libc::signal(nix::libc::SIGPIPE, nix::libc::SIG_DFL);
     }
 }

@@ -8,6 +8,7 @@
 mod api;
 mod daemon;
 mod echo;
+mod wait;
 
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -59,6 +60,28 @@ enum MeshCommand {
         /// How the node agents install Istio's in-pod redirect rules.
         #[arg(long, value_enum, default_value_t = Rules::Iptables)]
         rules: Rules,
+        /// Return once the manifests are applied, without waiting for pods to be ready.
+        #[arg(long)]
+        no_wait: bool,
+        /// How long to wait for pods to be ready (30s, 2m, ...).
+        #[arg(long, default_value = "60s", value_parser = wait::parse_duration)]
+        timeout: Duration,
+    },
+    /// Wait for pods to be ready, like `kubectl wait --for=condition=Ready`.
+    Wait {
+        /// `pod/NAME` (or `NAME`), one or more; or `--all`.
+        pods: Vec<String>,
+        /// The condition: `condition=Ready`, the only one.
+        #[arg(long = "for", default_value = "condition=Ready")]
+        condition: String,
+        /// Every pod in the namespace.
+        #[arg(long)]
+        all: bool,
+        #[arg(short = 'n', long, default_value = "default")]
+        namespace: String,
+        /// How long to wait (30s, 2m, ...).
+        #[arg(long, default_value = "30s", value_parser = wait::parse_duration)]
+        timeout: Duration,
     },
     /// Apply manifests to the running mesh.
     Apply {
@@ -94,12 +117,22 @@ enum MeshCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Print a component's log: `daemon` (ztunnels and node agents), or a pod as NAMESPACE/POD.
-    Logs { component: String },
+    /// Print a component's log: `daemon` (ztunnels and node agents), or a pod (`POD -n NS`, or
+    /// NAMESPACE/POD).
+    Logs {
+        component: String,
+        #[arg(short = 'n', long, default_value = "default")]
+        namespace: String,
+    },
     /// Remove everything the mesh made: namespaces, rules, processes, files.
     Down,
     /// GET an http:// URL and print the answer (a curl for pods; use it through `exec`).
-    Fetch { url: String },
+    Fetch {
+        url: String,
+        /// Print the response headers too, as `curl -i`.
+        #[arg(short = 'i', long = "include")]
+        include: bool,
+    },
     /// Run the mesh (started by `up`).
     #[command(hide = true)]
     Daemon {
@@ -127,6 +160,11 @@ impl MeshArgs {
             self.command,
             MeshCommand::Daemon { .. } | MeshCommand::Waypoint(_)
         )
+    }
+
+    /// The daemon and the processes it runs in pods: they serve sockets.
+    pub fn is_server(&self) -> bool {
+        self.is_daemon() || matches!(self.command, MeshCommand::EchoServer { .. })
     }
 }
 
@@ -168,11 +206,55 @@ fn read_manifests(files: &[PathBuf]) -> anyhow::Result<Vec<(String, String)>> {
         .collect()
 }
 
-async fn request(state_dir: &Path, request: Request) -> anyhow::Result<(String, Status)> {
-    match api::call(&socket_path(state_dir), &request).await? {
+async fn request(
+    state_dir: &Path,
+    prefix: &str,
+    request: Request,
+) -> anyhow::Result<(String, Status)> {
+    let response = match api::call(&socket_path(state_dir), &request).await {
+        Ok(response) => response,
+        Err(err) => match left_behind(state_dir, prefix) {
+            Some(left) => bail!(
+                "the mesh daemon is not running (it crashed or was killed; see `ambit mesh logs daemon`), and it left behind {left}; pods get no traffic from the mesh. `ambit mesh up` removes all that and starts a new mesh (`ambit mesh down` only removes it)"
+            ),
+            None => return Err(err),
+        },
+    };
+    match response {
         Response::Ok { message, status } => Ok((message, status)),
         Response::Error { message } => bail!("{message}"),
     }
+}
+
+/// What a mesh whose daemon is gone left behind: its network namespaces and live processes.
+fn left_behind(state_dir: &Path, prefix: &str) -> Option<String> {
+    let namespaces = ambit_local::topology::leftover_namespaces(prefix);
+    let processes: Vec<String> = std::fs::read_to_string(state_dir.join("pids"))
+        .unwrap_or_default()
+        .lines()
+        .map(str::trim)
+        .filter(|pid| !pid.is_empty() && Path::new(&format!("/proc/{pid}")).exists())
+        .map(str::to_owned)
+        .collect();
+    if namespaces.is_empty() && processes.is_empty() {
+        return None;
+    }
+    let mut parts = Vec::new();
+    if !namespaces.is_empty() {
+        parts.push(format!(
+            "{} network namespace(s) ({})",
+            namespaces.len(),
+            namespaces.join(", ")
+        ));
+    }
+    if !processes.is_empty() {
+        parts.push(format!(
+            "{} pod process(es) (pids {})",
+            processes.len(),
+            processes.join(", ")
+        ));
+    }
+    Some(parts.join(" and "))
 }
 
 pub fn run(args: MeshArgs) -> anyhow::Result<()> {
@@ -193,8 +275,59 @@ pub fn run(args: MeshArgs) -> anyhow::Result<()> {
                 ambit_waypoint::app::Waypoint::start(*config, Default::default()).await?;
             std::future::pending::<anyhow::Result<()>>().await
         }),
-        MeshCommand::Fetch { url } => {
-            println!("{}", runtime.block_on(echo::fetch(&url))?);
+        MeshCommand::Fetch { url, include } => {
+            println!("{}", runtime.block_on(echo::fetch(&url, include))?);
+            Ok(())
+        }
+        MeshCommand::Wait {
+            pods,
+            condition,
+            all,
+            namespace,
+            timeout,
+        } => {
+            if !condition.eq_ignore_ascii_case("condition=Ready") {
+                bail!("--for={condition}: only --for=condition=Ready is supported");
+            }
+            let selection = match (all, pods.is_empty()) {
+                (true, true) => wait::Selection::All {
+                    namespace: Some(namespace),
+                },
+                (false, false) => wait::Selection::Named {
+                    namespace,
+                    names: pods
+                        .iter()
+                        .map(|p| match p.split_once('/') {
+                            Some(("pod" | "pods" | "po", name)) => Ok(name.to_owned()),
+                            Some((kind, _)) => bail!("{p}: only pods can be waited for, not {kind}"),
+                            None => Ok(p.clone()),
+                        })
+                        .collect::<anyhow::Result<_>>()?,
+                },
+                (true, false) => bail!("give pod names or --all, not both"),
+                (false, true) => bail!("give pod/NAME ... or --all"),
+            };
+            let outcome = runtime.block_on(wait::wait(
+                &state_dir,
+                &args.prefix,
+                &selection,
+                timeout,
+                false,
+                true,
+            ))?;
+            if !outcome.not_ready.is_empty() {
+                let lines: Vec<String> = outcome
+                    .not_ready
+                    .iter()
+                    .map(|(pod, why)| format!("  pod/{pod}: {why}"))
+                    .collect();
+                bail!(
+                    "timed out after {:.1} s waiting for the condition Ready on {} pod(s):\n{}",
+                    outcome.elapsed.as_secs_f64(),
+                    outcome.not_ready.len(),
+                    lines.join("\n")
+                );
+            }
             Ok(())
         }
         MeshCommand::Up {
@@ -202,6 +335,8 @@ pub fn run(args: MeshArgs) -> anyhow::Result<()> {
             nodes,
             demo,
             rules,
+            no_wait,
+            timeout,
         } => {
             let manifests = if files.is_empty() {
                 vec![(
@@ -211,11 +346,21 @@ pub fn run(args: MeshArgs) -> anyhow::Result<()> {
             } else {
                 read_manifests(&files)?
             };
-            runtime.block_on(up(&state_dir, &args.prefix, nodes, rules, manifests, demo))
+            let wait = (!no_wait).then_some(timeout);
+            runtime.block_on(up(
+                &state_dir,
+                &args.prefix,
+                nodes,
+                rules,
+                manifests,
+                demo,
+                wait,
+            ))
         }
         MeshCommand::Apply { files } => {
             let (message, _) = runtime.block_on(request(
                 &state_dir,
+                &args.prefix,
                 Request::Apply {
                     manifests: read_manifests(&files)?,
                 },
@@ -226,6 +371,7 @@ pub fn run(args: MeshArgs) -> anyhow::Result<()> {
         MeshCommand::Delete { files } => {
             let (message, _) = runtime.block_on(request(
                 &state_dir,
+                &args.prefix,
                 Request::Delete {
                     manifests: read_manifests(&files)?,
                 },
@@ -253,6 +399,7 @@ pub fn run(args: MeshArgs) -> anyhow::Result<()> {
             };
             let (message, _) = runtime.block_on(request(
                 &state_dir,
+                &args.prefix,
                 Request::Label {
                     kind: kind.into(),
                     namespace,
@@ -265,7 +412,7 @@ pub fn run(args: MeshArgs) -> anyhow::Result<()> {
             Ok(())
         }
         MeshCommand::Status { json } => {
-            let (_, status) = runtime.block_on(request(&state_dir, Request::Status))?;
+            let (_, status) = runtime.block_on(request(&state_dir, &args.prefix, Request::Status))?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&status)?);
             } else {
@@ -278,7 +425,7 @@ pub fn run(args: MeshArgs) -> anyhow::Result<()> {
             namespace,
             command,
         } => {
-            let (_, status) = runtime.block_on(request(&state_dir, Request::Status))?;
+            let (_, status) = runtime.block_on(request(&state_dir, &args.prefix, Request::Status))?;
             drop(runtime);
             let pod = status
                 .pods
@@ -295,11 +442,16 @@ pub fn run(args: MeshArgs) -> anyhow::Result<()> {
                 pod.name
             )
         }
-        MeshCommand::Logs { component } => {
+        MeshCommand::Logs {
+            component,
+            namespace,
+        } => {
             let file = if component == "daemon" || component == "ztunnel" {
                 state_dir.join("logs/daemon.log")
             } else {
-                let (namespace, pod) = component.split_once('/').unwrap_or(("default", &component));
+                let (namespace, pod) = component
+                    .split_once('/')
+                    .unwrap_or((&namespace, &component));
                 state_dir.join(format!("logs/pods/{namespace}_{pod}.log"))
             };
             let text = std::fs::read_to_string(&file)
@@ -318,6 +470,7 @@ async fn up(
     rules: Rules,
     manifests: Vec<(String, String)>,
     demo: bool,
+    wait: Option<Duration>,
 ) -> anyhow::Result<()> {
     let started = Instant::now();
     if api::call(&socket_path(state_dir), &Request::Status)
@@ -367,14 +520,38 @@ async fn up(
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let (message, status) = request(state_dir, Request::Apply { manifests }).await?;
+    let (message, mut status) = request(state_dir, prefix, Request::Apply { manifests }).await?;
     println!("{message}");
     println!(
         "mesh up in {:.1} s ({})",
         started.elapsed().as_secs_f64(),
         state_dir.display()
     );
+    let mut timed_out = None;
+    if let Some(timeout) = wait {
+        let all = wait::Selection::All { namespace: None };
+        let outcome = wait::wait(state_dir, prefix, &all, timeout, true, false).await?;
+        let total = outcome.ready.len() + outcome.not_ready.len();
+        println!(
+            "{}/{total} pods ready in {:.1} s",
+            outcome.ready.len(),
+            outcome.elapsed.as_secs_f64()
+        );
+        for (pod, why) in &outcome.not_ready {
+            println!("  not ready: pod {pod}: {why}");
+        }
+        if outcome.elapsed >= timeout && !outcome.not_ready.is_empty() {
+            timed_out = Some(timeout);
+        }
+        (_, status) = request(state_dir, prefix, Request::Status).await?;
+    }
     print_status(&status);
+    if let Some(timeout) = timed_out {
+        bail!(
+            "pods were not ready within {:.0} s (above); the mesh is up: `ambit mesh status` shows them, `ambit mesh wait --all -n NS` waits longer, `--no-wait` skips this",
+            timeout.as_secs_f64()
+        );
+    }
     if demo {
         run_demo(&status).await?;
     } else {
@@ -413,23 +590,34 @@ async fn run_demo(status: &Status) -> anyhow::Result<()> {
 }
 
 async fn fetch_metrics(address: &str) -> anyhow::Result<String> {
-    let body = echo::fetch(&format!("http://{address}/metrics")).await?;
+    let body = echo::fetch(&format!("http://{address}/metrics"), false).await?;
     Ok(body)
 }
 
 async fn down(state_dir: &Path, prefix: &str) -> anyhow::Result<()> {
-    match api::call(&socket_path(state_dir), &Request::Down).await {
+    let namespaces = ambit_local::topology::leftover_namespaces(prefix).len();
+    let running = match api::call(&socket_path(state_dir), &Request::Down).await {
         Ok(_) => {
             // The daemon removes its namespaces and exits; wait for its socket to go.
             let deadline = Instant::now() + Duration::from_secs(20);
             while socket_path(state_dir).exists() && Instant::now() < deadline {
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
+            true
         }
-        Err(_) => println!("no mesh daemon running; removing leftovers"),
+        Err(_) => false,
+    };
+    daemon::clean_leftovers(state_dir, prefix);
+    let left = ambit_local::topology::leftover_namespaces(prefix);
+    let removed = namespaces.saturating_sub(left.len());
+    if running {
+        println!("mesh down ({removed} network namespace(s) removed)");
+    } else {
+        println!("no mesh daemon was running; {removed} leftover network namespace(s) removed");
     }
-    let removed = daemon::clean_leftovers(state_dir, prefix);
-    println!("mesh down ({removed} leftover namespace(s) removed)");
+    if !left.is_empty() {
+        bail!("could not remove network namespace(s) {}", left.join(", "));
+    }
     Ok(())
 }
 
@@ -441,17 +629,28 @@ fn print_status(status: &Status) {
             node.name, node.address, node.metrics
         );
     }
-    println!("PODS");
+    println!(
+        "PODS\n  {:<24} {:<5} {:<16} {:<8} {:<8} {:<13} {:<9} IDENTITY",
+        "NAME", "READY", "STATUS", "RESTARTS", "NODE", "IP", "MESH"
+    );
     for pod in &status.pods {
         println!(
-            "  {:<24} {:<8} {:<13} {:<9} {}",
+            "  {:<24} {:<5} {:<16} {:<8} {:<8} {:<13} {:<9} {}",
             format!("{}/{}", pod.namespace, pod.name),
+            pod.ready,
+            pod.status,
+            pod.restarts,
             pod.node,
             pod.ip,
             if pod.enrolled { "ambient" } else { "-" },
             pod.identity
         );
         for container in &pod.containers {
+            if container.state == "running" {
+                if let Some(probe) = container.probe.as_ref().filter(|_| !container.ready) {
+                    println!("    {}: running, not ready: {probe}", container.name);
+                }
+            }
             if container.restarts == 0 && container.state == "running" {
                 continue;
             }

@@ -39,6 +39,7 @@ pub fn manifest(data: &[u8]) {
             ip: IpAddr::V4(Ipv4Addr::from(0x0af4_0000 + i as u32)),
             node: "node1".into(),
             enrolled: true,
+            ready: true,
         })
         .collect();
     let vips: BTreeMap<(String, String), IpAddr> = cluster

@@ -43,8 +43,8 @@ pub use istio::{
 };
 pub use kube::{
     selector_matches, ClusterIp, Container, ContainerPort, Deployment, DeploymentSpec, EnvValue,
-    EnvVar, Namespace, Pod, PodSpec, PodTemplate, Protocol, RestartPolicy, Service, ServiceAccount,
-    ServicePort, ServiceSpec, TargetPort,
+    EnvVar, Namespace, Pod, PodSpec, PodTemplate, Probe, ProbeAction, ProbeKind, Probes, Protocol,
+    RestartPolicy, Service, ServiceAccount, ServicePort, ServiceSpec, TargetPort,
 };
 
 /// Where namespaced objects without `metadata.namespace` go, as with `kubectl apply`.

@@ -7,6 +7,7 @@ use std::fmt::Write;
 use std::net::IpAddr;
 
 use ambit_mesh::state::local::LocalConfig;
+use ambit_mesh::state::HealthStatus;
 
 /// The chain the rules live in; jumped to from `nat PREROUTING`.
 pub const CHAIN: &str = "AMBIT-SERVICES";
@@ -23,7 +24,12 @@ pub fn nat_ruleset(config: &LocalConfig) -> String {
             };
             // service port → endpoints (ip:target) from the workloads that back the service.
             let mut by_port: BTreeMap<u16, Vec<String>> = BTreeMap::new();
-            for workload in &config.workloads {
+            // Only ready pods are endpoints, as kube-proxy keeps only ready EndpointSlice entries.
+            for workload in config
+                .workloads
+                .iter()
+                .filter(|w| w.status == HealthStatus::Healthy)
+            {
                 let Some(IpAddr::V4(ip)) = workload.workload_ips.first().copied() else {
                     continue;
                 };
@@ -73,6 +79,7 @@ workloads:
 - {uid: a, name: a, namespace: ns, workloadIps: ["10.244.1.2"], services: {"ns/web.ns.svc.cluster.local": {80: 8080}}}
 - {uid: b, name: b, namespace: ns, workloadIps: ["10.244.2.2"], services: {"ns/web.ns.svc.cluster.local": {80: 8080}}}
 - {uid: c, name: c, namespace: ns, workloadIps: ["10.244.2.3"], services: {}}
+- {uid: d, name: d, namespace: ns, workloadIps: ["10.244.2.4"], services: {"ns/web.ns.svc.cluster.local": {80: 8080}}, status: Unhealthy}
 services:
 - {name: web, namespace: ns, hostname: web.ns.svc.cluster.local, vips: ["/10.96.0.10"], ports: {80: 8080}}
 "#,

@@ -340,6 +340,7 @@ fn running(state: &ClusterState) -> Vec<RunningPod> {
             ip: format!("10.244.1.{}", i + 10).parse().unwrap(),
             node: "node1".into(),
             enrolled: true,
+            ready: true,
         })
         .collect()
 }
@@ -614,6 +615,7 @@ fn waypoint_httproute_l7_policy_and_wasmplugin_from_istio_docs() {
         ip: waypoint_ip,
         node: "node1".into(),
         enrolled: false,
+        ready: true,
     });
     let cfg = ztunnel_config(&state, &pods, &vips(&state), "cluster.local");
     for name in ["reviews", "productpage", "reviews-v1"] {

@@ -88,6 +88,17 @@ pub struct PodStatus {
     /// Restarts of all its containers, as kubectl's RESTARTS column.
     #[serde(default)]
     pub restarts: u32,
+    /// kubectl's READY column: ready containers / containers (`1/1`). A pod is a Service
+    /// endpoint only while all are ready.
+    #[serde(default)]
+    pub ready: String,
+    /// The pod's phase: `Pending`, `Running`, `Succeeded` or `Failed`.
+    #[serde(default)]
+    pub phase: String,
+    /// kubectl's STATUS column: the phase, or what holds a container up (`CrashLoopBackOff`,
+    /// `Error`, `Completed`, `StartError`).
+    #[serde(default)]
+    pub status: String,
     #[serde(default)]
     pub containers: Vec<ContainerStatus>,
     /// A waypoint's WasmPlugins as its metrics report them: state (`running`, `retrying`,
@@ -105,6 +116,15 @@ pub struct ContainerStatus {
     /// `running`; `waiting` for its restart (kubelet's CrashLoopBackOff); `terminated` (exited,
     /// and its restartPolicy does not start it again).
     pub state: String,
+    /// Why it is waiting (`CrashLoopBackOff`) or terminated (its last exit's reason).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Running and passing its readiness probe (running suffices without one).
+    #[serde(default)]
+    pub ready: bool,
+    /// Its last failed probe in the current run (`Readiness probe failed: ...`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub probe: Option<String>,
     pub pid: Option<u32>,
     pub restarts: u32,
     /// How its last run ended.

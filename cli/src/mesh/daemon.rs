@@ -10,8 +10,13 @@
 //! waypoint reloads it when it changes, as ztunnels do the state file.
 //!
 //! Between requests the daemon [supervises](supervise) every process it started: exits are
-//! reaped and restarted per `restartPolicy` with kubelet's backoff.
+//! reaped and restarted per `restartPolicy` with kubelet's backoff; each container's
+//! [probes](probe) decide whether its pod is ready (only ready pods are Service endpoints: the
+//! others are `Unhealthy` workloads in ztunnel's state) and kill containers whose liveness fails.
+//! Requests are [admitted](admit) first, and a change that fails to reconcile is rolled back.
 
+mod admit;
+mod probe;
 mod supervise;
 
 use std::collections::BTreeMap;
@@ -24,7 +29,9 @@ use std::time::{Duration, Instant};
 use ambit_cni::agent::{self, EnrolledPod, NodeAgent, PodMeta};
 use ambit_cni::rules::{Backend, RuleOptions};
 use ambit_local::control::{ClusterState, Route, RunningPod, WaypointRef, WAYPOINT_GATEWAY_CLASS};
-use ambit_local::manifest::{self, Kind, ObjectRef, Pod, RestartPolicy, TargetPort};
+use ambit_local::manifest::{
+    self, Kind, ObjectRef, Pod, Probe, ProbeAction, Probes, RestartPolicy, TargetPort,
+};
 use ambit_local::services;
 use ambit_local::topology::{self, PodNet, Topology};
 use ambit_mesh::file;
@@ -35,11 +42,13 @@ use ambit_ztunnel::app::Ztunnel;
 use ambit_ztunnel::config::Config;
 use anyhow::Context;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::unix::OwnedWriteHalf;
 use tokio::net::UnixListener;
 
 use super::api::{
     NodeStatus, PodStatus, Request, Response, ServiceStatus, ServiceWaypoint, Status,
 };
+use probe::ContainerProbes;
 use supervise::{Container, Launch};
 
 const TRUST_DOMAIN: &str = "cluster.local";
@@ -52,6 +61,8 @@ const SERVICE_RANGE: (u8, u8) = (10, 96);
 const CLUSTER_DNS: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 /// Where a waypoint serves its metrics in its pod (Istio's port; the waypoint's default).
 const WAYPOINT_STATS_PORT: u16 = 15020;
+/// Where a waypoint answers `/healthz/ready` (Istio's port; the waypoint's default).
+const WAYPOINT_READINESS_PORT: u16 = 15021;
 /// How often exited processes are looked for: a crashed waypoint is restarted this soon.
 const SUPERVISE_EVERY: Duration = Duration::from_millis(100);
 
@@ -77,8 +88,24 @@ struct PodRuntime {
     enrolled: bool,
     reason: Option<String>,
     containers: Vec<Container>,
+    /// Each container's probes, in the same order.
+    probes: Vec<ContainerProbes>,
+    /// Ready as the ztunnel state last said.
+    ready: bool,
     /// A waypoint (an `istio-waypoint` Gateway's pod) rather than a manifest's pod.
     waypoint: bool,
+}
+
+impl PodRuntime {
+    /// kubelet's Ready condition: every container running and ready.
+    fn is_ready(&self) -> bool {
+        !self.containers.is_empty()
+            && self
+                .containers
+                .iter()
+                .zip(&self.probes)
+                .all(|(c, p)| p.ready(c.pid().is_some()))
+    }
 }
 
 struct Mesh {
@@ -130,9 +157,11 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     tracing::info!(socket = %socket.display(), "local mesh ready");
     let mut supervise = tokio::time::interval(SUPERVISE_EVERY);
     supervise.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let (requests_tx, mut requests) = tokio::sync::mpsc::channel(16);
+    let accepting = tokio::spawn(read_requests(listener, requests_tx));
     loop {
-        let (stream, _) = tokio::select! {
-            accepted = listener.accept() => accepted?,
+        let (request, write): (Result<Request, String>, OwnedWriteHalf) = tokio::select! {
+            Some(request) = requests.recv() => request,
             _ = supervise.tick() => {
                 if let Err(err) = mesh.supervise() {
                     tracing::error!(error = %format!("{err:#}"), "supervising the mesh's processes");
@@ -140,12 +169,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
                 continue;
             }
         };
-        let (read, mut write) = stream.into_split();
-        let mut line = String::new();
-        if BufReader::new(read).read_line(&mut line).await.is_err() {
-            continue;
-        }
-        let (response, stop) = match serde_json::from_str::<Request>(&line) {
+        let (response, stop) = match request {
             Ok(Request::Down) => (mesh.respond(Ok("mesh stopping".into())), true),
             Ok(request) => {
                 let result = mesh.handle(request).await;
@@ -155,23 +179,82 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
                 }
                 (response, false)
             }
-            Err(err) => (
-                Response::Error {
-                    message: format!("bad request: {err}"),
-                },
-                false,
-            ),
+            Err(message) => (Response::Error { message }, false),
         };
         let mut text = serde_json::to_string(&response)?;
         text.push('\n');
-        let _ = write.write_all(text.as_bytes()).await;
-        drop(write);
+        let answer = answer(write, text);
         if stop {
+            answer.await;
+            accepting.abort();
             mesh.shutdown();
             let _ = std::fs::remove_file(&socket);
             return Ok(());
         }
+        // A client that does not read its answer holds up only its own task.
+        tokio::spawn(answer);
     }
+}
+
+/// How long a client has to send its request line, and to take its answer.
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(10);
+/// The longest request line (manifests included).
+const MAX_REQUEST: u64 = 64 << 20;
+
+/// Accepts clients and reads each one's request on a task of its own, so a client that connects
+/// and sends nothing (or sends slowly) never holds up the daemon's loop or other clients.
+async fn read_requests(
+    listener: UnixListener,
+    requests: tokio::sync::mpsc::Sender<(Result<Request, String>, OwnedWriteHalf)>,
+) {
+    use tokio::io::AsyncReadExt;
+    loop {
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(err) => {
+                tracing::warn!(error = %err, "accepting a client of the daemon's socket");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let requests = requests.clone();
+        tokio::spawn(async move {
+            let (read, write) = stream.into_split();
+            let mut line = String::new();
+            let mut reader = BufReader::new(read.take(MAX_REQUEST));
+            let request = match tokio::time::timeout(CLIENT_TIMEOUT, reader.read_line(&mut line))
+                .await
+            {
+                Err(_) => Err(format!(
+                    "bad request: no request line within {} s",
+                    CLIENT_TIMEOUT.as_secs()
+                )),
+                Ok(Err(err)) => Err(format!("bad request: {err}")),
+                Ok(Ok(_)) if !line.ends_with('\n') => Err(format!(
+                    "bad request: not one line of at most {} MiB",
+                    MAX_REQUEST >> 20
+                )),
+                Ok(Ok(_)) => {
+                    serde_json::from_str(&line).map_err(|err| format!("bad request: {err}"))
+                }
+            };
+            if let Err(message) = &request {
+                tracing::debug!(%message, "a client of the daemon's socket");
+                let response = serde_json::to_string(&Response::Error {
+                    message: message.clone(),
+                })
+                .unwrap_or_default();
+                answer(write, response + "\n").await;
+                return;
+            }
+            let _ = requests.send((request, write)).await;
+        });
+    }
+}
+
+/// Writes `text` to a client, giving up after [`CLIENT_TIMEOUT`].
+async fn answer(mut write: OwnedWriteHalf, text: String) {
+    let _ = tokio::time::timeout(CLIENT_TIMEOUT, write.write_all(text.as_bytes())).await;
 }
 
 impl Mesh {
@@ -250,11 +333,36 @@ impl Mesh {
         }
     }
 
+    /// Carries out one change as a transaction: admitted first, and if reconciling it fails
+    /// anyway, the cluster state is put back as it was (and reconciled) before the error is
+    /// returned, so a failed change never blocks the next one.
     async fn handle(&mut self, request: Request) -> anyhow::Result<String> {
+        if matches!(request, Request::Status) {
+            return Ok(String::new());
+        }
+        let before = (self.cluster.clone(), self.l7_documents.clone());
+        let message = self.change(request)?;
+        if let Err(err) = self.reconcile().await {
+            tracing::warn!(error = %format!("{err:#}"), "rolling back a change that failed to reconcile");
+            (self.cluster, self.l7_documents) = before;
+            return Err(match self.reconcile().await {
+                Ok(()) => err.context("the change was rolled back"),
+                Err(again) => err.context(format!(
+                    "the change was rolled back, but restoring the previous state failed too: {again:#}"
+                )),
+            });
+        }
+        Ok(message)
+    }
+
+    /// Applies a request to the cluster state (admitted, atomic); the caller reconciles.
+    fn change(&mut self, request: Request) -> anyhow::Result<String> {
         let message = match request {
-            Request::Status => return Ok(String::new()),
+            Request::Status => String::new(),
             Request::Apply { manifests } => {
                 let objects = parse(&manifests)?;
+                let nodes: Vec<String> = self.nodes.iter().map(|n| n.name.clone()).collect();
+                admit::check(&objects, &nodes)?;
                 let changes = self.cluster.apply(&objects)?.to_string();
                 for (source, text) in &manifests {
                     self.l7_documents
@@ -280,7 +388,6 @@ impl Mesh {
             }
             Request::Down => unreachable!("handled by the caller"),
         };
-        self.reconcile().await?;
         Ok(message)
     }
 
@@ -328,6 +435,7 @@ impl Mesh {
                 continue;
             }
             let (namespace, name) = &key;
+            // Admission checked the node; this is the runner's own guard.
             let node = match &pod.spec.node_name {
                 Some(node) => Some(self.nodes.iter().position(|n| &n.name == node).with_context(
                     || format!("pod {namespace}/{name}: spec.nodeName {node} is not a node of this mesh"),
@@ -397,7 +505,7 @@ impl Mesh {
                 )?;
             }
         }
-        self.write_state(&decisions)?;
+        self.write_state(Some(&decisions))?;
         for pod in &desired {
             let key = key_of(pod);
             let decision = decisions[&key];
@@ -434,14 +542,20 @@ impl Mesh {
         // Processes of new pods start last: an ambient pod's first connection is captured.
         for key in started {
             let pod = desired.iter().find(|p| key_of(p) == key).expect("desired");
-            let containers = self.start_processes(pod)?;
-            self.pods.get_mut(&key).expect("created").containers = containers;
+            let (containers, probes) = self.start_processes(pod)?;
+            let runtime = self.pods.get_mut(&key).expect("created");
+            runtime.containers = containers;
+            runtime.probes = probes;
         }
         for key in started_waypoints {
-            let container = self.start_waypoint(&key)?;
-            self.pods.get_mut(&key).expect("created").containers = vec![container];
+            let (container, probes) = self.start_waypoint(&key)?;
+            let runtime = self.pods.get_mut(&key).expect("created");
+            runtime.containers = vec![container];
+            runtime.probes = vec![probes];
         }
         self.record_pids()?;
+        // Pods without readiness probes are ready now that they run: endpoints at once.
+        self.follow_probes()?;
         Ok(())
     }
 
@@ -473,6 +587,8 @@ impl Mesh {
                 enrolled: false,
                 reason: waypoint.then(|| "a waypoint: it terminates HBONE itself".to_owned()),
                 containers: Vec::new(),
+                probes: Vec::new(),
+                ready: false,
                 waypoint,
             },
         );
@@ -487,9 +603,10 @@ impl Mesh {
             .expect("65k VIPs")
     }
 
+    /// Writes the ztunnel state; `decisions` say who is in the mesh (`None`: as it stands).
     fn write_state(
         &self,
-        decisions: &BTreeMap<(String, String), agent::Enrollment>,
+        decisions: Option<&BTreeMap<(String, String), agent::Enrollment>>,
     ) -> anyhow::Result<()> {
         let running: Vec<RunningPod> = self
             .pods
@@ -499,9 +616,13 @@ impl Mesh {
                 name: name.clone(),
                 ip: IpAddr::V4(pod.net.ip),
                 node: self.nodes[pod.node].name.clone(),
-                enrolled: decisions
-                    .get(&(namespace.clone(), name.clone()))
-                    .is_some_and(|d| d.is_enrolled()),
+                enrolled: match decisions {
+                    Some(decisions) => decisions
+                        .get(&(namespace.clone(), name.clone()))
+                        .is_some_and(|d| d.is_enrolled()),
+                    None => pod.enrolled,
+                },
+                ready: pod.ready,
             })
             .collect();
         let config =
@@ -610,7 +731,10 @@ impl Mesh {
         Ok(())
     }
 
-    fn start_processes(&self, pod: &Pod) -> anyhow::Result<Vec<Container>> {
+    fn start_processes(
+        &self,
+        pod: &Pod,
+    ) -> anyhow::Result<(Vec<Container>, Vec<ContainerProbes>)> {
         let (namespace, name) = key_of(pod);
         let runtime = &self.pods[&(namespace.clone(), name.clone())];
         let log_path = self
@@ -620,6 +744,7 @@ impl Mesh {
         let node = &self.topology.nodes[runtime.node];
         let exe = std::env::current_exe()?;
         let mut children = Vec::new();
+        let mut probes = Vec::new();
         for container in &pod.spec.containers {
             let argv: Vec<String> = if container.image == "ambit/echo" {
                 let mut argv = vec![
@@ -646,54 +771,52 @@ impl Mesh {
                     .chain(container.args.iter())
                     .cloned()
                     .collect();
-                if argv.is_empty() {
-                    anyhow::bail!(
-                        "pod {namespace}/{name} container {}: images are not pulled here; give `command` (run from this host's filesystem) or use image ambit/echo",
-                        container.name
-                    );
-                }
+                // Refused at admission; a stray one fails to start, as a missing program does.
                 argv
             };
+            let env: Vec<(String, String)> = pod.container_env(
+                container,
+                IpAddr::V4(runtime.net.ip),
+                IpAddr::V4(node.address),
+                &node.name,
+                &runtime.uid,
+            );
+            probes.push(ContainerProbes::new(
+                container.probes.clone(),
+                self.probe_target(runtime, env.clone()),
+            ));
             let launch = Launch {
                 netns: runtime.net.netns.clone(),
                 argv,
-                env: pod
-                    .container_env(
-                        container,
-                        IpAddr::V4(runtime.net.ip),
-                        IpAddr::V4(node.address),
-                        &node.name,
-                        &runtime.uid,
-                    )
-                    .into_iter()
-                    .collect(),
+                env,
                 log: log_path.clone(),
             };
-            let started = Container::start(
+            children.push(Container::start(
                 &container.name,
                 launch,
                 pod.spec.restart_policy,
                 self.initial_backoff,
-            )
-            .with_context(|| format!("pod {namespace}/{name}"));
-            match started {
-                Ok(started) => children.push(started),
-                Err(err) => {
-                    // The pod's other containers do not outlive the failed start.
-                    for child in &mut children {
-                        child.stop();
-                    }
-                    return Err(err);
-                }
-            }
+            ));
         }
-        Ok(children)
+        Ok((children, probes))
+    }
+
+    fn probe_target(&self, runtime: &PodRuntime, env: Vec<(String, String)>) -> probe::Target {
+        probe::Target {
+            netns: runtime.net.netns.clone(),
+            netns_path: runtime.net.netns_path(),
+            pod_ip: IpAddr::V4(runtime.net.ip),
+            env,
+        }
     }
 
     /// Runs `ambit mesh waypoint` inside the waypoint's pod, reading the same state file as the
     /// ztunnels, its own L7 configuration file, and certificates from the mesh's CA.
     /// The process is supervised like a Deployment's pod: restarted whenever it exits.
-    fn start_waypoint(&self, key: &(String, String)) -> anyhow::Result<Container> {
+    fn start_waypoint(
+        &self,
+        key: &(String, String),
+    ) -> anyhow::Result<(Container, ContainerProbes)> {
         let (namespace, name) = key;
         let runtime = &self.pods[key];
         let dir = &self.options.state_dir;
@@ -719,14 +842,18 @@ impl Mesh {
             ],
             log: dir.join(format!("logs/pods/{namespace}_{name}.log")),
         };
+        let probes = ContainerProbes::new(
+            waypoint_probes(),
+            self.probe_target(runtime, launch.env.clone()),
+        );
         // Istio's waypoint container.
-        Container::start(
+        let container = Container::start(
             "istio-proxy",
             launch,
             RestartPolicy::Always,
             self.initial_backoff,
-        )
-        .with_context(|| format!("starting waypoint {namespace}/{name}"))
+        );
+        Ok((container, probes))
     }
 
     /// Each running waypoint's WasmPlugin states, read from its metrics inside its pod; a
@@ -764,6 +891,30 @@ impl Mesh {
         }
         if changed {
             self.record_pids()?;
+        }
+        self.follow_probes()
+    }
+
+    /// Keeps every container's probes on its current process, kills containers whose liveness
+    /// or startup probe gave up, and rewrites the ztunnel state when a pod's readiness changed
+    /// (so ztunnels and waypoints add or drop it as an endpoint).
+    fn follow_probes(&mut self) -> anyhow::Result<()> {
+        let mut changed = false;
+        for ((namespace, name), pod) in &mut self.pods {
+            for (container, probes) in pod.containers.iter_mut().zip(&mut pod.probes) {
+                if let Some(reason) = probes.follow(container.pid()) {
+                    container.kill(reason);
+                }
+            }
+            let ready = pod.is_ready();
+            if ready != pod.ready {
+                tracing::info!(pod = %format!("{namespace}/{name}"), ready, "pod readiness changed");
+                pod.ready = ready;
+                changed = true;
+            }
+        }
+        if changed {
+            self.write_state(None)?;
         }
         Ok(())
     }
@@ -803,7 +954,7 @@ impl Mesh {
                     .pod(namespace, name)
                     .map(|p| p.metadata.annotations.clone())
                     .unwrap_or_default();
-                PodStatus {
+                let mut status = PodStatus {
                     namespace: namespace.clone(),
                     name: name.clone(),
                     node: self.nodes[pod.node].name.clone(),
@@ -815,9 +966,24 @@ impl Mesh {
                     annotations,
                     pids: pod.containers.iter().filter_map(Container::pid).collect(),
                     restarts: pod.containers.iter().map(|c| c.status().restarts).sum(),
-                    containers: pod.containers.iter().map(Container::status).collect(),
+                    ready: String::new(),
+                    phase: String::new(),
+                    status: String::new(),
+                    containers: pod
+                        .containers
+                        .iter()
+                        .zip(&pod.probes)
+                        .map(|(c, p)| {
+                            let mut status = c.status();
+                            status.ready = p.ready(c.pid().is_some());
+                            status.probe = p.failure();
+                            status
+                        })
+                        .collect(),
                     plugins: None,
-                }
+                };
+                supervise::describe_pod(&mut status);
+                status
             })
             .collect();
         let services = self
@@ -989,6 +1155,36 @@ async fn read_metrics(netns: String) -> std::io::Result<String> {
     let mut text = String::new();
     stream.read_to_string(&mut text).await?;
     Ok(text)
+}
+
+/// The probes of Istio's waypoint Deployment: ready once `/healthz/ready` on 15021 answers,
+/// checked every second while it starts.
+fn waypoint_probes() -> Probes {
+    let ready = ProbeAction::HttpGet {
+        host: None,
+        port: WAYPOINT_READINESS_PORT,
+        path: "/healthz/ready".into(),
+        headers: Vec::new(),
+    };
+    Probes {
+        startup: Some(Probe {
+            action: ready.clone(),
+            initial_delay_seconds: 0,
+            period_seconds: 1,
+            timeout_seconds: 1,
+            success_threshold: 1,
+            failure_threshold: 30,
+        }),
+        readiness: Some(Probe {
+            action: ready,
+            initial_delay_seconds: 0,
+            period_seconds: 15,
+            timeout_seconds: 1,
+            success_threshold: 1,
+            failure_threshold: 4,
+        }),
+        liveness: None,
+    }
 }
 
 fn key_of(pod: &Pod) -> (String, String) {

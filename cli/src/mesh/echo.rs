@@ -96,8 +96,9 @@ async fn handle(stream: TcpStream, peer: SocketAddr, port: u16, name: &str) -> s
     }
 }
 
-/// GETs `url` (http only) and returns the status line and body.
-pub async fn fetch(url: &str) -> anyhow::Result<String> {
+/// GETs `url` (http only) and returns the status line and body; with `include_headers`, the
+/// status line, the headers, a blank line and the body, as `curl -i` prints them.
+pub async fn fetch(url: &str, include_headers: bool) -> anyhow::Result<String> {
     let rest = url
         .strip_prefix("http://")
         .ok_or_else(|| anyhow::anyhow!("only http:// URLs are supported: {url}"))?;
@@ -115,23 +116,46 @@ pub async fn fetch(url: &str) -> anyhow::Result<String> {
         TcpStream::connect(&address),
     )
     .await
-    .map_err(|_| anyhow::anyhow!("connecting to {address} timed out"))??;
+    .map_err(|_| anyhow::anyhow!("connecting to {address} timed out"))?
+    .map_err(|e| call_error(&address, e))?;
     let request = format!("GET {path} HTTP/1.1\r\nhost: {authority}\r\nconnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await?;
+    stream
+        .write_all(request.as_bytes())
+        .await
+        .map_err(|e| call_error(&address, e))?;
     let mut response = String::new();
     tokio::time::timeout(
         std::time::Duration::from_secs(10),
         stream.read_to_string(&mut response),
     )
     .await
-    .map_err(|_| anyhow::anyhow!("no answer from {address}"))??;
+    .map_err(|_| anyhow::anyhow!("no answer from {address} within 10 s"))?
+    .map_err(|e| call_error(&address, e))?;
     if response.is_empty() {
-        anyhow::bail!("{address} closed the connection without answering (refused by policy?)");
+        anyhow::bail!(
+            "{address} closed the connection without answering: the mesh refused the call, most likely denied by an AuthorizationPolicy or because the service has no ready endpoint (see `ambit mesh status`)"
+        );
     }
-    let status = response.lines().next().unwrap_or_default().to_owned();
-    let body = response
+    let (head, body) = response
         .split_once("\r\n\r\n")
-        .map(|(_, body)| body.to_owned())
-        .unwrap_or_default();
+        .unwrap_or((response.as_str(), ""));
+    if include_headers {
+        return Ok(format!("{}\n\n{body}", head.replace("\r\n", "\n")));
+    }
+    let status = head.lines().next().unwrap_or_default();
     Ok(format!("{status}\n{body}"))
+}
+
+/// A failed call in words a mesh user can act on, not a bare `os error 104`.
+fn call_error(address: &str, err: std::io::Error) -> anyhow::Error {
+    use std::io::ErrorKind;
+    match err.kind() {
+        ErrorKind::ConnectionReset | ErrorKind::BrokenPipe => anyhow::anyhow!(
+            "the connection to {address} was reset by the mesh: most likely denied by an AuthorizationPolicy, or the service has no ready endpoint (see `ambit mesh status`; {err})"
+        ),
+        ErrorKind::ConnectionRefused => anyhow::anyhow!(
+            "connection to {address} refused: nothing listens there (is the pod's server up and ready? see `ambit mesh status`; {err})"
+        ),
+        _ => anyhow::anyhow!("calling {address}: {err}"),
+    }
 }

@@ -474,6 +474,7 @@ fn running(state: &ClusterState, enrolled: bool) -> Vec<RunningPod> {
             ip: ip(&format!("10.0.0.{}", i + 10)),
             node: if i % 2 == 0 { "node-1" } else { "node-2" }.into(),
             enrolled,
+            ready: true,
         })
         .collect()
 }
@@ -675,6 +676,7 @@ fn workloads_follow_running_pods_and_enrollment() {
         ip: ip("10.0.0.99"),
         node: "node-1".into(),
         enrolled: true,
+        ready: true,
     });
     pods.push(pods[0].clone());
     let cfg = ztunnel_config(&state, &pods, &BTreeMap::new(), "example.org");
@@ -1623,6 +1625,7 @@ fn waypoint_for_binds_services_and_pods_as_istiod_does() {
             ip: ip(&format!("10.0.1.{}", i + 1)),
             node: "node-1".into(),
             enrolled: false,
+            ready: true,
         });
     }
     let cfg = ztunnel_config(&state, &running, &vips(&state), "cluster.local");
@@ -1711,6 +1714,7 @@ spec:
         ip: ip("10.0.1.1"),
         node: "node-1".into(),
         enrolled: false,
+        ready: true,
     });
     let cfg = ztunnel_config(&state, &running, &vips(&state), "cluster.local");
     let svc = |cfg: &LocalConfig, name: &str| {

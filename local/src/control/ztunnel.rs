@@ -48,6 +48,9 @@ pub struct RunningPod {
     pub node: String,
     /// Whether the node agent has handed it to ztunnel (it then accepts HBONE).
     pub enrolled: bool,
+    /// Ready as kubelet decides (running, its readiness probes passing): a pod that is not is
+    /// `Unhealthy`, which takes it out of every Service's endpoints, as istiod does.
+    pub ready: bool,
 }
 
 /// Canonical service name, as Istio derives it (`pkg/model` `CanonicalService`).
@@ -283,7 +286,11 @@ pub fn ztunnel_config(
             canonical_revision: canonical_revision(pod),
             workload_name: pod.workload_name().to_owned(),
             cluster_id: CLUSTER_ID.to_owned(),
-            status: HealthStatus::Healthy,
+            status: if rp.ready {
+                HealthStatus::Healthy
+            } else {
+                HealthStatus::Unhealthy
+            },
         });
     }
     workloads.sort_by(|a, b| a.uid.cmp(&b.uid));

@@ -3,7 +3,7 @@
 //!
 //! Fields that shape what runs or how it is reached (containers, ports, selectors, labels) are
 //! read and validated strictly; fields that only matter to a real scheduler or kubelet
-//! (resources, probes, volumes, tolerations...) are accepted and ignored so that manifests
+//! (resources, volumes, tolerations...) are accepted and ignored so that manifests
 //! written for a cluster apply unchanged. Anything else is refused by name.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -13,6 +13,10 @@ use std::net::IpAddr;
 use super::decode::{FieldError, Node, Result};
 use super::names;
 use super::Metadata;
+
+mod probe;
+
+pub use probe::{Probe, ProbeAction, ProbeKind, Probes};
 
 /// A namespace; its labels decide enrollment (`istio.io/dataplane-mode`) and waypoints.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -144,6 +148,7 @@ pub struct Container {
     pub env: Vec<EnvVar>,
     pub ports: Vec<ContainerPort>,
     pub working_dir: Option<String>,
+    pub probes: Probes,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -353,12 +358,9 @@ const IGNORED_POD_SPEC_FIELDS: &[&str] = &[
 const IGNORED_CONTAINER_FIELDS: &[&str] = &[
     "imagePullPolicy",
     "lifecycle",
-    "livenessProbe",
-    "readinessProbe",
     "resizePolicy",
     "resources",
     "securityContext",
-    "startupProbe",
     "stdin",
     "stdinOnce",
     "terminationMessagePath",
@@ -468,6 +470,7 @@ fn container(node: &Node<'_>) -> Result<Container> {
     let env = f.list_of("env", env_var)?;
     let ports = f.list_of("ports", container_port)?;
     let working_dir = f.str("workingDir")?;
+    let probes = probe::probes(&f, &ports)?;
     f.finish()?;
     Ok(Container {
         name,
@@ -477,6 +480,7 @@ fn container(node: &Node<'_>) -> Result<Container> {
         env,
         ports,
         working_dir,
+        probes,
     })
 }
 
@@ -703,23 +707,7 @@ fn service_port(node: &Node<'_>) -> Result<ServicePort> {
     let port = f.require("port")?.port()?;
     let target_port = match f.get("targetPort") {
         None => TargetPort::Number(port),
-        Some(t) => match t.value {
-            serde_yaml::Value::Number(_) => TargetPort::Number(t.port()?),
-            serde_yaml::Value::String(s) => {
-                // A quoted number is still a number to Kubernetes (IntOrString).
-                match s.parse::<i64>() {
-                    Ok(n) => TargetPort::Number(
-                        super::decode::port_in_range(n)
-                            .ok_or_else(|| t.error(format!("{n} is out of range (1-65535)")))?,
-                    ),
-                    Err(_) => {
-                        names::iana_svc_name(s).map_err(|e| t.error(e))?;
-                        TargetPort::Name(s.clone())
-                    }
-                }
-            }
-            _ => return Err(t.error("expected a port number or a container port name")),
-        },
+        Some(t) => int_or_name_port(&t)?,
     };
     let protocol = protocol(f.get("protocol"))?;
     let app_protocol = f.str("appProtocol")?;
@@ -731,6 +719,27 @@ fn service_port(node: &Node<'_>) -> Result<ServicePort> {
         protocol,
         app_protocol,
     })
+}
+
+/// A port given as Kubernetes' IntOrString: a number (quoted or not) or a container port name.
+fn int_or_name_port(t: &Node<'_>) -> Result<TargetPort> {
+    match t.value {
+        serde_yaml::Value::Number(_) => Ok(TargetPort::Number(t.port()?)),
+        serde_yaml::Value::String(s) => {
+            // A quoted number is still a number to Kubernetes (IntOrString).
+            match s.parse::<i64>() {
+                Ok(n) => Ok(TargetPort::Number(
+                    super::decode::port_in_range(n)
+                        .ok_or_else(|| t.error(format!("{n} is out of range (1-65535)")))?,
+                )),
+                Err(_) => {
+                    names::iana_svc_name(s).map_err(|e| t.error(e))?;
+                    Ok(TargetPort::Name(s.clone()))
+                }
+            }
+        }
+        _ => Err(t.error("expected a port number or a container port name")),
+    }
 }
 
 /// Checks label keys and values, naming the offending key.

@@ -9,14 +9,14 @@
 //! a short one); the cap stays kubelet's.
 
 use std::os::unix::process::ExitStatusExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, ExitStatus, Stdio};
 use std::time::{Duration, Instant, SystemTime};
 
 use ambit_local::manifest::RestartPolicy;
 use anyhow::Context;
 
-use crate::mesh::api::{ContainerStatus, LastExit};
+use crate::mesh::api::{ContainerStatus, LastExit, PodStatus};
 
 /// kubelet's first restart delay (`backOffPeriod`).
 pub const INITIAL_BACKOFF: Duration = Duration::from_secs(10);
@@ -88,6 +88,9 @@ pub struct Launch {
 
 impl Launch {
     fn spawn(&self) -> anyhow::Result<Child> {
+        // `ip netns exec` would report a missing program only in the log, as an exit code 255
+        // indistinguishable from the program's own; the runtime's error names it.
+        self.check_program()?;
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -106,6 +109,39 @@ impl Launch {
     }
 }
 
+impl Launch {
+    /// Fails as containerd does when the program is not there: `exec: "x": executable file not
+    /// found in $PATH` (looked up in the container's `PATH`, else the daemon's).
+    fn check_program(&self) -> anyhow::Result<()> {
+        use std::os::unix::fs::PermissionsExt;
+        let Some(program) = self.argv.first() else {
+            anyhow::bail!("no command to run");
+        };
+        let runnable = |path: &Path| {
+            path.metadata()
+                .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        };
+        if program.contains('/') {
+            if runnable(Path::new(program)) {
+                return Ok(());
+            }
+            anyhow::bail!("exec: {program:?}: no such executable file");
+        }
+        let path = self
+            .env
+            .iter()
+            .rev()
+            .find(|(k, _)| k == "PATH")
+            .map(|(_, v)| v.clone())
+            .or_else(|| std::env::var("PATH").ok())
+            .unwrap_or_default();
+        if std::env::split_paths(&path).any(|dir| runnable(&dir.join(program))) {
+            return Ok(());
+        }
+        anyhow::bail!("exec: {program:?}: executable file not found in $PATH")
+    }
+}
+
 /// One supervised container.
 pub struct Container {
     pub name: String,
@@ -118,28 +154,35 @@ pub struct Container {
     backoff: CrashBackoff,
     /// Set while the container waits for its restart.
     restart_at: Option<Instant>,
+    /// Why the daemon killed the running process (a liveness or startup probe gave up).
+    killed_for: Option<String>,
 }
 
 impl Container {
-    /// Starts `launch`; a container that cannot start at all is an error for the caller (the
-    /// manifest names a program that is not there).
+    /// Starts `launch`. A program that cannot be started is the container's first failed run
+    /// (kubelet's `StartError`), retried per the restart policy and backoff.
     pub fn start(
         name: &str,
         launch: Launch,
         policy: RestartPolicy,
         initial_backoff: Duration,
-    ) -> anyhow::Result<Container> {
-        let child = launch.spawn()?;
-        Ok(Container {
+    ) -> Container {
+        let mut container = Container {
             name: name.to_owned(),
             launch,
             policy,
-            child: Some(child),
+            child: None,
             restarts: 0,
             last_exit: None,
             backoff: CrashBackoff::new(initial_backoff),
             restart_at: None,
-        })
+            killed_for: None,
+        };
+        match container.launch.spawn() {
+            Ok(child) => container.child = Some(child),
+            Err(err) => container.start_failed(err, Instant::now()),
+        }
+        container
     }
 
     /// The running process's id.
@@ -155,7 +198,8 @@ impl Container {
             match child.try_wait() {
                 Ok(None) => return false,
                 Ok(Some(status)) => {
-                    let exit = last_exit(status);
+                    let mut exit = last_exit(status);
+                    exit.message = self.killed_for.take();
                     tracing::warn!(container = %self.name, pid = child.id(), reason = %exit.reason, exit_code = exit.exit_code, signal = ?exit.signal, "container exited");
                     self.exited(exit, now);
                 }
@@ -177,21 +221,35 @@ impl Container {
                 }
                 Err(err) => {
                     tracing::error!(container = %self.name, error = %format!("{err:#}"), "container did not restart");
-                    self.exited(
-                        LastExit {
-                            reason: "StartError".into(),
-                            exit_code: 128,
-                            signal: None,
-                            message: Some(format!("{err:#}")),
-                            finished_at: unix_seconds(),
-                        },
-                        now,
-                    );
+                    self.start_failed(err, now);
                 }
             }
             changed = true;
         }
         changed
+    }
+
+    /// kubelet's `StartError`: the run that never began counts as one that failed.
+    fn start_failed(&mut self, err: anyhow::Error, now: Instant) {
+        self.exited(
+            LastExit {
+                reason: "StartError".into(),
+                exit_code: 128,
+                signal: None,
+                message: Some(format!("{err:#}")),
+                finished_at: unix_seconds(),
+            },
+            now,
+        );
+    }
+
+    /// Kills the running process for `reason`; it is reaped and restarted per its policy.
+    pub fn kill(&mut self, reason: String) {
+        if let Some(child) = &mut self.child {
+            tracing::warn!(container = %self.name, pid = child.id(), %reason, "killing the container");
+            self.killed_for = Some(reason);
+            let _ = child.kill();
+        }
     }
 
     fn exited(&mut self, exit: LastExit, now: Instant) {
@@ -212,20 +270,55 @@ impl Container {
     }
 
     pub fn status(&self) -> ContainerStatus {
-        let state = match (&self.child, self.restart_at) {
-            (Some(_), _) => "running",
+        let (state, reason) = match (&self.child, self.restart_at) {
+            (Some(_), _) => ("running", None),
             // kubelet's CrashLoopBackOff.
-            (None, Some(_)) => "waiting",
-            (None, None) => "terminated",
+            (None, Some(_)) => ("waiting", Some("CrashLoopBackOff".to_owned())),
+            (None, None) => (
+                "terminated",
+                self.last_exit.as_ref().map(|e| e.reason.clone()),
+            ),
         };
         ContainerStatus {
             name: self.name.clone(),
             state: state.into(),
+            reason,
+            ready: false,
+            probe: None,
             pid: self.pid(),
             restarts: self.restarts,
             last_exit: self.last_exit.clone(),
         }
     }
+}
+
+/// Fills in what kubectl shows of a pod from its containers: READY (`1/1`), the phase, and the
+/// STATUS column (the phase, or the reason a container is waiting or terminated).
+pub fn describe_pod(pod: &mut PodStatus) {
+    let containers = &pod.containers;
+    let ready = containers.iter().filter(|c| c.ready).count();
+    pod.ready = format!("{ready}/{}", containers.len());
+    let ran = |c: &ContainerStatus| c.state == "running" || c.restarts > 0 || c.last_exit.is_some();
+    pod.phase = if containers.iter().any(|c| c.state == "running") {
+        "Running"
+    } else if containers.is_empty() || !containers.iter().all(ran) {
+        "Pending"
+    } else if containers.iter().any(|c| c.state == "waiting") {
+        // Restarting after an exit: kubelet keeps the phase at Running.
+        "Running"
+    } else if containers
+        .iter()
+        .all(|c| c.last_exit.as_ref().is_some_and(|e| e.exit_code == 0))
+    {
+        "Succeeded"
+    } else {
+        "Failed"
+    }
+    .to_owned();
+    pod.status = containers
+        .iter()
+        .find_map(|c| c.reason.clone())
+        .unwrap_or_else(|| pod.phase.clone());
 }
 
 /// kubelet's terms for how a process ended: `Completed` for exit code 0, `Error` otherwise; a
