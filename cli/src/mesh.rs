@@ -470,7 +470,7 @@ async fn up(
     rules: Rules,
     manifests: Vec<(String, String)>,
     demo: bool,
-    wait: Option<Duration>,
+    wait_for: Option<Duration>,
 ) -> anyhow::Result<()> {
     let started = Instant::now();
     if api::call(&socket_path(state_dir), &Request::Status)
@@ -528,7 +528,7 @@ async fn up(
         state_dir.display()
     );
     let mut timed_out = None;
-    if let Some(timeout) = wait {
+    if let Some(timeout) = wait_for {
         let all = wait::Selection::All { namespace: None };
         let outcome = wait::wait(state_dir, prefix, &all, timeout, true, false).await?;
         let total = outcome.ready.len() + outcome.not_ready.len();

@@ -20,7 +20,7 @@ pub enum AdmitError {
         node: String,
         nodes: String,
     },
-    #[error("{object}: container {container:?} (image {image}) has no command; images are not pulled here: give `command` (a program on this host) or use image {ECHO_IMAGE}; nothing was applied")]
+    #[error("{object}: container {container:?} (image {image}) has no command; images are not pulled here: give `command` (a program on this host) or use image ambit/echo; nothing was applied")]
     NoCommand {
         object: String,
         container: String,

@@ -41,7 +41,6 @@ pub struct Target {
 /// What the probes of one run of a container found so far.
 #[derive(Clone, Debug, Default)]
 struct Findings {
-    started: bool,
     ready: bool,
     /// Set when a liveness or startup probe failed for good: the container is to be killed.
     kill: Option<String>,
@@ -126,31 +125,26 @@ impl ContainerProbes {
 }
 
 async fn probe_run(probes: Probes, target: Arc<Target>, findings: Arc<Mutex<Findings>>) {
-    let update = |f: &dyn Fn(&mut Findings)| f(&mut findings.lock().expect("findings lock"));
+    let worker = |kind, probe| Worker {
+        kind,
+        probe,
+        target: &target,
+        findings: &findings,
+    };
     if let Some(startup) = &probes.startup {
-        if !Worker::new(ProbeKind::Startup, startup, &target)
-            .run(&update)
-            .await
-        {
+        if !worker(ProbeKind::Startup, startup).run().await {
             return;
         }
     }
-    update(&|f| {
-        f.started = true;
-        f.ready = probes.readiness.is_none();
-    });
+    findings.lock().expect("findings lock").ready = probes.readiness.is_none();
     let readiness = async {
         if let Some(probe) = &probes.readiness {
-            Worker::new(ProbeKind::Readiness, probe, &target)
-                .run(&update)
-                .await;
+            worker(ProbeKind::Readiness, probe).run().await;
         }
     };
     let liveness = async {
         if let Some(probe) = &probes.liveness {
-            Worker::new(ProbeKind::Liveness, probe, &target)
-                .run(&update)
-                .await;
+            worker(ProbeKind::Liveness, probe).run().await;
         }
     };
     tokio::join!(readiness, liveness);
@@ -161,20 +155,17 @@ struct Worker<'a> {
     kind: ProbeKind,
     probe: &'a Probe,
     target: &'a Target,
+    findings: &'a Mutex<Findings>,
 }
 
-impl<'a> Worker<'a> {
-    fn new(kind: ProbeKind, probe: &'a Probe, target: &'a Target) -> Self {
-        Worker {
-            kind,
-            probe,
-            target,
-        }
+impl Worker<'_> {
+    fn update(&self, change: impl FnOnce(&mut Findings)) {
+        change(&mut self.findings.lock().expect("findings lock"));
     }
 
     /// Probes until the outcome is final: a startup probe's success (`true`), a liveness or
     /// startup probe's giving up (`false`); a readiness probe runs for as long as the process.
-    async fn run(&self, update: &dyn Fn(&dyn Fn(&mut Findings))) -> bool {
+    async fn run(&self) -> bool {
         let probe = self.probe;
         tokio::time::sleep(Duration::from_secs(probe.initial_delay_seconds.into())).await;
         let mut period = tokio::time::interval(Duration::from_secs(probe.period_seconds.into()));
@@ -183,14 +174,15 @@ impl<'a> Worker<'a> {
         loop {
             period.tick().await;
             let timeout = Duration::from_secs(probe.timeout_seconds.into());
-            let outcome = match tokio::time::timeout(timeout, attempt(&probe.action, self.target)).await {
-                Ok(outcome) => outcome,
-                Err(_) => Err(format!(
-                    "timed out after {}s ({})",
-                    probe.timeout_seconds,
-                    describe(&probe.action)
-                )),
-            };
+            let outcome =
+                match tokio::time::timeout(timeout, attempt(&probe.action, self.target)).await {
+                    Ok(outcome) => outcome,
+                    Err(_) => Err(format!(
+                        "timed out after {}s ({})",
+                        probe.timeout_seconds,
+                        describe(&probe.action)
+                    )),
+                };
             match outcome {
                 Ok(()) => {
                     passes += 1;
@@ -198,7 +190,7 @@ impl<'a> Worker<'a> {
                     match self.kind {
                         ProbeKind::Startup => return true,
                         ProbeKind::Readiness if passes >= probe.success_threshold => {
-                            update(&|f| f.ready = true)
+                            self.update(|f| f.ready = true)
                         }
                         _ => {}
                     }
@@ -209,18 +201,19 @@ impl<'a> Worker<'a> {
                     let message = format!("{} probe failed: {reason}", self.kind.title());
                     tracing::debug!(probe = %message, failures, "probe failed");
                     let give_up = failures >= probe.failure_threshold;
-                    update(&|f| {
-                        f.failure = Some(message.clone());
-                        if self.kind == ProbeKind::Readiness && give_up {
+                    let readiness = self.kind == ProbeKind::Readiness;
+                    self.update(|f| {
+                        if readiness && give_up {
                             f.ready = false;
                         }
+                        if give_up && !readiness {
+                            f.kill = Some(format!(
+                                "{message}; {failures} failures in a row, the container is killed"
+                            ));
+                        }
+                        f.failure = Some(message);
                     });
-                    if give_up && self.kind != ProbeKind::Readiness {
-                        let kill = format!(
-                            "{message}; {} failures in a row, the container is killed",
-                            failures
-                        );
-                        update(&|f| f.kill = Some(kill.clone()));
+                    if give_up && !readiness {
                         return false;
                     }
                 }
@@ -315,7 +308,7 @@ async fn http_get(
 /// Runs `command` in the pod's namespace and environment, in its own process group, killed as a
 /// group if the probe's timeout drops this future.
 async fn exec(target: &Target, command: &[String]) -> Result<(), String> {
-    let mut child = tokio::process::Command::new("ip")
+    let child = tokio::process::Command::new("ip")
         .args(["netns", "exec", &target.netns])
         .args(command)
         .envs(target.env.iter().map(|(k, v)| (k, v)))
@@ -328,7 +321,9 @@ async fn exec(target: &Target, command: &[String]) -> Result<(), String> {
     let group = child.id().map(|pid| GroupGuard(pid as i32));
     let output = child.wait_with_output().await;
     let output = output.map_err(|e| format!("{command:?}: {e}"))?;
-    drop(group.map(GroupGuard::disarm));
+    if let Some(group) = group {
+        group.disarm();
+    }
     if output.status.success() {
         return Ok(());
     }
@@ -357,9 +352,9 @@ impl GroupGuard {
 
 impl Drop for GroupGuard {
     fn drop(&mut self) {
-        let _ = nix::sys::signal::killpg(
-            nix::unistd::Pid::from_raw(self.0),
-            nix::sys::signal::Signal::SIGKILL,
-        );
+        // SAFETY: kill(2) on a process group this prober created; no memory is involved.
+        unsafe {
+            nix::libc::kill(-self.0, nix::libc::SIGKILL);
+        }
     }
 }

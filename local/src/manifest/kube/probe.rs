@@ -7,7 +7,6 @@
 //! a name it cannot resolve would fail every probe, so it is refused at apply.
 
 use super::super::decode::{Node, Result};
-use super::super::names;
 use super::{ContainerPort, Protocol, TargetPort};
 
 /// Which probe: they differ in what their outcome does.
