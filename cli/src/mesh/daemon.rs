@@ -338,6 +338,8 @@ impl Mesh {
     /// returned, so a failed change never blocks the next one.
     async fn handle(&mut self, request: Request) -> anyhow::Result<String> {
         if matches!(request, Request::Status) {
+            // The readiness it reports is the one in force in the ztunnel state.
+            self.follow_probes()?;
             return Ok(String::new());
         }
         let before = (self.cluster.clone(), self.l7_documents.clone());
