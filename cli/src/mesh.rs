@@ -299,7 +299,9 @@ pub fn run(args: MeshArgs) -> anyhow::Result<()> {
                         .iter()
                         .map(|p| match p.split_once('/') {
                             Some(("pod" | "pods" | "po", name)) => Ok(name.to_owned()),
-                            Some((kind, _)) => bail!("{p}: only pods can be waited for, not {kind}"),
+                            Some((kind, _)) => {
+                                bail!("{p}: only pods can be waited for, not {kind}")
+                            }
                             None => Ok(p.clone()),
                         })
                         .collect::<anyhow::Result<_>>()?,
@@ -412,7 +414,8 @@ pub fn run(args: MeshArgs) -> anyhow::Result<()> {
             Ok(())
         }
         MeshCommand::Status { json } => {
-            let (_, status) = runtime.block_on(request(&state_dir, &args.prefix, Request::Status))?;
+            let (_, status) =
+                runtime.block_on(request(&state_dir, &args.prefix, Request::Status))?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&status)?);
             } else {
@@ -425,7 +428,8 @@ pub fn run(args: MeshArgs) -> anyhow::Result<()> {
             namespace,
             command,
         } => {
-            let (_, status) = runtime.block_on(request(&state_dir, &args.prefix, Request::Status))?;
+            let (_, status) =
+                runtime.block_on(request(&state_dir, &args.prefix, Request::Status))?;
             drop(runtime);
             let pod = status
                 .pods

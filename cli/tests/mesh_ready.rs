@@ -133,7 +133,10 @@ fn only_ready_pods_are_endpoints_and_wait_follows_readiness() {
     assert_eq!(workload_status(&mesh, "gated"), "Unhealthy");
     assert_eq!(workload_status(&mesh, "client"), "Healthy");
     let out = mesh.fetch("client", "rdy", "http://web.rdy.svc.cluster.local/");
-    assert!(!String::from_utf8_lossy(&out.stdout).contains("hostname=gated"), "{out:?}");
+    assert!(
+        !String::from_utf8_lossy(&out.stdout).contains("hostname=gated"),
+        "{out:?}"
+    );
 
     // Probes at closed ports and hanging exec probes: failing with kubelet's words, the daemon
     // unharmed (status answers at once, again and again).
@@ -169,7 +172,8 @@ fn only_ready_pods_are_endpoints_and_wait_follows_readiness() {
     let mut half = UnixStream::connect(mesh.dir.join("daemon.sock")).unwrap();
     half.write_all(b"{\"op\":").unwrap();
     let half = std::thread::spawn(move || {
-        half.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+        half.set_read_timeout(Some(Duration::from_secs(15)))
+            .unwrap();
         let mut answer = String::new();
         let _ = std::io::Read::read_to_string(&mut half, &mut answer);
         answer
@@ -183,7 +187,9 @@ fn only_ready_pods_are_endpoints_and_wait_follows_readiness() {
     let said = text(&out);
     assert!(!out.status.success(), "{said}");
     assert!(
-        said.contains("timed out") && said.contains("pod/rdy/gated") && said.contains("Readiness probe failed"),
+        said.contains("timed out")
+            && said.contains("pod/rdy/gated")
+            && said.contains("Readiness probe failed"),
         "{said}"
     );
 
@@ -200,10 +206,17 @@ fn only_ready_pods_are_endpoints_and_wait_follows_readiness() {
         "20s",
     ]);
     assert_eq!(out.trim(), "pod/gated condition met");
-    assert!(begin.elapsed() < Duration::from_secs(5), "{:?}", begin.elapsed());
+    assert!(
+        begin.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        begin.elapsed()
+    );
     assert_eq!(workload_status(&mesh, "gated"), "Healthy");
     let out = mesh.fetch("client", "rdy", "http://web.rdy.svc.cluster.local/");
-    assert!(String::from_utf8_lossy(&out.stdout).contains("hostname=gated"), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("hostname=gated"),
+        "{out:?}"
+    );
     assert_eq!(pod(&mesh.status(), "rdy", "gated")["ready"], "1/1");
 
     // Failing again: out of the endpoints again.
@@ -333,9 +346,13 @@ fn applies_are_transactions_pods_restart_and_a_dead_daemon_is_reported() {
 
     // A good apply right after works: the pod runs and is ready.
     let second = mesh.write("second.yaml", SECOND);
-    assert!(mesh.ok(&["apply", "-f", second.to_str().unwrap()]).contains("pod/second created"));
+    assert!(mesh
+        .ok(&["apply", "-f", second.to_str().unwrap()])
+        .contains("pod/second created"));
     mesh.ok(&["wait", "pod/second", "-n", "tx", "--timeout", "10s"]);
-    let started = pod(&mesh.status(), "tx", "second")["pids"][0].as_u64().unwrap();
+    let started = pod(&mesh.status(), "tx", "second")["pids"][0]
+        .as_u64()
+        .unwrap();
     assert!(process_alive(started));
 
     // Killing a pod's process brings it back: restarts 1, ready again.
@@ -377,7 +394,10 @@ fn applies_are_transactions_pods_restart_and_a_dead_daemon_is_reported() {
     // A failing liveness probe kills the container, which restarts.
     let flag = std::env::temp_dir().join(format!("{}-kill", mesh.prefix));
     let _ = std::fs::remove_file(&flag);
-    let lively = mesh.write("lively.yaml", &LIVENESS.replace("FLAG", flag.to_str().unwrap()));
+    let lively = mesh.write(
+        "lively.yaml",
+        &LIVENESS.replace("FLAG", flag.to_str().unwrap()),
+    );
     mesh.ok(&["apply", "-f", lively.to_str().unwrap()]);
     mesh.ok(&["wait", "pod/lively", "-n", "tx", "--timeout", "10s"]);
     std::fs::write(&flag, "").unwrap();
@@ -399,7 +419,9 @@ fn applies_are_transactions_pods_restart_and_a_dead_daemon_is_reported() {
     let _ = std::fs::remove_file(&flag);
 
     // Small cuts: `logs -n`, `fetch -i`, a closed stdout pipe.
-    assert!(mesh.ok(&["logs", "second", "-n", "tx"]).contains("listening"));
+    assert!(mesh
+        .ok(&["logs", "second", "-n", "tx"])
+        .contains("listening"));
     let out = mesh.ok(&[
         "exec",
         "first",
@@ -424,7 +446,10 @@ fn applies_are_transactions_pods_restart_and_a_dead_daemon_is_reported() {
         ))
         .output()
         .unwrap();
-    assert!(!String::from_utf8_lossy(&piped.stderr).contains("panicked"), "{piped:?}");
+    assert!(
+        !String::from_utf8_lossy(&piped.stderr).contains("panicked"),
+        "{piped:?}"
+    );
 
     // A killed daemon: every command says so, with what it left behind and how to recover.
     let pods = netns_left(&mesh.prefix).len();
@@ -437,11 +462,19 @@ fn applies_are_transactions_pods_restart_and_a_dead_daemon_is_reported() {
     let said = text(&out);
     assert!(!out.status.success());
     assert!(
-        said.contains("not running") && said.contains("left behind") && said.contains("ambit mesh up"),
+        said.contains("not running")
+            && said.contains("left behind")
+            && said.contains("ambit mesh up"),
         "{said}"
     );
-    assert!(said.contains(&format!("{pods} network namespace(s)")), "{said}");
+    assert!(
+        said.contains(&format!("{pods} network namespace(s)")),
+        "{said}"
+    );
     let out = mesh.ok(&["down"]);
-    assert!(out.contains(&format!("{pods} leftover network namespace(s) removed")), "{out}");
+    assert!(
+        out.contains(&format!("{pods} leftover network namespace(s) removed")),
+        "{out}"
+    );
     assert!(netns_left(&mesh.prefix).is_empty());
 }

@@ -222,22 +222,21 @@ async fn read_requests(
             let (read, write) = stream.into_split();
             let mut line = String::new();
             let mut reader = BufReader::new(read.take(MAX_REQUEST));
-            let request = match tokio::time::timeout(CLIENT_TIMEOUT, reader.read_line(&mut line))
-                .await
-            {
-                Err(_) => Err(format!(
-                    "bad request: no request line within {} s",
-                    CLIENT_TIMEOUT.as_secs()
-                )),
-                Ok(Err(err)) => Err(format!("bad request: {err}")),
-                Ok(Ok(_)) if !line.ends_with('\n') => Err(format!(
-                    "bad request: not one line of at most {} MiB",
-                    MAX_REQUEST >> 20
-                )),
-                Ok(Ok(_)) => {
-                    serde_json::from_str(&line).map_err(|err| format!("bad request: {err}"))
-                }
-            };
+            let request =
+                match tokio::time::timeout(CLIENT_TIMEOUT, reader.read_line(&mut line)).await {
+                    Err(_) => Err(format!(
+                        "bad request: no request line within {} s",
+                        CLIENT_TIMEOUT.as_secs()
+                    )),
+                    Ok(Err(err)) => Err(format!("bad request: {err}")),
+                    Ok(Ok(_)) if !line.ends_with('\n') => Err(format!(
+                        "bad request: not one line of at most {} MiB",
+                        MAX_REQUEST >> 20
+                    )),
+                    Ok(Ok(_)) => {
+                        serde_json::from_str(&line).map_err(|err| format!("bad request: {err}"))
+                    }
+                };
             if let Err(message) = &request {
                 tracing::debug!(%message, "a client of the daemon's socket");
                 let response = serde_json::to_string(&Response::Error {
@@ -733,10 +732,7 @@ impl Mesh {
         Ok(())
     }
 
-    fn start_processes(
-        &self,
-        pod: &Pod,
-    ) -> anyhow::Result<(Vec<Container>, Vec<ContainerProbes>)> {
+    fn start_processes(&self, pod: &Pod) -> anyhow::Result<(Vec<Container>, Vec<ContainerProbes>)> {
         let (namespace, name) = key_of(pod);
         let runtime = &self.pods[&(namespace.clone(), name.clone())];
         let log_path = self

@@ -12,7 +12,10 @@ const POLL: Duration = Duration::from_millis(200);
 /// Which pods to wait for.
 pub enum Selection {
     /// These pods of the namespace (each must exist).
-    Named { namespace: String, names: Vec<String> },
+    Named {
+        namespace: String,
+        names: Vec<String>,
+    },
     /// Every pod of the namespace, or of the mesh.
     All { namespace: Option<String> },
 }

@@ -12,7 +12,8 @@ use ambit_mesh::rbac::{
 };
 use ambit_mesh::state::local::LocalConfig;
 use ambit_mesh::state::{
-    GatewayAddress, GatewayDestination, NamespacedHostname, NetworkAddress, Protocol, Snapshot,
+    GatewayAddress, GatewayDestination, HealthStatus, NamespacedHostname, NetworkAddress, Protocol,
+    Snapshot,
 };
 
 use super::*;
@@ -490,6 +491,23 @@ fn vips(state: &ClusterState) -> BTreeMap<(String, String), IpAddr> {
             )
         })
         .collect()
+}
+
+#[test]
+fn pods_that_are_not_ready_are_unhealthy_workloads() {
+    let state = applied(&demo_text());
+    let mut pods = running(&state, true);
+    pods[0].ready = false;
+    let cfg = ztunnel_config(&state, &pods, &vips(&state), "cluster.local");
+    let status = |name: &str| {
+        cfg.workloads
+            .iter()
+            .find(|w| w.name == name)
+            .map(|w| w.status)
+            .unwrap()
+    };
+    assert_eq!(status(&pods[0].name), HealthStatus::Unhealthy);
+    assert_eq!(status(&pods[1].name), HealthStatus::Healthy);
 }
 
 fn config_for(state: &ClusterState) -> LocalConfig {

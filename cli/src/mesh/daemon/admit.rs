@@ -52,7 +52,9 @@ fn check_spec(object: &str, spec: &PodSpec, nodes: &[String]) -> Result<(), Admi
         }
     }
     for container in &spec.containers {
-        if container.image != ECHO_IMAGE && container.command.is_empty() && container.args.is_empty()
+        if container.image != ECHO_IMAGE
+            && container.command.is_empty()
+            && container.args.is_empty()
         {
             return Err(AdmitError::NoCommand {
                 object: object.to_owned(),
@@ -86,13 +88,13 @@ mod tests {
         )
         .unwrap_err()
         .to_string();
-        assert!(err.contains("node9") && err.contains("node1, node2"), "{err}");
-        let err = check(
-            &pod("  containers: [{name: web, image: nginx}]\n"),
-            &nodes,
-        )
-        .unwrap_err()
-        .to_string();
+        assert!(
+            err.contains("node9") && err.contains("node1, node2"),
+            "{err}"
+        );
+        let err = check(&pod("  containers: [{name: web, image: nginx}]\n"), &nodes)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("\"web\"") && err.contains("nginx"), "{err}");
         check(
             &pod("  nodeName: node2\n  containers: [{name: c, image: x, command: [sleep, '9']}]\n"),

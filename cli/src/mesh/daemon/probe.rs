@@ -301,7 +301,10 @@ async fn http_get(
     if (200..400).contains(&status.as_u16()) {
         Ok(())
     } else {
-        Err(format!("HTTP probe failed with statuscode: {}", status.as_u16()))
+        Err(format!(
+            "HTTP probe failed with statuscode: {}",
+            status.as_u16()
+        ))
     }
 }
 

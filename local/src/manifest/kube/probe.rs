@@ -119,38 +119,37 @@ fn probe(node: &Node<'_>, kind: ProbeKind, ports: &[ContainerPort]) -> Result<Pr
         .into_iter()
         .filter(|k| f.get(k).is_some())
         .collect();
-    let action = match handlers.as_slice() {
-        ["httpGet"] => http_get(&f.require("httpGet")?, ports)?,
-        ["tcpSocket"] => {
-            let g = f.require("tcpSocket")?.fields()?;
-            let host = g.str("host")?;
-            let port = probe_port(&g.require("port")?, ports)?;
-            g.finish()?;
-            ProbeAction::TcpSocket { host, port }
-        }
-        ["exec"] => {
-            let g = f.require("exec")?.fields()?;
-            let command = g.string_list("command")?;
-            if command.is_empty() {
-                return Err(g.error_at("command", "an exec probe needs a command"));
+    let action =
+        match handlers.as_slice() {
+            ["httpGet"] => http_get(&f.require("httpGet")?, ports)?,
+            ["tcpSocket"] => {
+                let g = f.require("tcpSocket")?.fields()?;
+                let host = g.str("host")?;
+                let port = probe_port(&g.require("port")?, ports)?;
+                g.finish()?;
+                ProbeAction::TcpSocket { host, port }
             }
-            g.finish()?;
-            ProbeAction::Exec { command }
-        }
-        ["grpc"] => {
-            return Err(f.error_at(
+            ["exec"] => {
+                let g = f.require("exec")?.fields()?;
+                let command = g.string_list("command")?;
+                if command.is_empty() {
+                    return Err(g.error_at("command", "an exec probe needs a command"));
+                }
+                g.finish()?;
+                ProbeAction::Exec { command }
+            }
+            ["grpc"] => return Err(f.error_at(
                 "grpc",
                 "gRPC probes are not supported by the local mesh; use httpGet, tcpSocket or exec",
-            ))
-        }
-        [] => return Err(node.error("a probe needs one of httpGet, tcpSocket or exec")),
-        many => {
-            return Err(node.error(format!(
-                "a probe takes one handler, found {}",
-                many.join(" and ")
-            )))
-        }
-    };
+            )),
+            [] => return Err(node.error("a probe needs one of httpGet, tcpSocket or exec")),
+            many => {
+                return Err(node.error(format!(
+                    "a probe takes one handler, found {}",
+                    many.join(" and ")
+                )))
+            }
+        };
     f.finish()?;
     Ok(Probe {
         action,
@@ -257,12 +256,36 @@ mod tests {
     #[test]
     fn bad_probes_are_refused_naming_the_field() {
         for (probe, field, words) in [
-            ("    readinessProbe: {tcpSocket: {port: db}}\n", "readinessProbe.tcpSocket.port", "not the name"),
-            ("    readinessProbe: {periodSeconds: 1}\n", "readinessProbe", "needs one of"),
-            ("    livenessProbe: {exec: {command: [x]}, successThreshold: 2}\n", "livenessProbe.successThreshold", "must be 1"),
-            ("    startupProbe: {tcpSocket: {port: 1}, timeoutSeconds: 0}\n", "startupProbe.timeoutSeconds", "1 or more"),
-            ("    readinessProbe: {grpc: {port: 1}}\n", "readinessProbe.grpc", "not supported"),
-            ("    readinessProbe: {tcpSocket: {port: 1}, exec: {command: [x]}}\n", "readinessProbe", "one handler"),
+            (
+                "    readinessProbe: {tcpSocket: {port: db}}\n",
+                "readinessProbe.tcpSocket.port",
+                "not the name",
+            ),
+            (
+                "    readinessProbe: {periodSeconds: 1}\n",
+                "readinessProbe",
+                "needs one of",
+            ),
+            (
+                "    livenessProbe: {exec: {command: [x]}, successThreshold: 2}\n",
+                "livenessProbe.successThreshold",
+                "must be 1",
+            ),
+            (
+                "    startupProbe: {tcpSocket: {port: 1}, timeoutSeconds: 0}\n",
+                "startupProbe.timeoutSeconds",
+                "1 or more",
+            ),
+            (
+                "    readinessProbe: {grpc: {port: 1}}\n",
+                "readinessProbe.grpc",
+                "not supported",
+            ),
+            (
+                "    readinessProbe: {tcpSocket: {port: 1}, exec: {command: [x]}}\n",
+                "readinessProbe",
+                "one handler",
+            ),
         ] {
             let err = pod(probe).unwrap_err();
             assert!(err.contains(field) && err.contains(words), "{probe}: {err}");
