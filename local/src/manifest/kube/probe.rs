@@ -227,7 +227,7 @@ mod tests {
 
     #[test]
     fn probes_take_kubelets_defaults_and_resolve_named_ports() {
-        let pod = pod("    readinessProbe: {httpGet: {port: web}}\n    livenessProbe: {exec: {command: [true]}, periodSeconds: 2}\n").unwrap();
+        let pod = pod("    readinessProbe: {httpGet: {port: web}}\n    livenessProbe: {exec: {command: [\"true\"]}, periodSeconds: 2}\n").unwrap();
         let probes = &pod.spec.containers[0].probes;
         let readiness = probes.readiness.as_ref().unwrap();
         assert_eq!(
