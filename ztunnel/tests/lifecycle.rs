@@ -413,9 +413,11 @@ async fn admin_quitquitquit_takes_post_only_and_drains_then_exits_zero() {
         status_and_body(&refused),
         ("HTTP/1.1 405 Method Not Allowed", "/quitquitquit takes POST\n")
     );
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        process.wait(Duration::from_millis(300)).await.is_none(),
+        "a GET stopped it"
+    );
     assert!(readiness(process).await.starts_with("HTTP/1.1 200"));
-    assert!(process.wait(Duration::ZERO).await.is_none(), "a GET stopped it");
     echo_line(&mut tunnel, "after GET").await.unwrap();
 
     let posted = Instant::now();
