@@ -124,7 +124,10 @@ fn respond(health: &Health, path: &str) -> Response<Full<Bytes>> {
         LIVENESS_PATH => (StatusCode::OK, "ok\n".to_owned()),
         READINESS_PATH => match health.ready() {
             Ok(()) => (StatusCode::OK, "ready\n".to_owned()),
-            Err(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {why}\n")),
+            Err(why) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("not ready: {why}\n"),
+            ),
         },
         _ => (StatusCode::NOT_FOUND, format!("no endpoint {path}\n")),
     };

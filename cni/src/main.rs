@@ -169,9 +169,10 @@ async fn agent(args: AgentArgs) -> anyhow::Result<()> {
             "the Kubernetes watches to sync and the ZDS socket to listen",
             move || *agent_started.borrow(),
         )
-        .require("the plugin to be chained into the node's CNI configuration", move || {
-            *installed.borrow()
-        });
+        .require(
+            "the plugin to be chained into the node's CNI configuration",
+            move || *installed.borrow(),
+        );
     tokio::spawn(health::serve(
         health::bind(args.readiness_address).await?,
         health,

@@ -693,7 +693,10 @@ fn base_daemonsets_get_only_the_capabilities_they_need() {
         .unwrap_or(ambit_cni::health::DEFAULT_ADDRESS)
         .parse()
         .unwrap();
-    assert_eq!(probe.path.as_deref(), Some(ambit_cni::health::READINESS_PATH));
+    assert_eq!(
+        probe.path.as_deref(),
+        Some(ambit_cni::health::READINESS_PATH)
+    );
     assert_eq!(
         probe.port,
         k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(address.port().into())

@@ -680,7 +680,11 @@ async fn the_agent_is_ready_once_synced_and_listening_and_not_ready_while_draini
     let sigterm = |child: &std::process::Child| {
         // The shell's builtin: no procps needed.
         let kill = format!("kill -TERM {}", child.id());
-        assert!(Command::new("sh").args(["-c", &kill]).status().unwrap().success());
+        assert!(Command::new("sh")
+            .args(["-c", &kill])
+            .status()
+            .unwrap()
+            .success());
     };
 
     // An API server that takes connections and never answers: the watches never list.
@@ -732,7 +736,10 @@ async fn the_agent_is_ready_once_synced_and_listening_and_not_ready_while_draini
     }
     std::os::unix::net::UnixStream::connect(&zds).expect("ready, so ZDS listens");
     let conflist = std::fs::read_to_string(conf_dir.join("10-bridge.conflist")).unwrap();
-    assert!(conflist.contains("ambit-cni"), "ready, so chained: {conflist}");
+    assert!(
+        conflist.contains("ambit-cni"),
+        "ready, so chained: {conflist}"
+    );
 
     // An idle plugin connection keeps the drain going until its deadline (2 s).
     let _plugin_connection = tokio::net::UnixStream::connect(&plugin).await.unwrap();
@@ -740,7 +747,9 @@ async fn the_agent_is_ready_once_synced_and_listening_and_not_ready_while_draini
     sigterm(&child);
     let signalled = Instant::now();
     let (status, body) = loop {
-        let answer = probe(readiness, "/readyz").await.expect("serving while draining");
+        let answer = probe(readiness, "/readyz")
+            .await
+            .expect("serving while draining");
         if answer.0 != 200 || signalled.elapsed() > Duration::from_secs(1) {
             break answer;
         }

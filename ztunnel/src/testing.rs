@@ -709,7 +709,11 @@ pub async fn http_get_on(stream: tokio::net::TcpStream, path: &str) -> String {
 }
 
 /// `method path` (no body) over a connected `stream`; the whole response.
-pub async fn http_request_on(mut stream: tokio::net::TcpStream, method: &str, path: &str) -> String {
+pub async fn http_request_on(
+    mut stream: tokio::net::TcpStream,
+    method: &str,
+    path: &str,
+) -> String {
     stream
         .write_all(
             format!(

@@ -315,7 +315,10 @@ async fn every_connection_counted_opened_is_counted_closed_after_rapid_resets() 
 /// The status line and body of a whole HTTP/1.1 response.
 fn status_and_body(response: &str) -> (&str, &str) {
     let status = response.lines().next().unwrap_or_default();
-    let body = response.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or_default();
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b)
+        .unwrap_or_default();
     (status, body)
 }
 
@@ -411,7 +414,10 @@ async fn admin_quitquitquit_takes_post_only_and_drains_then_exits_zero() {
         .unwrap();
     assert_eq!(
         status_and_body(&refused),
-        ("HTTP/1.1 405 Method Not Allowed", "/quitquitquit takes POST\n")
+        (
+            "HTTP/1.1 405 Method Not Allowed",
+            "/quitquitquit takes POST\n"
+        )
     );
     assert!(
         process.wait(Duration::from_millis(300)).await.is_none(),

@@ -445,7 +445,10 @@ async fn outbound_waits_for_the_source_workload_and_connects_as_its_identity() {
     let call = tokio::spawn(async move { app_call(&client, echo_ip, b"late").await });
     tokio::time::sleep(Duration::from_secs(1)).await;
     cluster.write_state(&other_trust_domain(&cluster, "node-1"));
-    let reply = call.await.unwrap().expect("the call waits for sleep's workload");
+    let reply = call
+        .await
+        .unwrap()
+        .expect("the call waits for sleep's workload");
     let waited = started.elapsed();
     eprintln!("late source workload: served after {waited:?} (delivered at 1 s)");
     assert_eq!(
@@ -487,8 +490,12 @@ async fn outbound_waits_for_the_source_workload_and_connects_as_its_identity() {
         .filter(|l| l.contains("response_flags=\"NR\""))
         .collect();
     assert!(
-        refused.iter().any(|l| l.starts_with("istio_tcp_connections_opened_total") && l.ends_with(" 1"))
-            && refused.iter().any(|l| l.starts_with("istio_tcp_connections_closed_total") && l.ends_with(" 1")),
+        refused
+            .iter()
+            .any(|l| l.starts_with("istio_tcp_connections_opened_total") && l.ends_with(" 1"))
+            && refused
+                .iter()
+                .any(|l| l.starts_with("istio_tcp_connections_closed_total") && l.ends_with(" 1")),
         "{node1}"
     );
 }

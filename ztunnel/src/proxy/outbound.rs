@@ -165,14 +165,7 @@ fn route(
         } => match &service.waypoint {
             // "The service is itself the waypoint": its endpoints are waypoint pods.
             Some(gateway) if !bypass(gateway) && !is_waypoint(snapshot, gateway, &endpoint) => {
-                via_waypoint(
-                    &source,
-                    gateway,
-                    destination,
-                    Some(&service),
-                    headers,
-                    pick,
-                )
+                via_waypoint(&source, gateway, destination, Some(&service), headers, pick)
             }
             _ => hbone_or_plain(&source, &endpoint, target_port, Some(&service), headers),
         },
