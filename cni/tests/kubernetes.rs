@@ -606,6 +606,29 @@ async fn probe(address: std::net::SocketAddr, path: &str) -> Option<(u16, String
     Some((status, String::from_utf8_lossy(&body).into_owned()))
 }
 
+/// A child process killed when the test ends, however it ends.
+struct Killed(std::process::Child);
+
+impl std::ops::Deref for Killed {
+    type Target = std::process::Child;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Killed {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.0
+    }
+}
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// `ambit-cni agent`, the real binary, as the kubelet probes it: alive at once; not ready while
 /// the API server does not answer its watches (nor while the plugin is not chained); ready once
 /// both watches listed, the ZDS socket listens and the plugin is chained; not ready from the
@@ -658,6 +681,7 @@ async fn the_agent_is_ready_once_synced_and_listening_and_not_ready_while_draini
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .spawn()
+            .map(Killed)
             .unwrap()
     };
     let wait_alive = async || {
@@ -734,7 +758,20 @@ async fn the_agent_is_ready_once_synced_and_listening_and_not_ready_while_draini
         assert!(Instant::now() < deadline, "never ready: {body}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    std::os::unix::net::UnixStream::connect(&zds).expect("ready, so ZDS listens");
+    // ZDS is a SOCK_SEQPACKET socket: connect as ztunnel would.
+    let ztunnel = nix::sys::socket::socket(
+        nix::sys::socket::AddressFamily::Unix,
+        nix::sys::socket::SockType::SeqPacket,
+        nix::sys::socket::SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .unwrap();
+    nix::sys::socket::connect(
+        std::os::fd::AsRawFd::as_raw_fd(&ztunnel),
+        &nix::sys::socket::UnixAddr::new(&zds).unwrap(),
+    )
+    .expect("ready, so ZDS listens");
+    drop(ztunnel);
     let conflist = std::fs::read_to_string(conf_dir.join("10-bridge.conflist")).unwrap();
     assert!(
         conflist.contains("ambit-cni"),
