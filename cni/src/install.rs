@@ -167,22 +167,34 @@ pub fn uninstall(bin_dir: &Path, conf_dir: &Path) -> Result<(), InstallError> {
 }
 
 /// Keeps our entry in the primary configuration, checking every `period`; errors are logged
-/// and retried.
-pub async fn keep_installed(conf_dir: PathBuf, entry: Value, period: Duration) {
+/// and retried. `installed` says whether the entry is in place (readiness waits for it, as
+/// istio-cni's does for its install).
+pub async fn keep_installed(
+    conf_dir: PathBuf,
+    entry: Value,
+    period: Duration,
+    installed: tokio::sync::watch::Sender<bool>,
+) {
     let mut waiting_logged = false;
     loop {
-        match chain(&conf_dir, &entry) {
+        let chained = match chain(&conf_dir, &entry) {
             Ok(_) if primary_config(&conf_dir).ok().flatten().is_none() => {
                 if !waiting_logged {
                     tracing::info!(dir = %conf_dir.display(), "no primary CNI configuration yet; waiting for the network plugin to install itself");
                     waiting_logged = true;
                 }
+                false
             }
-            Ok(_) => waiting_logged = false,
+            Ok(_) => {
+                waiting_logged = false;
+                true
+            }
             Err(error) => {
-                tracing::warn!(%error, "cannot chain ambit-cni into the CNI configuration")
+                tracing::warn!(%error, "cannot chain ambit-cni into the CNI configuration");
+                false
             }
-        }
+        };
+        installed.send_if_modified(|was| std::mem::replace(was, chained) != chained);
         tokio::time::sleep(period).await;
     }
 }

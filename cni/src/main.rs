@@ -2,9 +2,11 @@
 //! in-pod redirect rules, hands their netns to ztunnel over ZDS, annotates them) and, when the
 //! container runtime runs it with `CNI_COMMAND` set, the chained CNI plugin.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use ambit_cni::health::{self, Health};
 use ambit_cni::install;
 use ambit_cni::kubernetes::{Controller, ControllerConfig};
 use ambit_cni::locate::NetnsLocator;
@@ -94,6 +96,9 @@ struct AgentArgs {
     /// (chain AMBIT-PROBES), so that they reach the app rather than ztunnel.
     #[arg(long, env = "AMBIT_PROBE_SNAT", default_value_t = true, action = clap::ArgAction::Set)]
     probe_snat: bool,
+    /// Where the kubelet probes `/readyz` and `/healthz` (istio-cni's port 8000).
+    #[arg(long, env = "AMBIT_READINESS_ADDRESS", default_value = health::DEFAULT_ADDRESS)]
+    readiness_address: SocketAddr,
     /// Install the plugin into the node's CNI directories (and keep it chained).
     #[arg(long, env = "AMBIT_INSTALL_CNI", default_value_t = true, action = clap::ArgAction::Set)]
     install_cni: bool,
@@ -155,6 +160,23 @@ async fn agent(args: AgentArgs) -> anyhow::Result<()> {
     let deadline = lifecycle::termination_deadline()?;
     // kube-rs leaves the choice of rustls provider to the program: ring, as everywhere in Ambit.
     let _ = rustls::crypto::ring::default_provider().install_default();
+    let drain = Drain::default();
+    // Listening first: the kubelet sees "alive, not ready" while the API is still being reached.
+    let (installed_tx, installed) = tokio::sync::watch::channel(!args.install_cni);
+    let (agent_tx, agent_started) = tokio::sync::watch::channel(false);
+    let health = Health::new(drain.clone())
+        .require(
+            "the Kubernetes watches to sync and the ZDS socket to listen",
+            move || *agent_started.borrow(),
+        )
+        .require(
+            "the plugin to be chained into the node's CNI configuration",
+            move || *installed.borrow(),
+        );
+    tokio::spawn(health::serve(
+        health::bind(args.readiness_address).await?,
+        health,
+    ));
     let kube_config = kube::Config::infer()
         .await
         .context("cannot find the Kubernetes API (in-cluster service account or KUBECONFIG)")?;
@@ -179,8 +201,14 @@ async fn agent(args: AgentArgs) -> anyhow::Result<()> {
         config.probe_netns = None;
     }
     let controller = Controller::new(client, config);
+    let mut agent = controller.agent();
+    tokio::spawn(async move {
+        // The controller starts the agent (ZDS listening) only after both watches listed once.
+        if agent.wait_for(Option::is_some).await.is_ok() {
+            agent_tx.send_replace(true);
+        }
+    });
 
-    let drain = Drain::default();
     let listener = event::bind(&args.plugin_socket)?;
     tokio::spawn(event::serve(
         listener,
@@ -196,6 +224,7 @@ async fn agent(args: AgentArgs) -> anyhow::Result<()> {
             args.dirs.cni_conf_dir.clone(),
             entry,
             Duration::from_secs(5),
+            installed_tx,
         ));
     }
     tracing::info!(node = %args.node_name, "ambit-cni node agent starting");

@@ -682,6 +682,25 @@ fn base_daemonsets_get_only_the_capabilities_they_need() {
         env(cni, "AMBIT_CNI_CONF_DIR").as_deref(),
         Some("/host/etc/cni/net.d")
     );
+    // The kubelet probes where the agent serves readiness (host network: the node's port).
+    let probe = cni
+        .readiness_probe
+        .as_ref()
+        .and_then(|p| p.http_get.as_ref())
+        .expect("ambit-cni has an HTTP readiness probe");
+    let address: std::net::SocketAddr = env(cni, "AMBIT_READINESS_ADDRESS")
+        .as_deref()
+        .unwrap_or(ambit_cni::health::DEFAULT_ADDRESS)
+        .parse()
+        .unwrap();
+    assert_eq!(
+        probe.path.as_deref(),
+        Some(ambit_cni::health::READINESS_PATH)
+    );
+    assert_eq!(
+        probe.port,
+        k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(address.port().into())
+    );
 
     let zt_spec = pod_spec(&base.daemonsets["ztunnel"]);
     assert_eq!(zt_spec.service_account_name.as_deref(), Some("ztunnel"));

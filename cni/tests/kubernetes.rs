@@ -586,3 +586,226 @@ async fn the_cni_plugin_binary_enrolls_ambient_pods_and_passes_others_through() 
         assert_eq!((code, out), (0, Value::Null));
     }
 }
+
+/// `GET path` with a real HTTP/1.1 client: the status and body, or `None` if nothing listens.
+async fn probe(address: std::net::SocketAddr, path: &str) -> Option<(u16, String)> {
+    use http_body_util::BodyExt;
+    let stream = tokio::net::TcpStream::connect(address).await.ok()?;
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .ok()?;
+    tokio::spawn(connection);
+    let request = hyper::Request::get(path)
+        .header("host", "kubelet")
+        .body(http_body_util::Empty::<hyper::body::Bytes>::new())
+        .unwrap();
+    let response = sender.send_request(request).await.ok()?;
+    let status = response.status().as_u16();
+    let body = response.into_body().collect().await.ok()?.to_bytes();
+    Some((status, String::from_utf8_lossy(&body).into_owned()))
+}
+
+/// A child process killed when the test ends, however it ends.
+struct Killed(std::process::Child);
+
+impl std::ops::Deref for Killed {
+    type Target = std::process::Child;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Killed {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.0
+    }
+}
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `ambit-cni agent`, the real binary, as the kubelet probes it: alive at once; not ready while
+/// the API server does not answer its watches (nor while the plugin is not chained); ready once
+/// both watches listed, the ZDS socket listens and the plugin is chained; not ready from the
+/// moment SIGTERM starts the drain until it exits 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_is_ready_once_synced_and_listening_and_not_ready_while_draining() {
+    let dir = std::env::temp_dir().join(format!("ambit-cni-node-health-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let conf_dir = dir.join("net.d");
+    let bin_dir = dir.join("bin");
+    for d in [&conf_dir, &bin_dir, &dir.join("netns")] {
+        std::fs::create_dir_all(d).unwrap();
+    }
+    let kubeconfig = |name: &str, server: &str| {
+        let path = dir.join(name);
+        std::fs::write(
+            &path,
+            format!(
+                "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster:\n    server: {server}\n\
+                 contexts:\n- name: c\n  context:\n    cluster: c\n    user: u\n\
+                 current-context: c\nusers:\n- name: u\n  user: {{}}\n"
+            ),
+        )
+        .unwrap();
+        path
+    };
+    let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let readiness = free.local_addr().unwrap();
+    drop(free);
+    let zds = dir.join("zds.sock");
+    let plugin = dir.join("pluginevent.sock");
+    let spawn = |kubeconfig: &Path, log: &str| {
+        let log = std::fs::File::create(dir.join(log)).unwrap();
+        Command::new(env!("CARGO_BIN_EXE_ambit-cni"))
+            .arg("agent")
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("KUBECONFIG", kubeconfig)
+            .env("NODE_NAME", NODE)
+            .env("AMBIT_ZDS_SOCKET", &zds)
+            .env("AMBIT_PLUGIN_SOCKET", &plugin)
+            .env("AMBIT_READINESS_ADDRESS", readiness.to_string())
+            .env("AMBIT_PROBE_SNAT", "false")
+            .env("AMBIT_PROC_DIR", "/proc")
+            .env("AMBIT_NETNS_DIRS", dir.join("netns"))
+            .env("AMBIT_CNI_BIN_DIR", &bin_dir)
+            .env("AMBIT_CNI_CONF_DIR", &conf_dir)
+            .env("TERMINATION_GRACE_PERIOD_SECONDS", "3")
+            .env("RUST_LOG", "info")
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .map(Killed)
+            .unwrap()
+    };
+    let wait_alive = async || {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while probe(readiness, "/healthz").await.is_none() {
+            assert!(Instant::now() < deadline, "/healthz never answered");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    let exit = async |child: &mut std::process::Child| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "the agent did not exit");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    let sigterm = |child: &std::process::Child| {
+        // The shell's builtin: no procps needed.
+        let kill = format!("kill -TERM {}", child.id());
+        assert!(Command::new("sh")
+            .args(["-c", &kill])
+            .status()
+            .unwrap()
+            .success());
+    };
+
+    // An API server that takes connections and never answers: the watches never list.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let silent_url = format!("http://{}", silent.local_addr().unwrap());
+    let held = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((stream, _)) = silent.accept().await {
+            held.push(stream);
+        }
+    });
+    let mut child = spawn(&kubeconfig("silent", &silent_url), "silent.log");
+    wait_alive().await;
+    assert_eq!(probe(readiness, "/healthz").await.unwrap().0, 200);
+    for _ in 0..10 {
+        let (status, body) = probe(readiness, "/readyz").await.unwrap();
+        assert_eq!(status, 503, "{body}");
+        assert!(
+            body.contains("Kubernetes watches to sync") && body.contains("plugin to be chained"),
+            "{body}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(!zds.exists(), "ZDS listens before the first sync");
+    sigterm(&child);
+    assert_eq!(exit(&mut child).await.code(), Some(0));
+    held.abort();
+
+    // A real (fake) API server and a node whose primary network plugin is installed.
+    let api = FakeApiServer::start().await;
+    api.set_namespace(NS, &[]);
+    api.set_namespace("kube-system", &[]);
+    std::fs::write(
+        conf_dir.join("10-bridge.conflist"),
+        r#"{"cniVersion":"1.0.0","name":"k8s","plugins":[{"type":"bridge"}]}"#,
+    )
+    .unwrap();
+    let mut child = spawn(&kubeconfig("fake", &api.url()), "fake.log");
+    wait_alive().await;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let (status, body) = probe(readiness, "/readyz").await.unwrap();
+        if status == 200 {
+            assert_eq!(body, "ready\n");
+            break;
+        }
+        assert!(Instant::now() < deadline, "never ready: {body}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // ZDS is a SOCK_SEQPACKET socket: connect as ztunnel would.
+    let ztunnel = nix::sys::socket::socket(
+        nix::sys::socket::AddressFamily::Unix,
+        nix::sys::socket::SockType::SeqPacket,
+        nix::sys::socket::SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .unwrap();
+    nix::sys::socket::connect(
+        std::os::fd::AsRawFd::as_raw_fd(&ztunnel),
+        &nix::sys::socket::UnixAddr::new(&zds).unwrap(),
+    )
+    .expect("ready, so ZDS listens");
+    drop(ztunnel);
+    let conflist = std::fs::read_to_string(conf_dir.join("10-bridge.conflist")).unwrap();
+    assert!(
+        conflist.contains("ambit-cni"),
+        "ready, so chained: {conflist}"
+    );
+
+    // An idle plugin connection keeps the drain going until its deadline (2 s).
+    let _plugin_connection = tokio::net::UnixStream::connect(&plugin).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    sigterm(&child);
+    let signalled = Instant::now();
+    let (status, body) = loop {
+        let answer = probe(readiness, "/readyz")
+            .await
+            .expect("serving while draining");
+        if answer.0 != 200 || signalled.elapsed() > Duration::from_secs(1) {
+            break answer;
+        }
+    };
+    assert!(
+        signalled.elapsed() < Duration::from_millis(100),
+        "not ready only {:?} after SIGTERM",
+        signalled.elapsed()
+    );
+    assert_eq!((status, body.as_str()), (503, "not ready: shutting down\n"));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(probe(readiness, "/readyz").await.unwrap().0, 503);
+    assert_eq!(probe(readiness, "/healthz").await.unwrap().0, 200);
+    let status = exit(&mut child).await;
+    let log = std::fs::read_to_string(dir.join("fake.log")).unwrap();
+    assert_eq!(status.code(), Some(0), "{log}");
+    assert!(
+        signalled.elapsed() >= Duration::from_millis(1500),
+        "the drain did not wait for the open plugin connection:\n{log}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

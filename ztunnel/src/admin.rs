@@ -87,10 +87,22 @@ fn respond(
         (Endpoints::Admin, "/logging") if request.method() == Method::POST => {
             logging(request.uri().query())
         }
-        (Endpoints::Admin, "/quitquitquit" | "/logging") => text(
+        // Reading the level is harmless, so GET shows it too (Istio's ztunnel answers 405); a
+        // change still takes POST.
+        (Endpoints::Admin, "/logging")
+            if request.method() == Method::GET && request.uri().query().is_none() =>
+        {
+            logging(None)
+        }
+        (Endpoints::Admin, "/quitquitquit") => text(
             StatusCode::METHOD_NOT_ALLOWED,
             "text/plain",
-            format!("{path} takes POST\n"),
+            "/quitquitquit takes POST\n".into(),
+        ),
+        (Endpoints::Admin, "/logging") => text(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "text/plain",
+            "/logging changes the level on POST only (a GET without parameters shows it)\n".into(),
         ),
         (Endpoints::Stats, "/metrics" | "/stats/prometheus") => text(
             StatusCode::OK,

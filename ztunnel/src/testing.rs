@@ -336,8 +336,18 @@ impl ZtunnelProcess {
 
     /// `GET path` on one of its endpoints (the whole response, or the connect error).
     pub async fn get(&self, address: SocketAddr, path: &str) -> std::io::Result<String> {
+        self.request(address, "GET", path).await
+    }
+
+    /// `method path` on one of its endpoints (the whole response, or the connect error).
+    pub async fn request(
+        &self,
+        address: SocketAddr,
+        method: &str,
+        path: &str,
+    ) -> std::io::Result<String> {
         let stream = self.node.connect(address).await?;
-        Ok(http_get_on(stream, path).await)
+        Ok(http_request_on(stream, method, path).await)
     }
 
     /// Sends `signal` (`TERM`, `INT`, ...).
@@ -694,10 +704,22 @@ pub async fn http_get(address: SocketAddr, path: &str) -> String {
 }
 
 /// `GET path` over a connected `stream`; the whole response.
-pub async fn http_get_on(mut stream: tokio::net::TcpStream, path: &str) -> String {
+pub async fn http_get_on(stream: tokio::net::TcpStream, path: &str) -> String {
+    http_request_on(stream, "GET", path).await
+}
+
+/// `method path` (no body) over a connected `stream`; the whole response.
+pub async fn http_request_on(
+    mut stream: tokio::net::TcpStream,
+    method: &str,
+    path: &str,
+) -> String {
     stream
         .write_all(
-            format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").as_bytes(),
+            format!(
+                "{method} {path} HTTP/1.1\r\nhost: x\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+            )
+            .as_bytes(),
         )
         .await
         .unwrap();

@@ -311,3 +311,148 @@ async fn every_connection_counted_opened_is_counted_closed_after_rapid_resets() 
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// The status line and body of a whole HTTP/1.1 response.
+fn status_and_body(response: &str) -> (&str, &str) {
+    let status = response.lines().next().unwrap_or_default();
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b)
+        .unwrap_or_default();
+    (status, body)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_logging_shows_and_changes_the_level_of_the_running_binary() {
+    let cluster = Cluster::start_with(process(&[], None)).await;
+    let _accepted = app_server(&cluster.echo, 8080).await;
+    let process = cluster.process.as_ref().unwrap();
+    let admin = async |method: &str, path: &str| {
+        let response = process
+            .request(process.admin_address, method, path)
+            .await
+            .unwrap();
+        let (status, body) = status_and_body(&response);
+        (status.to_owned(), body.to_owned())
+    };
+    let ok = |level: &str| {
+        (
+            "HTTP/1.1 200 OK".to_owned(),
+            format!("current log level is {level}\n"),
+        )
+    };
+    assert_eq!(admin("GET", "/logging").await, ok("info"));
+    assert_eq!(admin("POST", "/logging").await, ok("info"));
+    // No debug line yet: each tunnel into the echo pod logs its end at debug only.
+    let tunnel = || async {
+        let reply = app_call(&cluster.sleep, service(), b"x\n").await.unwrap();
+        assert!(reply.starts_with(b"peer="), "{reply:?}");
+    };
+    tunnel().await;
+    let debug_lines = || {
+        process
+            .output()
+            .lines()
+            .filter(|l| l.contains("DEBUG") && l.contains("HBONE tunnel closed"))
+            .count()
+    };
+    assert_eq!(debug_lines(), 0);
+
+    // Istio's per-module form, shown back as the filter in force.
+    let scoped = "ambit_mesh::hbone:debug,info";
+    assert_eq!(
+        admin("POST", &format!("/logging?level={scoped}")).await,
+        ok("ambit_mesh::hbone=debug,info")
+    );
+    assert_eq!(
+        admin("GET", "/logging").await,
+        ok("ambit_mesh::hbone=debug,info")
+    );
+    tunnel().await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while debug_lines() == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "no debug line after /logging?level={scoped}:\n{}",
+            process.output()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // A bad level is refused and changes nothing; a GET never changes it.
+    let (status, body) = admin("POST", "/logging?level=loud").await;
+    assert_eq!(status, "HTTP/1.1 400 Bad Request");
+    assert!(body.contains("\"loud\" is invalid"), "{body}");
+    let (status, _) = admin("GET", "/logging?level=trace").await;
+    assert_eq!(status, "HTTP/1.1 405 Method Not Allowed");
+    assert_eq!(
+        admin("GET", "/logging").await,
+        ok("ambit_mesh::hbone=debug,info")
+    );
+    // Back to RUST_LOG.
+    assert_eq!(admin("POST", "/logging?reset").await, ok("info"));
+    assert_eq!(admin("POST", "/logging?level=warn").await, ok("warn"));
+}
+
+/// Istio's `/quitquitquit`: a GET is refused and changes nothing; a POST answers at once (Istio's
+/// ztunnel only waits for the shutdown to be triggered, not for the drain) and the process drains
+/// as on SIGTERM: not ready, then exit 0 with the reason logged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_quitquitquit_takes_post_only_and_drains_then_exits_zero() {
+    let options = process(&[("CONNECTION_TERMINATION_DEADLINE", "2s")], None);
+    let mut cluster = Cluster::start_with(options).await;
+    let _accepted = app_server(&cluster.echo, 8080).await;
+    let mut tunnel = BufReader::new(app_connect(&cluster.sleep, service()).await.unwrap());
+    let mut greeting = String::new();
+    tunnel.read_line(&mut greeting).await.unwrap();
+    assert!(greeting.starts_with("peer="), "{greeting:?}");
+    let process = cluster.process.as_mut().unwrap();
+
+    let refused = process
+        .request(process.admin_address, "GET", "/quitquitquit")
+        .await
+        .unwrap();
+    assert_eq!(
+        status_and_body(&refused),
+        (
+            "HTTP/1.1 405 Method Not Allowed",
+            "/quitquitquit takes POST\n"
+        )
+    );
+    assert!(
+        process.wait(Duration::from_millis(300)).await.is_none(),
+        "a GET stopped it"
+    );
+    assert!(readiness(process).await.starts_with("HTTP/1.1 200"));
+    echo_line(&mut tunnel, "after GET").await.unwrap();
+
+    let posted = Instant::now();
+    let answer = process
+        .request(process.admin_address, "POST", "/quitquitquit")
+        .await
+        .unwrap();
+    assert_eq!(
+        status_and_body(&answer),
+        ("HTTP/1.1 200 OK", "shutting down: draining\n")
+    );
+    assert!(
+        posted.elapsed() < Duration::from_millis(500),
+        "answered only after {:?}",
+        posted.elapsed()
+    );
+    let ready = readiness(process).await;
+    assert!(
+        ready.starts_with("HTTP/1.1 503") && ready.contains("shutting down"),
+        "{ready}"
+    );
+    // The open tunnel drains like on SIGTERM.
+    echo_line(&mut tunnel, "draining").await.unwrap();
+    let status = process.wait(Duration::from_secs(10)).await;
+    let output = process.output();
+    assert_eq!(status.and_then(|s| s.code()), Some(0), "{output}");
+    assert!(posted.elapsed() >= Duration::from_millis(1500), "{output}");
+    assert!(
+        output.contains("shutting down") && output.contains("/quitquitquit"),
+        "{output}"
+    );
+}

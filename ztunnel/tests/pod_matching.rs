@@ -395,3 +395,107 @@ async fn a_zds_uid_names_one_pod_at_a_time() {
     );
     assert_reaches(&cluster.sleep, echo2_ip, "after the refused Add").await;
 }
+
+/// The state with `sleep` (node 1) and `echo` in trust domain `other.local`, `sleep` on `node`.
+fn other_trust_domain(cluster: &Cluster, sleep_node: &str) -> String {
+    let text = cluster
+        .state_text("", "")
+        .replacen(
+            "  node: node-1\n  canonicalName: sleep\n",
+            &format!("  node: {sleep_node}\n  canonicalName: sleep\n  trustDomain: other.local\n"),
+            1,
+        )
+        .replacen(
+            "  canonicalName: echo\n",
+            "  canonicalName: echo\n  trustDomain: other.local\n",
+            1,
+        );
+    assert_eq!(text.matches("trustDomain: other.local").count(), 2);
+    text
+}
+
+/// Outbound finds the source pod's workload as Istio's does (waiting up to 5 s) and connects as
+/// that workload's identity, trust domain included; a pod whose workload never arrives has its
+/// connection closed after the wait and counted (`response_flags="NR"`).
+#[tokio::test]
+async fn outbound_waits_for_the_source_workload_and_connects_as_its_identity() {
+    let cluster = Cluster::start().await;
+    app_server(&cluster.echo, 8080).await;
+    let echo_ip = SocketAddr::new(cluster.echo.ip.into(), 8080);
+    let sleep = uid(&cluster.sleep);
+    let node1_sleep = |what: &'static str, matched_now: bool| {
+        let cluster = &cluster;
+        let sleep = sleep.clone();
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while matched(&cluster.ztunnels[0].inpod.pods(), &sleep).is_some() != matched_now {
+                assert!(Instant::now() < deadline, "{what}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+
+    // sleep's workload leaves node 1; both pods move to another trust domain.
+    cluster.write_state(&other_trust_domain(&cluster, "node-3"));
+    node1_sleep("sleep's workload gone from node 1", false).await;
+
+    // A connection made now waits; the workload arrives 1 s later.
+    let client = cluster.sleep.clone();
+    let started = Instant::now();
+    let call = tokio::spawn(async move { app_call(&client, echo_ip, b"late").await });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    cluster.write_state(&other_trust_domain(&cluster, "node-1"));
+    let reply = call
+        .await
+        .unwrap()
+        .expect("the call waits for sleep's workload");
+    let waited = started.elapsed();
+    eprintln!("late source workload: served after {waited:?} (delivered at 1 s)");
+    assert_eq!(
+        String::from_utf8_lossy(&reply),
+        format!("peer={}\nlate", cluster.sleep.ip)
+    );
+    assert!(
+        waited >= Duration::from_secs(1) && waited < Duration::from_secs(5),
+        "{waited:?}"
+    );
+    // Echo's ztunnel saw the client certificate of sleep's workload, not the identity sleep's
+    // proxy started with (cluster.local).
+    let principal = "source_principal=\"spiffe://other.local/ns/default/sa/sleep\"";
+    let node2 = cluster.ztunnels[NODE_2].metrics.render();
+    assert!(
+        node2
+            .lines()
+            .any(|l| l.starts_with("istio_tcp_connections_opened_total") && l.contains(principal)),
+        "{node2}"
+    );
+
+    // The workload leaves again and does not come back: closed after the wait, and counted.
+    cluster.write_state(&other_trust_domain(&cluster, "node-3"));
+    node1_sleep("sleep's workload gone again", false).await;
+    let started = Instant::now();
+    let reply = app_call(&cluster.sleep, echo_ip, b"never").await;
+    let waited = started.elapsed();
+    assert!(
+        !matches!(&reply, Ok(bytes) if bytes.ends_with(b"never")),
+        "served without a source workload: {reply:?}"
+    );
+    assert!(
+        waited >= Duration::from_millis(4500) && waited < Duration::from_secs(8),
+        "closed after the 5 s wait: {waited:?}"
+    );
+    let node1 = cluster.ztunnels[0].metrics.render();
+    let refused: Vec<&str> = node1
+        .lines()
+        .filter(|l| l.contains("response_flags=\"NR\""))
+        .collect();
+    assert!(
+        refused
+            .iter()
+            .any(|l| l.starts_with("istio_tcp_connections_opened_total") && l.ends_with(" 1"))
+            && refused
+                .iter()
+                .any(|l| l.starts_with("istio_tcp_connections_closed_total") && l.ends_with(" 1")),
+        "{node1}"
+    );
+}

@@ -114,6 +114,12 @@ pub trait ConnectHandler: Send + Sync + 'static {
 
     /// Told when a spliced tunnel ends, with bytes moved each way (for telemetry).
     fn finished(&self, _request: &ConnectRequest, _outcome: &TunnelOutcome) {}
+
+    /// Who to answer a new connection as, when that can change while the server runs (a pod's
+    /// identity comes from its workload, trust domain included); `None`: the server's own.
+    fn local_identity(&self) -> BoxFuture<'_, Option<Identity>> {
+        Box::pin(std::future::ready(None))
+    }
 }
 
 /// How a spliced tunnel ended.
@@ -199,16 +205,18 @@ impl Server {
     ) -> Result<(), ServerError> {
         let local_addr = socket.local_addr().unwrap_or(peer);
         let _ = socket.set_nodelay(true);
-        let cert = self
-            .certificates
-            .fetch(&self.identity)
-            .await
-            .map_err(|source| ServerError::Certificate {
-                identity: self.identity.clone(),
+        let identity = match self.handler.local_identity().await {
+            Some(identity) => identity,
+            None => self.identity.clone(),
+        };
+        let cert = self.certificates.fetch(&identity).await.map_err(|source| {
+            ServerError::Certificate {
+                identity: identity.clone(),
                 source,
-            })?;
+            }
+        })?;
         let config = cert.server_config().map_err(|source| ServerError::Config {
-            identity: self.identity.clone(),
+            identity: identity.clone(),
             source,
         })?;
         let timeout = self.settings.handshake_timeout;
@@ -238,7 +246,7 @@ impl Server {
         let (mut connection, peer_identity) = tokio::time::timeout(timeout, handshakes)
             .await
             .map_err(|_| ServerError::HandshakeTimeout { peer, timeout })??;
-        tracing::debug!(%peer, peer_identity = %peer_identity, local = %self.identity, "HBONE connection established");
+        tracing::debug!(%peer, peer_identity = %peer_identity, local = %identity, "HBONE connection established");
 
         let ping = connection.ping_pong().expect("ping_pong is taken once");
         let keepalive = keepalive::run(

@@ -82,6 +82,21 @@ impl ConnectHandler for HboneInbound {
         })
     }
 
+    /// The workload's identity, as Istio's inbound takes its certificate: the trust domain is
+    /// known only from the state. Not waited for here (the `CONNECT` waits, and a second wait
+    /// before the handshake would double a refused client's delay): until the workload arrives,
+    /// the identity derived when the pod's proxy started is presented.
+    fn local_identity(&self) -> BoxFuture<'_, Option<Identity>> {
+        let snapshot = self.pod.context.state.load();
+        let identity = self
+            .pod
+            .local
+            .find(&snapshot)
+            .ok()
+            .and_then(|workload| workload.identity().ok());
+        Box::pin(std::future::ready(identity))
+    }
+
     // Metrics are counted by the `Counted` upstream, which also sees tunnels that never got here.
     fn finished(&self, request: &ConnectRequest, outcome: &TunnelOutcome) {
         tracing::info!(
@@ -115,12 +130,17 @@ fn inbound_labels(
 ) -> TrafficLabels {
     let snapshot = pod.context.state.load();
     let network = &pod.context.network;
+    let destination = pod.local.find(&snapshot).ok();
     TrafficLabels {
         reporter: Reporter::Destination,
         source: snapshot.workload_by_ip(network, client.ip()).cloned(),
         source_principal: peer,
-        destination: pod.local.find(&snapshot).ok(),
-        destination_principal: mutual_tls.then(|| pod.identity.clone()),
+        destination_principal: mutual_tls.then(|| destination.as_ref()).map(|destination| {
+            destination
+                .and_then(|workload| workload.identity().ok())
+                .unwrap_or_else(|| pod.identity.clone())
+        }),
+        destination,
         destination_service: service_host.map(|host| {
             // Kubernetes hostnames are <name>.<namespace>.svc.<domain>.
             let mut parts = host.split('.');

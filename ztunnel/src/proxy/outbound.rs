@@ -1,5 +1,10 @@
 //! Outbound: connections the pod's app made, REDIRECTed to 15001 inside the pod.
 //!
+//! As in Istio's ztunnel, each connection first finds the pod's own workload ([`super::local`]),
+//! waiting up to 5 s for the state to deliver it: the tunnel's client certificate is the
+//! workload's identity (its trust domain included), and a pod whose workload never arrives gets
+//! its connection closed, logged with the reason and counted with `response_flags="NR"`.
+//!
 //! Waypoints follow Istio's rule that the original addressing decides: a connection to a
 //! service VIP goes through the *service's* waypoint (never the endpoint's workload waypoint);
 //! a connection to a pod IP goes through the *pod's* waypoint. Either way it is HBONE to
@@ -57,7 +62,19 @@ async fn handle(pod: Arc<Pod>, mut app: TcpStream, client: SocketAddr) {
             return;
         }
     };
-    let route = route(&pod, client, destination);
+    let source = match pod.local.wait(&pod.context.state, super::local::WAIT).await {
+        Ok(found) => found,
+        Err(err) => {
+            tracing::warn!(target: "access", pod = %pod.uid, src = %client, dst = %destination, error = %err, "outbound refused: the pod's own workload is unknown");
+            let labels = TrafficLabels {
+                response_flags: "NR",
+                ..source_labels(None, None)
+            };
+            drop(pod.context.metrics.connection_opened(labels));
+            return;
+        }
+    };
+    let route = route(&pod, source, client, destination);
     tracing::debug!(pod = %pod.uid, %client, %destination, ?route, "outbound");
     let buffer = pod.context.hbone.copy_buffer;
     let metrics = &pod.context.metrics;
@@ -103,22 +120,43 @@ async fn handle(pod: Arc<Pod>, mut app: TcpStream, client: SocketAddr) {
     );
 }
 
-fn route(pod: &Pod, client: SocketAddr, destination: SocketAddr) -> Route {
-    let snapshot = pod.context.state.load();
+/// The pod's workload, the snapshot it was found in and the identity it connects as.
+struct Source {
+    snapshot: Arc<Snapshot>,
+    workload: Arc<Workload>,
+    identity: Identity,
+}
+
+fn route(
+    pod: &Pod,
+    (snapshot, workload): (Arc<Snapshot>, Arc<Workload>),
+    client: SocketAddr,
+    destination: SocketAddr,
+) -> Route {
+    let identity = match workload.identity() {
+        Ok(identity) => identity,
+        Err(err) => {
+            return Route::Refuse(format!(
+                "the pod's workload {} has no usable identity: {err}",
+                workload.uid
+            ))
+        }
+    };
+    let source = Source {
+        snapshot,
+        workload,
+        identity,
+    };
+    let snapshot = &source.snapshot;
     let network = &pod.context.network;
     let headers = ConnectHeaders {
         forwarded_for: Some(client),
         ..Default::default()
     };
-    let source = pod.local.find(&snapshot).ok();
     let pick = rand::random::<u32>() as usize;
     // A waypoint's own connections (it is not captured in Istio, but may be enrolled here)
     // must never loop back into it.
-    let bypass = |gateway: &GatewayAddress| {
-        source
-            .as_deref()
-            .is_some_and(|source| is_waypoint(&snapshot, gateway, source))
-    };
+    let bypass = |gateway: &GatewayAddress| is_waypoint(snapshot, gateway, &source.workload);
     match snapshot.resolve(network, destination, pick) {
         Destination::Service {
             service,
@@ -126,34 +164,16 @@ fn route(pod: &Pod, client: SocketAddr, destination: SocketAddr) -> Route {
             target_port,
         } => match &service.waypoint {
             // "The service is itself the waypoint": its endpoints are waypoint pods.
-            Some(gateway) if !bypass(gateway) && !is_waypoint(&snapshot, gateway, &endpoint) => {
-                via_waypoint(
-                    pod,
-                    &snapshot,
-                    source,
-                    gateway,
-                    destination,
-                    Some(&service),
-                    headers,
-                    pick,
-                )
+            Some(gateway) if !bypass(gateway) && !is_waypoint(snapshot, gateway, &endpoint) => {
+                via_waypoint(&source, gateway, destination, Some(&service), headers, pick)
             }
-            _ => hbone_or_plain(pod, source, &endpoint, target_port, Some(&service), headers),
+            _ => hbone_or_plain(&source, &endpoint, target_port, Some(&service), headers),
         },
         Destination::Workload { workload, port } => match &workload.waypoint {
-            Some(gateway) if !bypass(gateway) && !is_waypoint(&snapshot, gateway, &workload) => {
-                via_waypoint(
-                    pod,
-                    &snapshot,
-                    source,
-                    gateway,
-                    destination,
-                    None,
-                    headers,
-                    pick,
-                )
+            Some(gateway) if !bypass(gateway) && !is_waypoint(snapshot, gateway, &workload) => {
+                via_waypoint(&source, gateway, destination, None, headers, pick)
             }
-            _ => hbone_or_plain(pod, source, &workload, port, None, headers),
+            _ => hbone_or_plain(&source, &workload, port, None, headers),
         },
         Destination::NoEndpoint { service } => Route::Refuse(format!(
             "service {} has no healthy endpoint for port {}",
@@ -162,18 +182,19 @@ fn route(pod: &Pod, client: SocketAddr, destination: SocketAddr) -> Route {
         )),
         Destination::Passthrough => Route::Plain {
             target: destination,
-            labels: source_labels(pod, source),
+            labels: source_labels(Some(&source), None),
         },
     }
 }
 
-/// Source-reported labels for a connection from `pod` whose destination is not known yet.
-fn source_labels(pod: &Pod, source: Option<Arc<Workload>>) -> TrafficLabels {
+/// Source-reported labels for a connection from `source` (`None`: the pod's workload is unknown)
+/// to `destination` (`None`: not known yet, or outside the mesh).
+fn source_labels(source: Option<&Source>, destination: Option<Arc<Workload>>) -> TrafficLabels {
     TrafficLabels {
         reporter: Reporter::Source,
-        source,
-        source_principal: Some(pod.identity.clone()),
-        destination: None,
+        source: source.map(|s| s.workload.clone()),
+        source_principal: source.map(|s| s.identity.clone()),
+        destination,
         destination_principal: None,
         destination_service: None,
         mutual_tls: false,
@@ -184,11 +205,8 @@ fn source_labels(pod: &Pod, source: Option<Arc<Workload>>) -> TrafficLabels {
 /// HBONE to the waypoint for `original` (a service VIP:port when `service` is set, else a pod
 /// ip:port). Metrics name the waypoint as the destination workload and principal (the peer this
 /// ztunnel actually talks to) and the service as `destination_service`, as Istio's ztunnel does.
-#[allow(clippy::too_many_arguments)]
 fn via_waypoint(
-    pod: &Pod,
-    snapshot: &Snapshot,
-    source: Option<Arc<Workload>>,
+    source: &Source,
     gateway: &GatewayAddress,
     original: SocketAddr,
     service: Option<&Service>,
@@ -199,9 +217,9 @@ fn via_waypoint(
         destination_service: service
             .map(|s| (s.hostname.clone(), s.namespace.clone(), s.name.clone())),
         mutual_tls: true,
-        ..source_labels(pod, source)
+        ..source_labels(Some(source), None)
     };
-    let waypoint = match resolve_waypoint(snapshot, gateway, pick) {
+    let waypoint = match resolve_waypoint(&source.snapshot, gateway, pick) {
         Ok(waypoint) => waypoint,
         // Fail closed: sending directly would skip the L7 policy the waypoint exists for.
         Err(reason) => {
@@ -216,7 +234,7 @@ fn via_waypoint(
     labels.destination_principal = waypoint.identities.first().cloned();
     Route::Hbone {
         request: Box::new(TunnelRequest {
-            source: pod.identity.clone(),
+            source: source.identity.clone(),
             destination_identities: waypoint.identities,
             hbone_address: waypoint.hbone_address,
             target: original,
@@ -227,8 +245,7 @@ fn via_waypoint(
 }
 
 fn hbone_or_plain(
-    pod: &Pod,
-    source: Option<Arc<Workload>>,
+    source: &Source,
     endpoint: &Arc<Workload>,
     port: u16,
     service: Option<&Service>,
@@ -240,15 +257,11 @@ fn hbone_or_plain(
     let target = SocketAddr::new(ip, port);
     let hbone = endpoint.protocol == Protocol::Hbone;
     let labels = TrafficLabels {
-        reporter: Reporter::Source,
-        source,
-        source_principal: Some(pod.identity.clone()),
-        destination: Some(endpoint.clone()),
         destination_principal: hbone.then(|| endpoint.identity().ok()).flatten(),
         destination_service: service
             .map(|s| (s.hostname.clone(), s.namespace.clone(), s.name.clone())),
         mutual_tls: hbone,
-        response_flags: "-",
+        ..source_labels(Some(source), Some(endpoint.clone()))
     };
     if !hbone {
         return Route::Plain { target, labels };
@@ -265,7 +278,7 @@ fn hbone_or_plain(
     }
     Route::Hbone {
         request: Box::new(TunnelRequest {
-            source: pod.identity.clone(),
+            source: source.identity.clone(),
             destination_identities,
             hbone_address: SocketAddr::new(ip, HBONE_PORT),
             target,
