@@ -22,7 +22,6 @@ spec:
   selector: {app: web}
   ports:
   - {name: http, port: 80, targetPort: 8080}
-  - {port: 81, targetPort: 8081}
   - {name: dns, port: 53, protocol: UDP}
 ---
 apiVersion: v1
