@@ -201,7 +201,7 @@ mod tests {
     #[test]
     fn service_links_are_kubelets() {
         let service = match ambit_local::manifest::parse(
-            "{apiVersion: v1, kind: Service, metadata: {name: my-web, namespace: shop}, spec: {selector: {a: b}, ports: [{name: http, port: 80, targetPort: 8080}, {port: 53, protocol: UDP}]}}",
+            "{apiVersion: v1, kind: Service, metadata: {name: my-web, namespace: shop}, spec: {selector: {a: b}, ports: [{name: http, port: 80, targetPort: 8080}, {name: dns, port: 53, protocol: UDP}]}}",
         )
         .unwrap()
         .remove(0)
@@ -218,6 +218,7 @@ mod tests {
             ("MY_WEB_SERVICE_HOST", "10.96.0.11"),
             ("MY_WEB_SERVICE_PORT", "80"),
             ("MY_WEB_SERVICE_PORT_HTTP", "80"),
+            ("MY_WEB_SERVICE_PORT_DNS", "53"),
             ("MY_WEB_PORT", "tcp://10.96.0.11:80"),
             ("MY_WEB_PORT_80_TCP", "tcp://10.96.0.11:80"),
             ("MY_WEB_PORT_80_TCP_PROTO", "tcp"),
