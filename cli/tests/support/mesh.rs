@@ -72,7 +72,7 @@ impl Mesh {
 }
 
 impl Drop for Mesh {
-    pub fn drop(&mut self) {
+    fn drop(&mut self) {
         let _ = self.run(&["down"]);
     }
 }
