@@ -294,10 +294,7 @@ pub fn run(args: MeshArgs) -> anyhow::Result<()> {
                 &pod.hostname
             };
             daemon::pods::with_hostname(&mut ip, hostname);
-            let err = ip
-                .args(["netns", "exec", &pod.netns])
-                .args(&command)
-                .exec();
+            let err = ip.args(["netns", "exec", &pod.netns]).args(&command).exec();
             bail!(
                 "cannot run {command:?} in pod {namespace}/{}: {err}",
                 pod.name

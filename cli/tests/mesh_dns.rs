@@ -137,7 +137,12 @@ print(json.dumps(results))
 "#;
 
 /// Runs [`LOOKUP`] in pod `namespace/name`.
-fn lookups(mesh: &Mesh, namespace: &str, name: &str, checks: &[String]) -> BTreeMap<String, (String, f64)> {
+fn lookups(
+    mesh: &Mesh,
+    namespace: &str,
+    name: &str,
+    checks: &[String],
+) -> BTreeMap<String, (String, f64)> {
     let mut args = vec!["exec", name, "-n", namespace, "--", "python3", "-c", LOOKUP];
     args.extend(checks.iter().map(String::as_str));
     let out = mesh.ok(&args);
@@ -185,11 +190,20 @@ fn cluster_dns_answers_every_pod_and_pods_look_like_pods() {
         std::thread::sleep(Duration::from_millis(50));
     };
     println!("http.server answered {served:?} after `mesh up` returned");
-    assert!(served < Duration::from_secs(2), "http.server answered after {served:?}");
+    assert!(
+        served < Duration::from_secs(2),
+        "http.server answered after {served:?}"
+    );
 
     let status = mesh.status();
-    let web_ip = pod(&status, "plain", "web")["ip"].as_str().unwrap().to_owned();
-    let db_ip = pod(&status, "plain", "db-0")["ip"].as_str().unwrap().to_owned();
+    let web_ip = pod(&status, "plain", "web")["ip"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let db_ip = pod(&status, "plain", "db-0")["ip"]
+        .as_str()
+        .unwrap()
+        .to_owned();
     let vip = service_vip(&status, "plain", "web");
     assert_eq!(pod(&status, "amb", "client")["enrolled"], true);
     assert_eq!(pod(&status, "plain", "client")["enrolled"], false);
@@ -228,7 +242,10 @@ fn cluster_dns_answers_every_pod_and_pods_look_like_pods() {
             checks[8].as_str(),
             "primary.db.plain.svc.cluster.local".to_owned(),
         ),
-        ("a:nope.plain.svc.cluster.local", "error: gaierror".to_owned()),
+        (
+            "a:nope.plain.svc.cluster.local",
+            "error: gaierror".to_owned(),
+        ),
         ("a:nope.cluster.local", "error: gaierror".to_owned()),
         (
             "srv:_http._tcp.web.plain.svc.cluster.local",
@@ -264,15 +281,23 @@ fn cluster_dns_answers_every_pod_and_pods_look_like_pods() {
     let metrics = mesh.ok(&["fetch", &format!("http://{node1}/metrics")]);
     for query_type in ["ptr", "srv", "a"] {
         assert!(
-            metrics.lines().any(|l| l.starts_with("istio_dns_upstream_requests_total")
-                && l.contains(&format!("request_query_type=\"{query_type}\""))),
+            metrics
+                .lines()
+                .any(|l| l.starts_with("istio_dns_upstream_requests_total")
+                    && l.contains(&format!("request_query_type=\"{query_type}\""))),
             "no forwarded {query_type} query in ztunnel's metrics:\n{metrics}"
         );
     }
 
     // Pods look like pods: hostname (the process's own and `exec`'s), hosts, resolv.conf, env.
-    assert_eq!(mesh.ok(&["exec", "client", "-n", "plain", "--", "hostname"]), "client\n");
-    assert_eq!(mesh.ok(&["exec", "db-0", "-n", "plain", "--", "hostname"]), "primary\n");
+    assert_eq!(
+        mesh.ok(&["exec", "client", "-n", "plain", "--", "hostname"]),
+        "client\n"
+    );
+    assert_eq!(
+        mesh.ok(&["exec", "db-0", "-n", "plain", "--", "hostname"]),
+        "primary\n"
+    );
     let web_pid = pod(&status, "plain", "web")["pids"][0].as_u64().unwrap();
     let uts = std::process::Command::new("nsenter")
         .args(["-t", &web_pid.to_string(), "-u", "hostname"])
@@ -293,19 +318,35 @@ fn cluster_dns_answers_every_pod_and_pods_look_like_pods() {
         assert!(environ.contains(&variable), "{variable} not in {environ:?}");
     }
     let hosts = mesh.ok(&["exec", "db-0", "-n", "plain", "--", "cat", "/etc/hosts"]);
-    assert!(hosts.starts_with("# Kubernetes-managed hosts file.\n127.0.0.1\tlocalhost\n"), "{hosts}");
     assert!(
-        hosts.ends_with(&format!("\n{db_ip}\tprimary.db.plain.svc.cluster.local\tprimary\n")),
+        hosts.starts_with("# Kubernetes-managed hosts file.\n127.0.0.1\tlocalhost\n"),
+        "{hosts}"
+    );
+    assert!(
+        hosts.ends_with(&format!(
+            "\n{db_ip}\tprimary.db.plain.svc.cluster.local\tprimary\n"
+        )),
         "{hosts}"
     );
     let hosts = mesh.ok(&["exec", "web", "-n", "plain", "--", "cat", "/etc/hosts"]);
     assert!(hosts.ends_with(&format!("\n{web_ip}\tweb\n")), "{hosts}");
-    let resolv = mesh.ok(&["exec", "web", "-n", "plain", "--", "cat", "/etc/resolv.conf"]);
+    let resolv = mesh.ok(&[
+        "exec",
+        "web",
+        "-n",
+        "plain",
+        "--",
+        "cat",
+        "/etc/resolv.conf",
+    ]);
     assert!(
         resolv.starts_with("search plain.svc.cluster.local svc.cluster.local cluster.local"),
         "{resolv}"
     );
-    assert!(resolv.contains("\nnameserver 10.96.0.10\noptions ndots:5\n"), "{resolv}");
+    assert!(
+        resolv.contains("\nnameserver 10.96.0.10\noptions ndots:5\n"),
+        "{resolv}"
+    );
 
     // The zone follows applies and deletes.
     let late = mesh.write(
@@ -316,7 +357,10 @@ fn cluster_dns_answers_every_pod_and_pods_look_like_pods() {
     mesh.ok(&["apply", "-f", late.to_str().unwrap()]);
     let late_vip = service_vip(&mesh.status(), "plain", "late");
     let check = vec!["a:late.plain.svc.cluster.local".to_owned()];
-    assert_eq!(lookups(&mesh, "plain", "client", &check)[&check[0]].0, late_vip);
+    assert_eq!(
+        lookups(&mesh, "plain", "client", &check)[&check[0]].0,
+        late_vip
+    );
     mesh.ok(&["delete", "-f", late.to_str().unwrap()]);
     assert_eq!(
         lookups(&mesh, "plain", "client", &check)[&check[0]].0,

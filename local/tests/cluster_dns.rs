@@ -150,20 +150,80 @@ async fn tcp(server: SocketAddr, bytes: &[u8]) -> Option<Message> {
 async fn every_query_type_of_the_specification_is_answered_over_udp_and_tcp() {
     let server = start(upstream()).await;
     let cases: &[(&str, RecordType, ResponseCode, usize)] = &[
-        ("web.default.svc.cluster.local.", RecordType::A, ResponseCode::NoError, 1),
-        ("web.default.svc.cluster.local.", RecordType::AAAA, ResponseCode::NoError, 0),
-        ("web.default.svc.cluster.local.", RecordType::CNAME, ResponseCode::NoError, 0),
-        ("web.default.svc.cluster.local.", RecordType::ANY, ResponseCode::NoError, 1),
-        ("_http._tcp.web.default.svc.cluster.local.", RecordType::SRV, ResponseCode::NoError, 1),
-        ("11.0.96.10.in-addr.arpa.", RecordType::PTR, ResponseCode::NoError, 1),
-        ("2.1.244.10.in-addr.arpa.", RecordType::PTR, ResponseCode::NoError, 1),
-        ("10-244-1-2.default.pod.cluster.local.", RecordType::A, ResponseCode::NoError, 1),
-        ("dns-version.cluster.local.", RecordType::TXT, ResponseCode::NoError, 1),
+        (
+            "web.default.svc.cluster.local.",
+            RecordType::A,
+            ResponseCode::NoError,
+            1,
+        ),
+        (
+            "web.default.svc.cluster.local.",
+            RecordType::AAAA,
+            ResponseCode::NoError,
+            0,
+        ),
+        (
+            "web.default.svc.cluster.local.",
+            RecordType::CNAME,
+            ResponseCode::NoError,
+            0,
+        ),
+        (
+            "web.default.svc.cluster.local.",
+            RecordType::ANY,
+            ResponseCode::NoError,
+            1,
+        ),
+        (
+            "_http._tcp.web.default.svc.cluster.local.",
+            RecordType::SRV,
+            ResponseCode::NoError,
+            1,
+        ),
+        (
+            "11.0.96.10.in-addr.arpa.",
+            RecordType::PTR,
+            ResponseCode::NoError,
+            1,
+        ),
+        (
+            "2.1.244.10.in-addr.arpa.",
+            RecordType::PTR,
+            ResponseCode::NoError,
+            1,
+        ),
+        (
+            "10-244-1-2.default.pod.cluster.local.",
+            RecordType::A,
+            ResponseCode::NoError,
+            1,
+        ),
+        (
+            "dns-version.cluster.local.",
+            RecordType::TXT,
+            ResponseCode::NoError,
+            1,
+        ),
         ("cluster.local.", RecordType::SOA, ResponseCode::NoError, 1),
         ("cluster.local.", RecordType::NS, ResponseCode::NoError, 0),
-        ("nope.default.svc.cluster.local.", RecordType::A, ResponseCode::NXDomain, 0),
-        ("nope.default.svc.cluster.local.", RecordType::SRV, ResponseCode::NXDomain, 0),
-        ("9.9.96.10.in-addr.arpa.", RecordType::PTR, ResponseCode::NXDomain, 0),
+        (
+            "nope.default.svc.cluster.local.",
+            RecordType::A,
+            ResponseCode::NXDomain,
+            0,
+        ),
+        (
+            "nope.default.svc.cluster.local.",
+            RecordType::SRV,
+            ResponseCode::NXDomain,
+            0,
+        ),
+        (
+            "9.9.96.10.in-addr.arpa.",
+            RecordType::PTR,
+            ResponseCode::NXDomain,
+            0,
+        ),
         ("external.test.", RecordType::A, ResponseCode::NoError, 1),
     ];
     for &(name, record_type, code, answers) in cases {
@@ -175,7 +235,11 @@ async fn every_query_type_of_the_specification_is_answered_over_udp_and_tcp() {
             .expect("an answer over TCP");
         for answer in [&over_udp, &over_tcp] {
             assert_eq!(answer.metadata.response_code, code, "{name} {record_type}");
-            assert_eq!(answer.answers.len(), answers, "{name} {record_type}: {answer:?}");
+            assert_eq!(
+                answer.answers.len(),
+                answers,
+                "{name} {record_type}: {answer:?}"
+            );
             assert!(answer.metadata.recursion_available);
         }
         if name.ends_with("cluster.local.") || name.ends_with("in-addr.arpa.") {
@@ -186,7 +250,12 @@ async fn every_query_type_of_the_specification_is_answered_over_udp_and_tcp() {
             );
         }
     }
-    let srv = ask(server, "_http._tcp.web.default.svc.cluster.local.", RecordType::SRV).await;
+    let srv = ask(
+        server,
+        "_http._tcp.web.default.svc.cluster.local.",
+        RecordType::SRV,
+    )
+    .await;
     match &srv.answers[0].data {
         RData::SRV(srv) => {
             assert_eq!(srv.port, 80);
@@ -204,7 +273,10 @@ async fn an_upstream_that_never_answers_is_servfail_fast() {
     let answer = ask(server, "black-hole.test.", RecordType::A).await;
     let elapsed = started.elapsed();
     assert_eq!(answer.metadata.response_code, ResponseCode::ServFail);
-    assert!(elapsed < Duration::from_secs(2), "SERVFAIL took {elapsed:?}");
+    assert!(
+        elapsed < Duration::from_secs(2),
+        "SERVFAIL took {elapsed:?}"
+    );
     // Cluster names do not wait on upstream.
     let started = Instant::now();
     let answer = ask(server, "web.default.svc.cluster.local.", RecordType::A).await;
@@ -224,15 +296,21 @@ async fn bad_input_is_answered_or_refused_and_the_server_keeps_serving() {
         vec![0u8; 5],
         vec![0xff; 12],
         vec![0x12, 0x34, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 63, b'a'],
-        vec![0x12, 0x34, 0, 0, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff],
+        vec![
+            0x12, 0x34, 0, 0, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
+        ],
         // A compression pointer to itself.
-        vec![0x12, 0x34, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0xc0, 12, 0, 1, 0, 1],
+        vec![
+            0x12, 0x34, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0xc0, 12, 0, 1, 0, 1,
+        ],
     ] {
         socket.send_to(&junk, server).await.unwrap();
     }
     let answer = udp(
         server,
-        &[0x12, 0x34, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0xc0, 12, 0, 1, 0, 1],
+        &[
+            0x12, 0x34, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0xc0, 12, 0, 1, 0, 1,
+        ],
     )
     .await
     .expect("FORMERR");
@@ -251,7 +329,9 @@ async fn bad_input_is_answered_or_refused_and_the_server_keeps_serving() {
     }
     let bytes = big.to_vec().unwrap();
     assert!(bytes.len() > 64_000 && bytes.len() <= 65_535);
-    let answer = tcp(server, &bytes).await.expect("an answer to a 64 KiB query");
+    let answer = tcp(server, &bytes)
+        .await
+        .expect("an answer to a 64 KiB query");
     assert_eq!(answer.answers.len(), 1);
     // 64 KiB of junk over TCP: FORMERR, or the connection closed; nothing else.
     if let Some(answer) = tcp(server, &vec![0x5a; 65_535]).await {

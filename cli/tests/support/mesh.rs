@@ -85,4 +85,3 @@ pub fn pod<'a>(status: &'a Value, namespace: &str, name: &str) -> &'a Value {
         .find(|p| p["namespace"] == namespace && p["name"] == name)
         .unwrap_or_else(|| panic!("no pod {namespace}/{name} in {status:#}"))
 }
-

@@ -132,11 +132,19 @@ fn a_service_with_a_vip_has_a_srv_and_ptr_records() {
         ok(&["10.96.0.11"])
     );
     assert_eq!(
-        answer(&zone, "_http._tcp.web.shop.svc.cluster.local.", RecordType::SRV),
+        answer(
+            &zone,
+            "_http._tcp.web.shop.svc.cluster.local.",
+            RecordType::SRV
+        ),
         ok(&["0 100 80 web.shop.svc.cluster.local."])
     );
     assert_eq!(
-        answer(&zone, "_dns._udp.web.shop.svc.cluster.local.", RecordType::SRV),
+        answer(
+            &zone,
+            "_dns._udp.web.shop.svc.cluster.local.",
+            RecordType::SRV
+        ),
         ok(&["0 100 53 web.shop.svc.cluster.local."])
     );
     let srv = ask(
@@ -146,7 +154,10 @@ fn a_service_with_a_vip_has_a_srv_and_ptr_records() {
     )
     .unwrap();
     assert_eq!(srv.additionals.len(), 1, "the target's A record");
-    assert_eq!(srv.additionals[0].data, RData::A(A("10.96.0.11".parse().unwrap())));
+    assert_eq!(
+        srv.additionals[0].data,
+        RData::A(A("10.96.0.11".parse().unwrap()))
+    );
     assert_eq!(
         answer(&zone, "11.0.96.10.in-addr.arpa.", RecordType::PTR),
         ok(&["web.shop.svc.cluster.local."])
@@ -166,11 +177,19 @@ fn a_headless_service_answers_with_its_endpoints() {
         ok(&["10.244.1.3"])
     );
     assert_eq!(
-        answer(&zone, "10-244-2-2.db.shop.svc.cluster.local.", RecordType::A),
+        answer(
+            &zone,
+            "10-244-2-2.db.shop.svc.cluster.local.",
+            RecordType::A
+        ),
         ok(&["10.244.2.2"])
     );
     assert_eq!(
-        answer(&zone, "_pg._tcp.db.shop.svc.cluster.local.", RecordType::SRV),
+        answer(
+            &zone,
+            "_pg._tcp.db.shop.svc.cluster.local.",
+            RecordType::SRV
+        ),
         ok(&[
             "0 50 5432 10-244-2-2.db.shop.svc.cluster.local.",
             "0 50 5432 primary.db.shop.svc.cluster.local."
@@ -225,7 +244,11 @@ fn unknown_cluster_names_are_nxdomain_with_the_soa_and_known_ones_nodata() {
         "12.0.96.10.in-addr.arpa.",
     ] {
         let response = ask(&zone, name, RecordType::A).unwrap();
-        assert_eq!(response.metadata.response_code, ResponseCode::NXDomain, "{name}");
+        assert_eq!(
+            response.metadata.response_code,
+            ResponseCode::NXDomain,
+            "{name}"
+        );
         assert!(response.metadata.authoritative);
         assert_eq!(response.authorities.len(), 1, "{name}: the SOA");
         assert_eq!(response.authorities[0].record_type(), RecordType::SOA);
@@ -240,7 +263,11 @@ fn unknown_cluster_names_are_nxdomain_with_the_soa_and_known_ones_nodata() {
         ("244.10.in-addr.arpa.", RecordType::PTR),
     ] {
         let response = ask(&zone, name, record_type).unwrap();
-        assert_eq!(response.metadata.response_code, ResponseCode::NoError, "{name}");
+        assert_eq!(
+            response.metadata.response_code,
+            ResponseCode::NoError,
+            "{name}"
+        );
         assert!(response.answers.is_empty(), "{name}");
         assert_eq!(response.authorities.len(), 1, "{name}");
     }

@@ -147,7 +147,8 @@ impl<A: Answer> Server<A> {
         let socket = Arc::new(socket);
         let mut in_flight = JoinSet::new();
         // A larger datagram is cut to this size, fails to parse and gets FORMERR.
-        let mut buffer = vec![0u8; usize::from(self.limits.max_udp_payload.max(CLASSIC_UDP_PAYLOAD))];
+        let mut buffer =
+            vec![0u8; usize::from(self.limits.max_udp_payload.max(CLASSIC_UDP_PAYLOAD))];
         loop {
             tokio::select! {
                 received = socket.recv_from(&mut buffer) => {
@@ -333,7 +334,10 @@ mod tests {
         assert!(answer.answers.is_empty());
 
         let mut two = query("a.test.", RecordType::A);
-        two.add_query(Query::query(Name::from_ascii("b.test.").unwrap(), RecordType::A));
+        two.add_query(Query::query(
+            Name::from_ascii("b.test.").unwrap(),
+            RecordType::A,
+        ));
         let answer = ask(&server, &two, Transport::Udp).await;
         assert_eq!(answer.metadata.response_code, ResponseCode::FormErr);
 

@@ -89,14 +89,12 @@ impl DnsServer {
             .into();
         let netns = PodNetns::new(fd).with_context(|| format!("entering {netns_path}"))?;
         let address = SocketAddr::from((CLUSTER_DNS, 53));
-        let udp = netns
-            .bind_udp(address)
-            .await
-            .with_context(|| format!("binding the cluster DNS on {address} (udp) in {netns_path}"))?;
-        let tcp = netns
-            .listen(address)
-            .await
-            .with_context(|| format!("binding the cluster DNS on {address} (tcp) in {netns_path}"))?;
+        let udp = netns.bind_udp(address).await.with_context(|| {
+            format!("binding the cluster DNS on {address} (udp) in {netns_path}")
+        })?;
+        let tcp = netns.listen(address).await.with_context(|| {
+            format!("binding the cluster DNS on {address} (tcp) in {netns_path}")
+        })?;
         self.tasks
             .push(tokio::spawn(self.server.clone().serve_udp(udp)));
         self.tasks
