@@ -5,8 +5,8 @@
 //! and pods, and `down` leaving nothing behind. Needs root, iproute2, iptables, tcpdump, python3
 //! with grpcio.
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
