@@ -436,11 +436,16 @@ pub fn run(args: MeshArgs) -> anyhow::Result<()> {
                 .iter()
                 .find(|p| p.name == pod && p.namespace == namespace)
                 .ok_or_else(|| anyhow::anyhow!("no pod {namespace}/{pod} in the mesh"))?;
-            // `ip netns exec` also mounts /etc/netns/<netns>/ (the pod's hosts file) over /etc.
-            let err = std::process::Command::new("ip")
-                .args(["netns", "exec", &pod.netns])
-                .args(&command)
-                .exec();
+            // `ip netns exec` also mounts /etc/netns/<netns>/ (the pod's hosts and resolv.conf
+            // files) over /etc; the pod's hostname comes with a UTS namespace of its own.
+            let mut ip = std::process::Command::new("ip");
+            let hostname = if pod.hostname.is_empty() {
+                &pod.name
+            } else {
+                &pod.hostname
+            };
+            daemon::pods::with_hostname(&mut ip, hostname);
+            let err = ip.args(["netns", "exec", &pod.netns]).args(&command).exec();
             bail!(
                 "cannot run {command:?} in pod {namespace}/{}: {err}",
                 pod.name

@@ -8,6 +8,8 @@
 //!   atomic apply, delete, label) and translates it into ztunnel's configuration the way istiod
 //!   does ([`control::ztunnel_config`]).
 //!
+//! - [`dns`] is the cluster DNS: the Kubernetes DNS specification's records for the cluster's
+//!   Services and pods, other names forwarded upstream.
 //! - [`topology`] builds the network the runner puts pods on: nodes and pods as network
 //!   namespaces joined by veth pairs, routed as a CNI would.
 //!
@@ -15,6 +17,7 @@
 //! and addresses, and feeds the running pods and service VIPs back in.
 
 pub mod control;
+pub mod dns;
 #[cfg(feature = "fuzzing")]
 pub mod fuzzing;
 pub mod manifest;

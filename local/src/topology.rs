@@ -203,6 +203,21 @@ impl Topology {
         Ok(node)
     }
 
+    /// Gives `node` the local address `address` (on its loopback), so that what its pods send
+    /// there is delivered to the node itself (the cluster DNS's address, as NodeLocal DNSCache
+    /// holds kube-dns' VIP on every node).
+    pub fn add_node_address(&self, node: &Node, address: Ipv4Addr) -> Result<(), TopologyError> {
+        ip(&[
+            "-n",
+            &node.netns,
+            "addr",
+            "add",
+            &format!("{address}/32"),
+            "dev",
+            "lo",
+        ])
+    }
+
     /// Adds a pod namespace `netns_suffix` on node `node` (its index in `nodes`).
     pub fn add_pod(&mut self, node: usize, netns_suffix: &str) -> Result<PodNet, TopologyError> {
         let node_info = self.nodes[node].clone();

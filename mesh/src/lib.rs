@@ -3,6 +3,7 @@
 //! client and a server), following Istio's wire format so Ambit and Istio components interoperate.
 
 pub mod copy;
+pub mod dns;
 pub mod file;
 pub mod hbone;
 pub mod identity;

@@ -72,6 +72,9 @@ pub struct NodeStatus {
 pub struct PodStatus {
     pub namespace: String,
     pub name: String,
+    /// Its hostname (`spec.hostname`, else its name), in its processes' UTS namespace.
+    #[serde(default)]
+    pub hostname: String,
     pub node: String,
     pub netns: String,
     pub ip: String,

@@ -14,8 +14,14 @@
 //! [probes](probe) decide whether its pod is ready (only ready pods are Service endpoints: the
 //! others are `Unhealthy` workloads in ztunnel's state) and kill containers whose liveness fails.
 //! Requests are [admitted](admit) first, and a change that fails to reconcile is rolled back.
+//!
+//! The daemon also plays cluster DNS ([`dns`]: kube-dns' address on every node, its zone rebuilt
+//! with the ztunnel state) and kubelet's part in making pods look like pods ([`pods`]: hostname,
+//! `/etc/hosts`, `/etc/resolv.conf`, environment).
 
 mod admit;
+mod dns;
+pub(super) mod pods;
 mod probe;
 mod supervise;
 
@@ -29,8 +35,9 @@ use std::time::{Duration, Instant};
 use ambit_cni::agent::{self, EnrolledPod, NodeAgent, PodMeta};
 use ambit_cni::rules::{Backend, RuleOptions};
 use ambit_local::control::{ClusterState, Route, RunningPod, WaypointRef, WAYPOINT_GATEWAY_CLASS};
+use ambit_local::dns::ZoneSource;
 use ambit_local::manifest::{
-    self, Kind, ObjectRef, Pod, Probe, ProbeAction, Probes, RestartPolicy, TargetPort,
+    self, ClusterIp, Kind, ObjectRef, Pod, Probe, ProbeAction, Probes, RestartPolicy, TargetPort,
 };
 use ambit_local::services;
 use ambit_local::topology::{self, PodNet, Topology};
@@ -56,9 +63,6 @@ const TRUST_DOMAIN: &str = "cluster.local";
 const POD_RANGE: (u8, u8) = (10, 244);
 /// Service VIPs come from 10.96.0.0/16, Kubernetes' default service CIDR.
 const SERVICE_RANGE: (u8, u8) = (10, 96);
-/// The cluster DNS address pods are told to use (kube-dns' usual VIP); in-pod rules send their
-/// queries to ztunnel's DNS proxy, so nothing listens here.
-const CLUSTER_DNS: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 /// Where a waypoint serves its metrics in its pod (Istio's port; the waypoint's default).
 const WAYPOINT_STATS_PORT: u16 = 15020;
 /// Where a waypoint answers `/healthz/ready` (Istio's port; the waypoint's default).
@@ -122,6 +126,9 @@ struct Mesh {
     l7_documents: BTreeMap<ObjectRef, serde_yaml::Value>,
     /// kubelet's first restart delay, or its override.
     initial_backoff: Duration,
+    dns: dns::DnsServer,
+    /// This host's resolv.conf search domains, which kubelet appends to the cluster's.
+    host_search: Vec<String>,
 }
 
 /// Removes what a previous mesh with this state dir and prefix left: its processes, namespaces,
@@ -267,10 +274,18 @@ impl Mesh {
         // An explicit empty state: an empty file would be taken as one not yet written.
         LocalConfig::default().write(&state_path)?;
         let mut topology = Topology::create(&options.prefix, POD_RANGE)?;
+        // Before any ztunnel: its DNS proxies forward to the cluster DNS from their first pod.
+        let mut dns = dns::DnsServer::start().await?;
+        ambit_ztunnel::dns::set_upstream(vec![dns.loopback]).map_err(|current| {
+            anyhow::anyhow!("ztunnel's DNS upstream is already {current:?}, not the cluster DNS")
+        })?;
         let mut nodes = Vec::new();
         for index in 1..=options.nodes.max(1) {
             let name = format!("node{index}");
-            topology.add_node(&name)?;
+            let node = topology.add_node(&name)?;
+            topology.add_node_address(&node, dns::CLUSTER_DNS)?;
+            dns.serve_node(&format!("/var/run/netns/{}", node.netns))
+                .await?;
             let socket = dir.join(format!("zds/{name}.sock"));
             let agent = NodeAgent::start(
                 &socket,
@@ -317,6 +332,8 @@ impl Mesh {
             next_node: 0,
             l7_documents: BTreeMap::new(),
             initial_backoff,
+            dns,
+            host_search: pods::host_search_domains(),
         })
     }
 
@@ -460,16 +477,29 @@ impl Mesh {
         }
 
         // Service VIPs.
-        let services: Vec<(String, String)> = self
+        let services: BTreeMap<(String, String), ClusterIp> = self
             .cluster
             .services()
-            .map(|s| (s.metadata.namespace.clone(), s.metadata.name.clone()))
+            .map(|s| {
+                let key = (s.metadata.namespace.clone(), s.metadata.name.clone());
+                (key, s.spec.cluster_ip)
+            })
             .collect();
-        self.vips.retain(|key, _| services.contains(key));
-        for key in services {
-            if !self.vips.contains_key(&key) {
-                let vip = self.free_vip();
-                self.vips.insert(key, vip);
+        self.vips.retain(|key, _| services.contains_key(key));
+        for (key, cluster_ip) in services {
+            match cluster_ip {
+                // Headless: DNS answers with the endpoints, ztunnel has no VIP to capture.
+                ClusterIp::Headless => {
+                    self.vips.remove(&key);
+                }
+                _ if self.vips.contains_key(&key) => {}
+                ClusterIp::Fixed(ip) if self.vip_is_free(ip) => {
+                    self.vips.insert(key, ip);
+                }
+                _ => {
+                    let vip = self.free_vip();
+                    self.vips.insert(key, vip);
+                }
             }
         }
 
@@ -600,8 +630,13 @@ impl Mesh {
         let (a, b) = SERVICE_RANGE;
         (11u16..u16::MAX)
             .map(|n| IpAddr::V4(Ipv4Addr::new(a, b, (n >> 8) as u8, n as u8)))
-            .find(|ip| !self.vips.values().any(|v| v == ip))
+            .find(|ip| self.vip_is_free(*ip))
             .expect("65k VIPs")
+    }
+
+    /// Whether `ip` may become a Service's VIP: no other Service's, not the cluster DNS's.
+    fn vip_is_free(&self, ip: IpAddr) -> bool {
+        ip != IpAddr::V4(dns::CLUSTER_DNS) && !self.vips.values().any(|v| *v == ip)
     }
 
     /// Writes the ztunnel state; `decisions` say who is in the mesh (`None`: as it stands).
@@ -635,6 +670,12 @@ impl Mesh {
             let snapshot = config.clone().into_snapshot(&self.state_path)?;
             node.ztunnel.state.replace(snapshot);
         }
+        self.dns.update(&ZoneSource {
+            cluster: &self.cluster,
+            pods: &running,
+            vips: &self.vips,
+            reverse_ranges: &[POD_RANGE, SERVICE_RANGE],
+        });
         self.write_service_rules(&config)
     }
 
@@ -698,38 +739,44 @@ impl Mesh {
         Ok(())
     }
 
-    /// Each pod's `/etc/resolv.conf` and `/etc/hosts` (mounted over /etc by `ip netns exec`).
-    ///
-    /// Pods in the mesh resolve through DNS as on a cluster: their queries to the cluster DNS
-    /// address are captured by the in-pod rules and answered by ztunnel's DNS proxy. Pods outside
-    /// the mesh have no DNS server to reach, so their hosts file lists the services instead.
+    /// Each pod's `/etc/resolv.conf` and `/etc/hosts` as kubelet writes them (mounted over /etc
+    /// by `ip netns exec`): every pod, in the mesh or not, asks the cluster DNS.
     fn write_resolver_files(&self) -> anyhow::Result<()> {
-        for ((namespace, _), pod) in &self.pods {
-            let mut hosts = String::from("127.0.0.1 localhost\n");
-            if !pod.enrolled {
-                for ((service_namespace, service), vip) in &self.vips {
-                    let full = format!("{service}.{service_namespace}.svc.cluster.local");
-                    let mid = format!("{service}.{service_namespace}");
-                    if service_namespace == namespace {
-                        hosts.push_str(&format!("{vip} {full} {mid} {service}\n"));
-                    } else {
-                        hosts.push_str(&format!("{vip} {full} {mid}\n"));
-                    }
-                }
-            }
-            let resolv = format!(
-                "search {namespace}.svc.cluster.local svc.cluster.local cluster.local\n\
-                 nameserver {CLUSTER_DNS}\noptions ndots:5\n"
-            );
+        for ((namespace, name), pod) in &self.pods {
+            let spec = self.cluster.pod(namespace, name);
+            let hostname = pods::hostname(spec, name);
+            let domain = pods::domain(spec, namespace);
+            let hosts = pods::hosts_file(pod.net.ip, &hostname, domain.as_deref());
+            let resolv = pods::resolv_conf(namespace, dns::CLUSTER_DNS, &self.host_search);
             let dir = PathBuf::from(format!("/etc/netns/{}", pod.net.netns));
             std::fs::create_dir_all(&dir)?;
             // Written in place, the one exception to replacing files atomically: running
             // processes have these very inodes bind-mounted over /etc, so a renamed file would
-            // never reach them. One write each; a lookup racing it may see a short file.
-            std::fs::write(dir.join("hosts"), hosts)?;
-            std::fs::write(dir.join("resolv.conf"), resolv)?;
+            // never reach them. Rewritten only when they change, so a lookup racing the write
+            // (which may see a short file) is as rare as the change itself.
+            for (file, text) in [("hosts", hosts), ("resolv.conf", resolv)] {
+                let path = dir.join(file);
+                if std::fs::read_to_string(&path).ok().as_deref() != Some(text.as_str()) {
+                    std::fs::write(path, text)?;
+                }
+            }
         }
         Ok(())
+    }
+
+    /// kubelet's environment for `pod`'s containers: `HOSTNAME` and its namespace's Services.
+    fn pod_environment(&self, pod: &Pod) -> Vec<(String, String)> {
+        let namespace = &pod.metadata.namespace;
+        let hostname = pods::hostname(Some(pod), &pod.metadata.name);
+        let services = self
+            .cluster
+            .services()
+            .filter(|s| s.metadata.namespace == *namespace)
+            .filter_map(|s| {
+                let key = (namespace.clone(), s.metadata.name.clone());
+                Some((s, *self.vips.get(&key)?))
+            });
+        pods::environment(&hostname, services)
     }
 
     fn start_processes(&self, pod: &Pod) -> anyhow::Result<(Vec<Container>, Vec<ContainerProbes>)> {
@@ -772,19 +819,22 @@ impl Mesh {
                 // Refused at admission; a stray one fails to start, as a missing program does.
                 argv
             };
-            let env: Vec<(String, String)> = pod.container_env(
+            // The container's own variables come last: they win.
+            let mut env = self.pod_environment(pod);
+            env.extend(pod.container_env(
                 container,
                 IpAddr::V4(runtime.net.ip),
                 IpAddr::V4(node.address),
                 &node.name,
                 &runtime.uid,
-            );
+            ));
             probes.push(ContainerProbes::new(
                 container.probes.clone(),
                 self.probe_target(runtime, env.clone()),
             ));
             let launch = Launch {
                 netns: runtime.net.netns.clone(),
+                hostname: pods::hostname(Some(pod), &name),
                 argv,
                 env,
                 log: log_path.clone(),
@@ -821,6 +871,7 @@ impl Mesh {
         let path = |p: &Path| p.display().to_string();
         let launch = Launch {
             netns: runtime.net.netns.clone(),
+            hostname: pods::hostname(None, name),
             argv: vec![
                 path(&std::env::current_exe()?),
                 "mesh".into(),
@@ -955,6 +1006,7 @@ impl Mesh {
                 let mut status = PodStatus {
                     namespace: namespace.clone(),
                     name: name.clone(),
+                    hostname: pods::hostname(self.cluster.pod(namespace, name), name),
                     node: self.nodes[pod.node].name.clone(),
                     netns: pod.net.netns.clone(),
                     ip: pod.net.ip.to_string(),

@@ -115,6 +115,11 @@ pub struct PodSpec {
     pub containers: Vec<Container>,
     /// What the runner does when a container exits.
     pub restart_policy: RestartPolicy,
+    /// The pod's hostname (`spec.hostname`); the pod's name when absent.
+    pub hostname: Option<String>,
+    /// `spec.subdomain`: with a headless Service of that name selecting the pod, the pod is
+    /// `<hostname>.<subdomain>.<ns>.svc.<zone>` in DNS and in its own `/etc/hosts`.
+    pub subdomain: Option<String>,
 }
 
 /// `spec.restartPolicy`: whether kubelet starts a container again after it exits.
@@ -335,7 +340,6 @@ const IGNORED_POD_SPEC_FIELDS: &[&str] = &[
     "dnsPolicy",
     "enableServiceLinks",
     "hostAliases",
-    "hostname",
     "imagePullSecrets",
     "nodeSelector",
     "os",
@@ -348,7 +352,6 @@ const IGNORED_POD_SPEC_FIELDS: &[&str] = &[
     "schedulerName",
     "securityContext",
     "setHostnameAsFQDN",
-    "subdomain",
     "terminationGracePeriodSeconds",
     "tolerations",
     "topologySpreadConstraints",
@@ -409,6 +412,15 @@ pub(super) fn pod_spec(node: &Node<'_>) -> Result<PodSpec> {
         names::dns1123_subdomain(n).map_err(|e| f.error_at("nodeName", e))?;
     }
     let host_network = f.bool("hostNetwork")?.unwrap_or(false);
+    // Both are single DNS labels, as the API server checks them.
+    let hostname = f.str("hostname")?;
+    if let Some(h) = &hostname {
+        names::dns1123_label(h).map_err(|e| f.error_at("hostname", e))?;
+    }
+    let subdomain = f.str("subdomain")?;
+    if let Some(s) = &subdomain {
+        names::dns1123_label(s).map_err(|e| f.error_at("subdomain", e))?;
+    }
     let restart_policy = match f.str("restartPolicy")?.as_deref() {
         None | Some("Always") => RestartPolicy::Always,
         Some("OnFailure") => RestartPolicy::OnFailure,
@@ -456,6 +468,8 @@ pub(super) fn pod_spec(node: &Node<'_>) -> Result<PodSpec> {
         host_network,
         containers,
         restart_policy,
+        hostname,
+        subdomain,
     })
 }
 

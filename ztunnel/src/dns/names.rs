@@ -61,6 +61,15 @@ impl Lookup<'_> {
         if !in_cluster_domain(host) {
             return Resolution::Forward;
         }
+        // `<a-b-c-d>.<ns>.pod.cluster.local`: a pod's own name, which only the cluster's DNS
+        // answers.
+        if host
+            .strip_suffix(CLUSTER_DOMAIN)
+            .and_then(|rest| rest.strip_suffix(".pod."))
+            .is_some_and(|rest| rest.split('.').count() == 2 && !rest.split('.').any(str::is_empty))
+        {
+            return Resolution::Forward;
+        }
         // `<pod>.<svc>.<ns>.svc.cluster.local` of a known service: a StatefulSet pod's own name,
         // which only the cluster's DNS knows.
         if let Some([_pod, service, namespace]) = svc_labels::<3>(host) {
@@ -307,7 +316,7 @@ mod tests {
     }
 
     #[test]
-    fn the_cluster_domain_is_authoritative_except_for_statefulset_pod_names() {
+    fn the_cluster_domain_is_authoritative_except_for_pod_names() {
         let s = snapshot();
         for host in [
             "nope.default.svc.cluster.local",
@@ -315,7 +324,8 @@ mod tests {
             "echo.default.svc.default.svc.cluster.local",
             "default.svc.cluster.local",
             "cluster.local",
-            "1-2-3-4.default.pod.cluster.local",
+            "default.pod.cluster.local",
+            "a.b.default.pod.cluster.local",
         ] {
             assert_eq!(
                 resolve(&s, host, Family::V4),
@@ -323,10 +333,16 @@ mod tests {
                 "{host}"
             );
         }
-        assert_eq!(
-            resolve(&s, "db-0.db.data.svc.cluster.local", Family::V4),
-            Resolution::Forward
-        );
+        for forwarded in [
+            "db-0.db.data.svc.cluster.local",
+            "10-244-1-2.default.pod.cluster.local",
+        ] {
+            assert_eq!(
+                resolve(&s, forwarded, Family::V4),
+                Resolution::Forward,
+                "{forwarded}"
+            );
+        }
     }
 
     #[test]

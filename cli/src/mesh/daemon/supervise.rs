@@ -77,9 +77,11 @@ impl CrashBackoff {
     }
 }
 
-/// How to start a container's process: `argv` inside network namespace `netns`.
+/// How to start a container's process: `argv` inside network namespace `netns`, in a UTS
+/// namespace of its own named `hostname`.
 pub struct Launch {
     pub netns: String,
+    pub hostname: String,
     pub argv: Vec<String>,
     pub env: Vec<(String, String)>,
     /// Its stdout and stderr, appended.
@@ -97,7 +99,9 @@ impl Launch {
             .open(&self.log)
             .with_context(|| format!("opening {}", self.log.display()))?;
         // `ip netns exec` execs the program: the child's pid is the program's.
-        std::process::Command::new("ip")
+        let mut command = std::process::Command::new("ip");
+        super::pods::with_hostname(&mut command, &self.hostname);
+        command
             .args(["netns", "exec", &self.netns])
             .args(&self.argv)
             .envs(self.env.iter().map(|(k, v)| (k, v)))
