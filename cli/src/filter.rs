@@ -90,16 +90,35 @@ fn build(dir: &Path) -> anyhow::Result<PathBuf> {
 }
 
 /// `build`, then `cargo test` in the crate, its tests pointed at this binary's host and at the
-/// module just built.
+/// module just built. The tests compile while the module builds: the module's LTO runs on one
+/// core, so the two builds share the machine instead of waiting on each other.
 fn test(dir: &Path, cargo_args: &[String]) -> anyhow::Result<()> {
-    let module = build(dir)?;
+    check_crate(dir)?;
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let dir = dir.canonicalize()?;
+    // Quiet: if the tests do not compile, the `cargo test` below says why.
+    let mut tests = Command::new(&cargo)
+        .current_dir(&dir)
+        .args(["test", "--no-run", "--quiet"])
+        .args(cargo_args.iter().take_while(|a| *a != "--"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .context("running cargo test")?;
+    let module = build(&dir);
+    if module.is_err() {
+        let _ = tests.kill();
+    }
+    let _ = tests.wait();
+    let module = module?;
     let status = Command::new(cargo)
         .current_dir(&dir)
         .arg("test")
         .args(cargo_args)
-        .env("AMBIT_BIN", std::env::current_exe().context("finding this ambit binary")?)
+        .env(
+            "AMBIT_BIN",
+            std::env::current_exe().context("finding this ambit binary")?,
+        )
         .envs(ambit_filter_test::module::built_env(&dir, &module))
         .status()
         .context("running cargo test")?;

@@ -46,7 +46,10 @@ fn author(dir: &Path, cache: &Path, args: &[&str]) -> Command {
     command
         .current_dir(dir)
         .env("XDG_CACHE_HOME", cache)
-        .env("CARGO_TARGET_DIR", workspace().join("target").join("filter-cli"))
+        .env(
+            "CARGO_TARGET_DIR",
+            workspace().join("target").join("filter-cli"),
+        )
         .env("CARGO_INCREMENTAL", "0")
         .env_remove("AMBIT_BIN")
         .env_remove("RUSTFLAGS");
@@ -58,21 +61,37 @@ fn new_build_test_run_outside_a_checkout() {
     let home = outside("new");
     let cache = home.join("cache");
     let out = check(
-        author(&home, &cache, &["filter", "new", "hello-filter"]).output().unwrap(),
+        author(&home, &cache, &["filter", "new", "hello-filter"])
+            .output()
+            .unwrap(),
         "filter new",
     );
     let dir = home.join("hello-filter");
     assert!(out.contains(&dir.display().to_string()), "{out}");
-    for file in ["Cargo.toml", "Cargo.lock", "src/lib.rs", "tests/filter.rs", "README.md"] {
+    for file in [
+        "Cargo.toml",
+        "Cargo.lock",
+        "src/lib.rs",
+        "tests/filter.rs",
+        "README.md",
+    ] {
         assert!(dir.join(file).is_file(), "{file} missing");
     }
     // The SDK came out of the binary, into the cache, by path: no URL, no checkout.
     let manifest = std::fs::read_to_string(dir.join("Cargo.toml")).unwrap();
     assert!(!manifest.contains("git ="), "{manifest}");
-    assert!(!manifest.contains(&workspace().display().to_string()), "{manifest}");
-    assert!(manifest.contains(&cache.join("ambit/sdk").display().to_string()), "{manifest}");
+    assert!(
+        !manifest.contains(&workspace().display().to_string()),
+        "{manifest}"
+    );
+    assert!(
+        manifest.contains(&cache.join("ambit/sdk").display().to_string()),
+        "{manifest}"
+    );
     // A second `new` into the same place is refused.
-    let again = author(&home, &cache, &["filter", "new", "hello-filter"]).output().unwrap();
+    let again = author(&home, &cache, &["filter", "new", "hello-filter"])
+        .output()
+        .unwrap();
     assert!(!again.status.success());
 
     let out = check(
@@ -80,7 +99,10 @@ fn new_build_test_run_outside_a_checkout() {
         "filter build",
     );
     assert!(out.contains("hello_filter.wasm"), "{out}");
-    let sha = out.lines().find_map(|l| l.strip_prefix("sha256 ")).expect("a sha256 line");
+    let sha = out
+        .lines()
+        .find_map(|l| l.strip_prefix("sha256 "))
+        .expect("a sha256 line");
     assert_eq!(sha.len(), 64, "{out}");
     assert!(out.contains("size   "), "{out}");
 
@@ -93,9 +115,20 @@ fn new_build_test_run_outside_a_checkout() {
 
     let wasm = out.lines().next().unwrap().to_owned();
     let out = check(
-        author(&dir, &cache, &["filter", "run", &wasm, "--config", r#"{"header": "x-hello", "value": "world"}"#, "/"])
-            .output()
-            .unwrap(),
+        author(
+            &dir,
+            &cache,
+            &[
+                "filter",
+                "run",
+                &wasm,
+                "--config",
+                r#"{"header": "x-hello", "value": "world"}"#,
+                "/",
+            ],
+        )
+        .output()
+        .unwrap(),
         "filter run",
     );
     assert!(out.contains("> x-hello: world"), "{out}");
@@ -135,14 +168,21 @@ fn every_template_passes_its_tests() {
     for template in ["body", "response", "local-reply", "callout"] {
         let name = format!("t-{template}");
         check(
-            author(&home, &cache, &["filter", "new", &name, "--template", template])
-                .output()
-                .unwrap(),
+            author(
+                &home,
+                &cache,
+                &["filter", "new", &name, "--template", template],
+            )
+            .output()
+            .unwrap(),
             "filter new --template",
         );
         let dir = home.join(&name);
         let readme = std::fs::read_to_string(dir.join("README.md")).unwrap();
-        assert!(readme.contains(&format!("--template {template}")), "{readme}");
+        assert!(
+            readme.contains(&format!("--template {template}")),
+            "{readme}"
+        );
         let out = check(
             author(&dir, &cache, &["filter", "test"]).output().unwrap(),
             &format!("filter test ({template})"),
@@ -163,13 +203,20 @@ fn vendored_sdk_and_misleading_errors() {
     let home = outside("vendor");
     let cache = home.join("cache");
     check(
-        author(&home, &cache, &["filter", "new", "v-filter", "--vendor"]).output().unwrap(),
+        author(&home, &cache, &["filter", "new", "v-filter", "--vendor"])
+            .output()
+            .unwrap(),
         "filter new --vendor",
     );
     let dir = home.join("v-filter");
     let manifest = std::fs::read_to_string(dir.join("Cargo.toml")).unwrap();
-    assert!(manifest.contains(r#"path = "vendor/ambit-sdk""#), "{manifest}");
-    assert!(dir.join("vendor/ambit-filter-test/src/protocol.rs").is_file());
+    assert!(
+        manifest.contains(r#"path = "vendor/ambit-sdk""#),
+        "{manifest}"
+    );
+    assert!(dir
+        .join("vendor/ambit-filter-test/src/protocol.rs")
+        .is_file());
     assert!(!cache.exists(), "--vendor must not touch the cache");
 
     // A compile error is reported as such, not as a missing wasm32-wasip1 target.
@@ -185,7 +232,11 @@ fn vendored_sdk_and_misleading_errors() {
 
     // Not a Wasm file: one line saying so.
     let bogus = dir.join("Cargo.toml");
-    let failed = author(&dir, &cache, &["filter", "run"]).arg(&bogus).arg("/").output().unwrap();
+    let failed = author(&dir, &cache, &["filter", "run"])
+        .arg(&bogus)
+        .arg("/")
+        .output()
+        .unwrap();
     assert!(!failed.status.success());
     let stderr = String::from_utf8_lossy(&failed.stderr);
     assert!(stderr.contains("is not a Wasm module"), "{stderr}");

@@ -383,8 +383,7 @@ impl ClusterState {
                 )
             }))
             .chain(
-                plugins
-                    .map(|p| ObjectRef::new(p.kind(), &p.metadata.namespace, &p.metadata.name)),
+                plugins.map(|p| ObjectRef::new(p.kind(), &p.metadata.namespace, &p.metadata.name)),
             )
             .collect()
     }

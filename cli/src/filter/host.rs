@@ -54,7 +54,8 @@ pub fn runtime() -> Result<&'static Runtime, HostError> {
 }
 
 /// Where a filter's HTTP calls go: answered by whoever embeds the filter.
-pub type Answerer = Arc<dyn Fn(HttpCallRequest) -> BoxFuture<Option<HttpCallResponse>> + Send + Sync>;
+pub type Answerer =
+    Arc<dyn Fn(HttpCallRequest) -> BoxFuture<Option<HttpCallResponse>> + Send + Sync>;
 
 /// A loaded filter, with what it logged and the calls it made since it was loaded.
 pub struct Loaded {
@@ -400,4 +401,3 @@ impl Exchange {
         };
     }
 }
-

@@ -168,7 +168,10 @@ pub fn run(args: NewArgs) -> anyhow::Result<()> {
             )
         }
     };
-    write(&dir.join("Cargo.toml"), &cargo_toml(&name, &sdk_path, &test_path))?;
+    write(
+        &dir.join("Cargo.toml"),
+        &cargo_toml(&name, &sdk_path, &test_path),
+    )?;
     write(&dir.join("src/lib.rs"), &fill(lib_rs))?;
     write(&dir.join("tests/filter.rs"), &fill(test_rs))?;
     write(

@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use ambit_filter_test::protocol::{LoadSpec, RunSpec};
 use ambit_filter_test::{FailStrategy, Headers, Response};
+use ambit_wasm_host::http_call::BoxFuture;
 use anyhow::bail;
 use clap::Args;
 
@@ -85,7 +86,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         .build()?;
     let outcome = tokio.block_on(async move {
         // No upstreams here: every HTTP call the filter makes fails.
-        let answer: host::Answerer = Arc::new(|_| Box::pin(async { None }));
+        let answer: host::Answerer = Arc::new(|_| -> BoxFuture<_> { Box::pin(async { None }) });
         let filter = match Loaded::load(&spec, "ambit-filter-run".into(), answer) {
             Ok(filter) => Arc::new(filter),
             Err(e) => bail!("loading {}: {e}", spec.module.display()),

@@ -25,31 +25,82 @@ pub const CRATES: [(&str, &[(&str, &str)]); 2] = [
         "ambit-sdk",
         &[
             ("Cargo.toml", include_str!("../../../sdk/Cargo.toml")),
-            ("src/callbacks.rs", include_str!("../../../sdk/src/callbacks.rs")),
-            ("src/callout.rs", include_str!("../../../sdk/src/callout.rs")),
+            (
+                "src/callbacks.rs",
+                include_str!("../../../sdk/src/callbacks.rs"),
+            ),
+            (
+                "src/callout.rs",
+                include_str!("../../../sdk/src/callout.rs"),
+            ),
             ("src/config.rs", include_str!("../../../sdk/src/config.rs")),
-            ("src/headers.rs", include_str!("../../../sdk/src/headers.rs")),
+            (
+                "src/headers.rs",
+                include_str!("../../../sdk/src/headers.rs"),
+            ),
             ("src/lib.rs", include_str!("../../../sdk/src/lib.rs")),
-            ("src/metrics.rs", include_str!("../../../sdk/src/metrics.rs")),
-            ("src/properties.rs", include_str!("../../../sdk/src/properties.rs")),
-            ("src/response.rs", include_str!("../../../sdk/src/response.rs")),
+            (
+                "src/metrics.rs",
+                include_str!("../../../sdk/src/metrics.rs"),
+            ),
+            (
+                "src/properties.rs",
+                include_str!("../../../sdk/src/properties.rs"),
+            ),
+            (
+                "src/response.rs",
+                include_str!("../../../sdk/src/response.rs"),
+            ),
             ("src/shared.rs", include_str!("../../../sdk/src/shared.rs")),
         ],
     ),
     (
         "ambit-filter-test",
         &[
-            ("Cargo.toml", include_str!("../../../sdk/testkit/Cargo.toml")),
-            ("src/calls.rs", include_str!("../../../sdk/testkit/src/calls.rs")),
-            ("src/client.rs", include_str!("../../../sdk/testkit/src/client.rs")),
-            ("src/filter.rs", include_str!("../../../sdk/testkit/src/filter.rs")),
-            ("src/headers.rs", include_str!("../../../sdk/testkit/src/headers.rs")),
-            ("src/lib.rs", include_str!("../../../sdk/testkit/src/lib.rs")),
-            ("src/metrics.rs", include_str!("../../../sdk/testkit/src/metrics.rs")),
-            ("src/module.rs", include_str!("../../../sdk/testkit/src/module.rs")),
-            ("src/outcome.rs", include_str!("../../../sdk/testkit/src/outcome.rs")),
-            ("src/protocol.rs", include_str!("../../../sdk/testkit/src/protocol.rs")),
-            ("src/request.rs", include_str!("../../../sdk/testkit/src/request.rs")),
+            (
+                "Cargo.toml",
+                include_str!("../../../sdk/testkit/Cargo.toml"),
+            ),
+            (
+                "src/calls.rs",
+                include_str!("../../../sdk/testkit/src/calls.rs"),
+            ),
+            (
+                "src/client.rs",
+                include_str!("../../../sdk/testkit/src/client.rs"),
+            ),
+            (
+                "src/filter.rs",
+                include_str!("../../../sdk/testkit/src/filter.rs"),
+            ),
+            (
+                "src/headers.rs",
+                include_str!("../../../sdk/testkit/src/headers.rs"),
+            ),
+            (
+                "src/lib.rs",
+                include_str!("../../../sdk/testkit/src/lib.rs"),
+            ),
+            (
+                "src/metrics.rs",
+                include_str!("../../../sdk/testkit/src/metrics.rs"),
+            ),
+            (
+                "src/module.rs",
+                include_str!("../../../sdk/testkit/src/module.rs"),
+            ),
+            (
+                "src/outcome.rs",
+                include_str!("../../../sdk/testkit/src/outcome.rs"),
+            ),
+            (
+                "src/protocol.rs",
+                include_str!("../../../sdk/testkit/src/protocol.rs"),
+            ),
+            (
+                "src/request.rs",
+                include_str!("../../../sdk/testkit/src/request.rs"),
+            ),
         ],
     ),
 ];
@@ -124,8 +175,7 @@ pub fn unpack(dir: &Path) -> Result<(), SdkError> {
                 dir: dir.to_owned(),
                 source,
             };
-            std::fs::create_dir_all(file.parent().expect("files are in a crate"))
-                .map_err(error)?;
+            std::fs::create_dir_all(file.parent().expect("files are in a crate")).map_err(error)?;
             std::fs::write(&file, text).map_err(error)?;
         }
     }
@@ -157,7 +207,10 @@ mod tests {
     fn the_crates_are_standalone_and_versioned_like_ambit() {
         for (name, files) in CRATES {
             let manifest = files[0].1;
-            assert!(!manifest.contains(".workspace"), "{name} inherits from the workspace");
+            assert!(
+                !manifest.contains(".workspace"),
+                "{name} inherits from the workspace"
+            );
             assert!(
                 manifest.contains(&format!("version = \"{}\"", env!("CARGO_PKG_VERSION"))),
                 "{name}'s version differs from ambit's"

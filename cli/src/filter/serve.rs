@@ -11,6 +11,7 @@ use ambit_filter_test::protocol::{
     Answer, ClientMessage, Done, FilterState, LoadSpec, RunSpec, ServerMessage, PROTOCOL,
 };
 use ambit_filter_test::Response;
+use ambit_wasm_host::http_call::BoxFuture;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::sync::{mpsc, oneshot};
 
@@ -69,8 +70,8 @@ async fn serve() {
             Err(e) => eprintln!("ambit filter serve: ignoring a line that is not a request ({e})"),
         }
     }
-    drop(server);
-    let _ = writer.await;
+    // The test process is gone: whatever is still running has no one to answer to.
+    writer.abort();
 }
 
 impl Server {
@@ -147,7 +148,7 @@ impl Server {
     fn load(self: &Arc<Self>, spec: &LoadSpec) -> Result<u64, String> {
         let filter = self.next.fetch_add(1, Ordering::Relaxed);
         let server = Arc::downgrade(self);
-        let answer: host::Answerer = Arc::new(move |request| {
+        let answer: host::Answerer = Arc::new(move |request| -> BoxFuture<_> {
             let server = server.clone();
             Box::pin(async move {
                 let server = server.upgrade()?;
@@ -180,16 +181,16 @@ impl Server {
             .collect::<Result<Vec<_>, _>>()?;
         let outcome = host::run(&filters, request, |sent| async move {
             match self
-                    .ask(|question| ServerMessage::Upstream {
-                        id: question,
-                        run: id,
-                        request: sent,
-                    })
-                    .await
-                {
-                    Some(Answer::Upstream(response)) => response,
-                    _ => Response::new(502).body("the test process gave no upstream response"),
-                }
+                .ask(|question| ServerMessage::Upstream {
+                    id: question,
+                    run: id,
+                    request: sent,
+                })
+                .await
+            {
+                Some(Answer::Upstream(response)) => response,
+                _ => Response::new(502).body("the test process gave no upstream response"),
+            }
         })
         .await;
         Ok(Done::Ran(Box::new(outcome)))

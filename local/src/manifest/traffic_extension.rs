@@ -42,7 +42,8 @@ pub(super) fn traffic_extension_spec(node: &Node<'_>) -> Result<WasmPluginSpec> 
 mod tests {
     use crate::manifest::{parse, Kind, Object, WasmApi, WasmPhase};
 
-    const TARGET: &str = "targetRefs: [{kind: Gateway, group: gateway.networking.k8s.io, name: waypoint}]";
+    const TARGET: &str =
+        "targetRefs: [{kind: Gateway, group: gateway.networking.k8s.io, name: waypoint}]";
 
     fn wasm(text: &str) -> crate::manifest::WasmPlugin {
         match parse(text).unwrap_or_else(|e| panic!("{e}")).remove(0) {

@@ -209,10 +209,9 @@ impl Client {
             if !delay.is_zero() {
                 std::thread::sleep(delay);
             }
-            let response = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                answer(&request)
-            }))
-            .unwrap_or(None);
+            let response =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| answer(&request)))
+                    .unwrap_or(None);
             let _ = self.send(&ClientMessage::Reply {
                 id,
                 answer: Reply::Call(response),

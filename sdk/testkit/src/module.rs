@@ -52,7 +52,15 @@ pub fn workspace_package(package: &str) -> Result<PathBuf, HarnessError> {
     let mut command = cargo();
     command
         .current_dir(&dir)
-        .args(["build", "--profile", "wasm", "--target", WASM_TARGET, "-p", package])
+        .args([
+            "build",
+            "--profile",
+            "wasm",
+            "--target",
+            WASM_TARGET,
+            "-p",
+            package,
+        ])
         .env("CARGO_TARGET_DIR", &target)
         .env_remove("RUSTFLAGS")
         .env_remove("CARGO_ENCODED_RUSTFLAGS");

@@ -168,7 +168,11 @@ impl Outcome {
     #[track_caller]
     pub fn assert_passed(&self) -> &Self {
         if !self.passed() {
-            self.fail("the request did not reach the upstream whole", "passed", "stopped");
+            self.fail(
+                "the request did not reach the upstream whole",
+                "passed",
+                "stopped",
+            );
         }
         self
     }
@@ -256,7 +260,6 @@ impl std::fmt::Display for Outcome {
         Ok(())
     }
 }
-
 
 impl std::fmt::Display for Exchange<'_> {
     /// curl-like: `>` lines for what the upstream received, `<` lines for what the client got.

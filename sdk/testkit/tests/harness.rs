@@ -121,7 +121,11 @@ fn a_failed_assertion_shows_the_request_the_logs_and_what_differed() {
         .config(r#"{"request": {"set": {"x-env": "prod"}}}"#)
         .load()
         .unwrap();
-    let outcome = filter.request().path("/orders").header("x-user", "alice").run();
+    let outcome = filter
+        .request()
+        .path("/orders")
+        .header("x-user", "alice")
+        .run();
     let message = std::panic::catch_unwind(|| {
         outcome.assert_upstream_header("x-env", Some("dev"));
     })
@@ -134,7 +138,10 @@ fn a_failed_assertion_shows_the_request_the_logs_and_what_differed() {
     assert!(message.contains("} :path: /orders"), "{message}");
     assert!(message.contains("} x-user: alice"), "{message}");
     assert!(message.contains("> x-env: prod"), "{message}");
-    assert!(message.contains("* filter log") || message.contains("logged nothing"), "{message}");
+    assert!(
+        message.contains("* filter log") || message.contains("logged nothing"),
+        "{message}"
+    );
 }
 
 #[test]
