@@ -4,6 +4,7 @@
 //! answers to the filters' HTTP calls. Exits when stdin closes (the test process ended).
 
 use std::collections::HashMap;
+use std::io::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -12,7 +13,6 @@ use ambit_filter_test::protocol::{
 };
 use ambit_filter_test::Response;
 use ambit_wasm_host::http_call::BoxFuture;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::sync::{mpsc, oneshot};
 
 use super::host::{self, Loaded};
@@ -42,12 +42,22 @@ pub fn run() -> anyhow::Result<()> {
 
 async fn serve() {
     let (out, mut outgoing) = mpsc::unbounded_channel::<ServerMessage>();
-    let writer = tokio::spawn(async move {
-        let mut stdout = tokio::io::stdout();
-        while let Some(message) = outgoing.recv().await {
+    // Plain threads for stdio (the workspace's Tokio has no `io-std`); one writer, so lines
+    // never interleave.
+    std::thread::spawn(move || {
+        let mut stdout = std::io::stdout().lock();
+        while let Some(message) = outgoing.blocking_recv() {
             let mut line = serde_json::to_vec(&message).expect("protocol messages serialize");
             line.push(b'\n');
-            if stdout.write_all(&line).await.is_err() || stdout.flush().await.is_err() {
+            if stdout.write_all(&line).and_then(|()| stdout.flush()).is_err() {
+                break;
+            }
+        }
+    });
+    let (lines_tx, mut lines) = mpsc::unbounded_channel::<String>();
+    std::thread::spawn(move || {
+        for line in std::io::stdin().lines().map_while(Result::ok) {
+            if lines_tx.send(line).is_err() {
                 break;
             }
         }
@@ -62,16 +72,14 @@ async fn serve() {
         version: env!("CARGO_PKG_VERSION").to_owned(),
         protocol: PROTOCOL,
     });
-    let mut lines = BufReader::new(tokio::io::stdin()).lines();
-    while let Ok(Some(line)) = lines.next_line().await {
+    while let Some(line) = lines.recv().await {
         match serde_json::from_str::<ClientMessage>(&line) {
             Ok(message) => server.clone().handle(message),
             // Without an id there is no one to answer: say it where a person will look.
             Err(e) => eprintln!("ambit filter serve: ignoring a line that is not a request ({e})"),
         }
     }
-    // The test process is gone: whatever is still running has no one to answer to.
-    writer.abort();
+    // stdin closed: the test process is gone, and whatever still runs has no one to answer to.
 }
 
 impl Server {
