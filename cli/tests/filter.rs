@@ -52,7 +52,10 @@ fn author(dir: &Path, cache: &Path, args: &[&str]) -> Command {
         )
         .env("CARGO_INCREMENTAL", "0")
         .env_remove("AMBIT_BIN")
-        .env_remove("RUSTFLAGS");
+        .env_remove("RUSTFLAGS")
+        // What an author sees: no backtraces under errors.
+        .env_remove("RUST_BACKTRACE")
+        .env_remove("RUST_LIB_BACKTRACE");
     command
 }
 
