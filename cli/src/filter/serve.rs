@@ -49,7 +49,11 @@ async fn serve() {
         while let Some(message) = outgoing.blocking_recv() {
             let mut line = serde_json::to_vec(&message).expect("protocol messages serialize");
             line.push(b'\n');
-            if stdout.write_all(&line).and_then(|()| stdout.flush()).is_err() {
+            if stdout
+                .write_all(&line)
+                .and_then(|()| stdout.flush())
+                .is_err()
+            {
                 break;
             }
         }
