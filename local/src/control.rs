@@ -281,7 +281,16 @@ impl ClusterState {
         http_routes, http_route: HttpRoute => HttpRoute;
         /// GRPCRoutes, translated to HTTPRoute rules.
         grpc_routes, grpc_route: GrpcRoute => HttpRoute;
-        wasm_plugins, wasm_plugin: WasmPlugin => WasmPlugin;
+    }
+
+    /// WasmPlugins, and TrafficExtensions (their Wasm form, the same object).
+    pub fn wasm_plugins(&self) -> impl Iterator<Item = &WasmPlugin> + '_ {
+        self.of_kind(Kind::WasmPlugin)
+            .chain(self.of_kind(Kind::TrafficExtension))
+            .filter_map(|o| match o {
+                Object::WasmPlugin(x) => Some(x),
+                _ => None,
+            })
     }
 
     /// The namespace `name`.
@@ -374,9 +383,7 @@ impl ClusterState {
                 )
             }))
             .chain(
-                plugins.map(|p| {
-                    ObjectRef::new(Kind::WasmPlugin, &p.metadata.namespace, &p.metadata.name)
-                }),
+                plugins.map(|p| ObjectRef::new(p.kind(), &p.metadata.namespace, &p.metadata.name)),
             )
             .collect()
     }

@@ -4,7 +4,8 @@
 //! Supported kinds: `v1` Namespace, ServiceAccount, Pod, Service (and `v1` List of them),
 //! `apps/v1` Deployment, `security.istio.io/v1|v1beta1` AuthorizationPolicy and
 //! PeerAuthentication, `gateway.networking.k8s.io/v1|v1beta1` Gateway and HTTPRoute,
-//! `gateway.networking.k8s.io/v1` GRPCRoute, `extensions.istio.io/v1alpha1` WasmPlugin.
+//! `gateway.networking.k8s.io/v1` GRPCRoute, `extensions.istio.io/v1alpha1` WasmPlugin and
+//! TrafficExtension (its Wasm form).
 //! Anything else is refused, naming the document.
 //!
 //! Strictness follows what a real cluster does with `kubectl apply` (strict field validation):
@@ -19,6 +20,7 @@ mod gateway;
 mod istio;
 mod kube;
 mod names;
+mod traffic_extension;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -38,8 +40,8 @@ pub use gateway::{
 pub use istio::{
     AuthorizationAction, AuthorizationPolicy, AuthorizationPolicySpec, AuthorizationRule,
     Condition, FailStrategy, MtlsMode, Operation, PeerAuthentication, PeerAuthenticationSpec,
-    PolicyTargetRef, Source, WasmEnvVar, WasmPhase, WasmPlugin, WasmPluginSpec, WasmPluginType,
-    WasmTrafficSelector,
+    PolicyTargetRef, Source, WasmApi, WasmEnvVar, WasmPhase, WasmPlugin, WasmPluginSpec,
+    WasmPluginType, WasmTrafficSelector,
 };
 pub use kube::{
     selector_matches, ClusterIp, Container, ContainerPort, Deployment, DeploymentSpec, EnvValue,
@@ -64,10 +66,11 @@ pub enum Kind {
     HttpRoute,
     GrpcRoute,
     WasmPlugin,
+    TrafficExtension,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 11] = [
+    pub const ALL: [Kind; 12] = [
         Kind::Namespace,
         Kind::ServiceAccount,
         Kind::Service,
@@ -79,6 +82,7 @@ impl Kind {
         Kind::HttpRoute,
         Kind::GrpcRoute,
         Kind::WasmPlugin,
+        Kind::TrafficExtension,
     ];
 
     /// The `kind:` spelling.
@@ -95,6 +99,7 @@ impl Kind {
             Kind::HttpRoute => "HTTPRoute",
             Kind::GrpcRoute => "GRPCRoute",
             Kind::WasmPlugin => "WasmPlugin",
+            Kind::TrafficExtension => "TrafficExtension",
         }
     }
 
@@ -111,7 +116,7 @@ impl Kind {
                 "gateway.networking.k8s.io/v1beta1",
             ],
             Kind::GrpcRoute => &["gateway.networking.k8s.io/v1"],
-            Kind::WasmPlugin => &["extensions.istio.io/v1alpha1"],
+            Kind::WasmPlugin | Kind::TrafficExtension => &["extensions.istio.io/v1alpha1"],
         }
     }
 
@@ -134,6 +139,7 @@ impl Kind {
             Kind::HttpRoute => "httproute.gateway.networking.k8s.io",
             Kind::GrpcRoute => "grpcroute.gateway.networking.k8s.io",
             Kind::WasmPlugin => "wasmplugin.extensions.istio.io",
+            Kind::TrafficExtension => "trafficextension.extensions.istio.io",
         }
     }
 
@@ -174,6 +180,7 @@ impl FromStr for Kind {
             "httproute" | "httproutes" => Kind::HttpRoute,
             "grpcroute" | "grpcroutes" => Kind::GrpcRoute,
             "wasmplugin" | "wasmplugins" => Kind::WasmPlugin,
+            "trafficextension" | "trafficextensions" => Kind::TrafficExtension,
             _ => {
                 let known: Vec<&str> = Kind::ALL.iter().map(|k| k.as_str()).collect();
                 return Err(format!(
@@ -249,6 +256,7 @@ pub enum Object {
     /// A GRPCRoute, translated as istiod translates it: method matches become path matches
     /// (`/<service>/<method>`), the rest is what an HTTPRoute rule holds.
     GrpcRoute(HttpRoute),
+    /// A WasmPlugin, or a TrafficExtension's Wasm form ([`WasmPlugin::api`] says which).
     WasmPlugin(WasmPlugin),
 }
 
@@ -265,7 +273,7 @@ impl Object {
             Object::Gateway(_) => Kind::Gateway,
             Object::HttpRoute(_) => Kind::HttpRoute,
             Object::GrpcRoute(_) => Kind::GrpcRoute,
-            Object::WasmPlugin(_) => Kind::WasmPlugin,
+            Object::WasmPlugin(o) => o.kind(),
         }
     }
 
@@ -550,6 +558,12 @@ fn decode_object(object: &ObjectRef, value: &Value) -> Result<Object, FieldError
         Kind::WasmPlugin => Object::WasmPlugin(WasmPlugin {
             metadata,
             spec: istio::wasm_plugin_spec(&required_spec()?)?,
+            api: WasmApi::WasmPlugin,
+        }),
+        Kind::TrafficExtension => Object::WasmPlugin(WasmPlugin {
+            metadata,
+            spec: traffic_extension::traffic_extension_spec(&required_spec()?)?,
+            api: WasmApi::TrafficExtension,
         }),
         Kind::Gateway => Object::Gateway(Gateway {
             metadata,

@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use ambit_wasm_host::testing::build_filter;
 use ambit_wasm_host::{
-    Pairs, Plugin, PluginConfig, PluginHooks, Runtime, RuntimeConfig, Step, StreamInfo,
+    BodyStep, Pairs, Plugin, PluginConfig, PluginHooks, Runtime, RuntimeConfig, Step, StreamInfo,
 };
 
 fn pairs(items: &[(&str, &str)]) -> Pairs {
@@ -76,4 +76,30 @@ fn a_configuration_the_filter_refuses_fails_the_load() {
             .contains("proxy_on_configure returned false"),
         "{error}"
     );
+}
+
+/// A local response sent from a body callback that returns `Pause` before the end of the stream
+/// is acted on at once: the client gets the 413 without the rest of the upload being buffered.
+#[tokio::test]
+async fn a_local_response_from_a_paused_body_callback_is_acted_on_at_once() {
+    let runtime = Runtime::new(RuntimeConfig::default()).unwrap();
+    let plugin = load(
+        &runtime,
+        "ambit-filter-body-transform",
+        r#"{"request": {"redact": ["password"]}, "max_body_bytes": 64}"#,
+    );
+    let mut stream = plugin.http_stream(Arc::new(StreamInfo::default()));
+    let mut headers = pairs(&[
+        (":method", "POST"),
+        (":path", "/"),
+        (":authority", "example.com"),
+        ("content-type", "application/json"),
+    ]);
+    stream.request_headers(&mut headers, false).await;
+    // 100 bytes > 64: the filter sends 413 and returns Pause, end_of_stream = false.
+    let step = stream.request_body(vec![b' '; 100].into(), false).await;
+    match step {
+        BodyStep::Respond(response) => assert_eq!(response.status, 413),
+        other => panic!("expected the filter's 413 at once, got {other:?}"),
+    }
 }

@@ -258,3 +258,27 @@ async fn rate_limit_filter_limits_each_client_identity_across_the_waypoints_vms(
     let (status, _, _) = mesh.request_as("other", "GET", "/", &[]).await;
     assert_eq!(status, StatusCode::OK);
 }
+
+/// A TrafficExtension (Istio 1.30) in its Wasm form runs as the same WasmPlugin would.
+#[tokio::test]
+async fn a_traffic_extension_runs_its_wasm_like_a_wasm_plugin() {
+    let config = format!(
+        r#"apiVersion: extensions.istio.io/v1alpha1
+kind: TrafficExtension
+metadata: {{name: headers, namespace: default}}
+spec:
+  targetRefs: [{{kind: Gateway, group: gateway.networking.k8s.io, name: waypoint}}]
+  phase: EXECUTION_PHASE_STATS
+  wasm:
+    url: file://{}
+    sha256: {}
+    pluginConfig: {{"request": {{"set": {{"x-test": "from-extension"}}}}}}
+"#,
+        build_filter("ambit-filter-headers").display(),
+        sha256("ambit-filter-headers")
+    );
+    let mesh = L7Mesh::start(231, &config, ProxySettings::default()).await;
+    let (status, response, _) = mesh.get("/", &[("x-test", "from-client")]).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(response["x-seen-test"], "from-extension");
+}

@@ -3,10 +3,15 @@
 //! calls the filter makes fail, as they would with no such upstream.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
-use ambit_filter_test::{FailStrategy, Filter};
-use anyhow::{bail, Context as _};
+use ambit_filter_test::protocol::{LoadSpec, RunSpec};
+use ambit_filter_test::{FailStrategy, Headers, Response};
+use ambit_wasm_host::http_call::BoxFuture;
+use anyhow::bail;
 use clap::Args;
+
+use super::host::{self, Loaded};
 
 #[derive(Args)]
 pub struct RunArgs {
@@ -34,37 +39,73 @@ pub struct RunArgs {
 
 pub fn run(args: RunArgs) -> anyhow::Result<()> {
     if !args.config.trim().is_empty() {
-        serde_json::from_str::<serde_json::Value>(&args.config)
-            .context("--config is not valid JSON")?;
+        if let Err(e) = serde_json::from_str::<serde_json::Value>(&args.config) {
+            bail!("--config is not valid JSON: {e}");
+        }
     }
-    let filter = Filter::wasm(&args.wasm)
-        .config(args.config)
-        .fail_strategy(if args.fail_open {
-            FailStrategy::FailOpen
-        } else {
-            FailStrategy::FailClose
-        })
-        .load()
-        .with_context(|| format!("loading {}", args.wasm.display()))?;
     let (authority, path) = split_url(&args.path)?;
-    let mut request = filter.request().method(&args.method).path(&path);
-    if let Some(authority) = authority {
-        request = request.authority(&authority);
-    }
+    let mut headers = Headers::new();
+    headers.add(":method", args.method.as_str());
+    headers.add(":path", path.as_str());
+    headers.add(":authority", authority.as_deref().unwrap_or("example.com"));
+    headers.add(":scheme", "http");
     for header in &args.headers {
         let Some((name, value)) = header.split_once(':') else {
             bail!("-H {header:?}: expected 'name: value'");
         };
-        request = request.header(name.trim(), value.trim());
+        match name.trim() {
+            name if name.eq_ignore_ascii_case("host") => headers.set(":authority", value.trim()),
+            name => headers.add(name, value.trim()),
+        }
     }
-    if let Some(body) = args.body {
-        request = request.body(body);
-    }
-    let outcome = request.echo().run();
+    let name = args
+        .wasm
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "filter".into());
+    let spec = LoadSpec {
+        module: args.wasm.clone(),
+        root_id: name.clone(),
+        name,
+        configuration: args.config.into_bytes(),
+        fail_strategy: if args.fail_open {
+            FailStrategy::FailOpen
+        } else {
+            FailStrategy::FailClose
+        },
+        ..LoadSpec::default()
+    };
+    let request = RunSpec {
+        headers,
+        body: args.body.map(String::into_bytes).into_iter().collect(),
+        ..RunSpec::default()
+    };
+    let tokio = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let outcome = tokio.block_on(async move {
+        // No upstreams here: every HTTP call the filter makes fails.
+        let answer: host::Answerer = Arc::new(|_| -> BoxFuture<_> { Box::pin(async { None }) });
+        let filter = match Loaded::load(&spec, "ambit-filter-run".into(), answer) {
+            Ok(filter) => Arc::new(filter),
+            Err(e) => bail!("loading {}: {e}", spec.module.display()),
+        };
+        for log in filter.logs() {
+            eprintln!("* filter log [{:?}] {}", log.level, log.message);
+        }
+        let outcome = host::run(std::slice::from_ref(&filter), request, |sent| async move {
+            Response::echo(&sent)
+        })
+        .await;
+        anyhow::Ok(outcome)
+    })?;
     for log in &outcome.logs {
         eprintln!("* filter log [{:?}] {}", log.level, log.message);
     }
-    print!("{outcome}");
+    print!("{}", outcome.exchange());
+    // The plugin's background tasks would keep the runtime's drop waiting.
+    tokio.shutdown_background();
     Ok(())
 }
 

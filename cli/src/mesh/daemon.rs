@@ -1114,6 +1114,7 @@ fn l7_documents(text: &str) -> anyhow::Result<Vec<(ObjectRef, serde_yaml::Value)
             Some("GRPCRoute") => Kind::GrpcRoute,
             Some("AuthorizationPolicy") => Kind::AuthorizationPolicy,
             Some("WasmPlugin") => Kind::WasmPlugin,
+            Some("TrafficExtension") => Kind::TrafficExtension,
             _ => return,
         };
         let mut value = value;

@@ -233,7 +233,7 @@ impl ClusterState {
             .wasm_plugins()
             .filter(|p| p.spec.fail_strategy != FailStrategy::FailOpen)
             .filter(|p| targets(&p.metadata.namespace, &p.spec.target_refs, false))
-            .map(|p| ObjectRef::new(Kind::WasmPlugin, &p.metadata.namespace, &p.metadata.name));
+            .map(|p| ObjectRef::new(p.kind(), &p.metadata.namespace, &p.metadata.name));
         policies.chain(plugins).collect()
     }
 

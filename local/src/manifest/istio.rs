@@ -147,11 +147,32 @@ pub enum MtlsMode {
     Strict,
 }
 
-/// A `WasmPlugin`: a proxy-wasm module for waypoints (and gateways).
+/// A `WasmPlugin`, or the Wasm form of a `TrafficExtension` (Istio 1.30's successor, the same
+/// fields with the module's under `wasm:`): a proxy-wasm module for waypoints (and gateways).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct WasmPlugin {
     pub metadata: Metadata,
     pub spec: WasmPluginSpec,
+    /// Which resource it was written as.
+    pub api: WasmApi,
+}
+
+/// The resource a [`WasmPlugin`] came from.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum WasmApi {
+    #[default]
+    WasmPlugin,
+    TrafficExtension,
+}
+
+impl WasmPlugin {
+    /// `WasmPlugin` or `TrafficExtension`, as written.
+    pub fn kind(&self) -> super::Kind {
+        match self.api {
+            WasmApi::WasmPlugin => super::Kind::WasmPlugin,
+            WasmApi::TrafficExtension => super::Kind::TrafficExtension,
+        }
+    }
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -698,9 +719,75 @@ pub(super) fn peer_authentication_spec(node: Option<Node<'_>>) -> Result<PeerAut
 
 pub(super) fn wasm_plugin_spec(node: &Node<'_>) -> Result<WasmPluginSpec> {
     let f = node.fields()?;
-    let selector = workload_selector(&f)?;
-    let target_refs = target_refs(&f, WASM_TARGETS)?;
-    one_of_selector(&f, &selector, &target_refs)?;
+    let mut spec = wasm_targeting(&f, &[])?;
+    wasm_module(&f, &mut spec)?;
+    f.finish()?;
+    Ok(spec)
+}
+
+/// WasmPlugin's phase names.
+const PHASES: [(&str, WasmPhase); 4] = [
+    ("UNSPECIFIED_PHASE", WasmPhase::Unspecified),
+    ("AUTHN", WasmPhase::Authn),
+    ("AUTHZ", WasmPhase::Authz),
+    ("STATS", WasmPhase::Stats),
+];
+
+/// Where a plugin applies and in which order: `selector`, `targetRefs`, `phase` (its names, plus
+/// `more_phases`), `priority`, `match`. Shared by WasmPlugin and TrafficExtension.
+pub(super) fn wasm_targeting(
+    f: &Fields<'_>,
+    more_phases: &[(&str, WasmPhase)],
+) -> Result<WasmPluginSpec> {
+    let selector = workload_selector(f)?;
+    let target_refs = target_refs(f, WASM_TARGETS)?;
+    one_of_selector(f, &selector, &target_refs)?;
+    let phases: Vec<(&str, WasmPhase)> = PHASES.iter().chain(more_phases).copied().collect();
+    let phase = enum_value(f.get("phase"), &phases, WasmPhase::Unspecified)?;
+    let priority = match f.get("priority") {
+        None => None,
+        Some(n) => {
+            let p = n.i64()?;
+            Some(i32::try_from(p).map_err(|_| n.error(format!("{p} does not fit in 32 bits")))?)
+        }
+    };
+    let matches = f.list_of("match", |n| {
+        let mf = n.fields()?;
+        let mode = match mf.get("mode") {
+            None => "UNDEFINED".to_owned(),
+            Some(m) => {
+                let v = m.str()?;
+                if !matches!(v.as_str(), "UNDEFINED" | "CLIENT" | "SERVER" | "CLIENT_AND_SERVER") {
+                    return Err(m.error(format!(
+                        "unknown value {v:?}; expected one of UNDEFINED, CLIENT, SERVER, CLIENT_AND_SERVER"
+                    )));
+                }
+                v
+            }
+        };
+        let ports = mf.list_of("ports", |p| {
+            let pf = p.fields()?;
+            let number = pf.require("number")?.port()?;
+            pf.finish()?;
+            Ok(number)
+        })?;
+        mf.finish()?;
+        Ok(WasmTrafficSelector { mode, ports })
+    })?;
+    Ok(WasmPluginSpec {
+        selector,
+        target_refs,
+        phase,
+        priority,
+        matches,
+        ..WasmPluginSpec::default()
+    })
+}
+
+/// The module and how it runs: `url`, `sha256`, `imagePullPolicy`, `imagePullSecret`,
+/// `verificationKey`, `pluginConfig`, `pluginName`, `failStrategy`, `vmConfig`, `type`. Shared by
+/// WasmPlugin (in its spec) and TrafficExtension (under `wasm:`).
+pub(super) fn wasm_module(f: &Fields<'_>, spec: &mut WasmPluginSpec) -> Result<()> {
     let url_node = f.require("url")?;
     let url = url_node.non_empty_str()?;
     if let Some((scheme, _)) = url.split_once("://") {
@@ -741,23 +828,6 @@ pub(super) fn wasm_plugin_spec(node: &Node<'_>) -> Result<WasmPluginSpec> {
         }
     }
     let plugin_name = f.str("pluginName")?;
-    let phase = enum_value(
-        f.get("phase"),
-        &[
-            ("UNSPECIFIED_PHASE", WasmPhase::Unspecified),
-            ("AUTHN", WasmPhase::Authn),
-            ("AUTHZ", WasmPhase::Authz),
-            ("STATS", WasmPhase::Stats),
-        ],
-        WasmPhase::Unspecified,
-    )?;
-    let priority = match f.get("priority") {
-        None => None,
-        Some(n) => {
-            let p = n.i64()?;
-            Some(i32::try_from(p).map_err(|_| n.error(format!("{p} does not fit in 32 bits")))?)
-        }
-    };
     let fail_strategy = enum_value(
         f.get("failStrategy"),
         &[
@@ -785,29 +855,6 @@ pub(super) fn wasm_plugin_spec(node: &Node<'_>) -> Result<WasmPluginSpec> {
             env
         }
     };
-    let matches = f.list_of("match", |n| {
-        let mf = n.fields()?;
-        let mode = match mf.get("mode") {
-            None => "UNDEFINED".to_owned(),
-            Some(m) => {
-                let v = m.str()?;
-                if !matches!(v.as_str(), "UNDEFINED" | "CLIENT" | "SERVER" | "CLIENT_AND_SERVER") {
-                    return Err(m.error(format!(
-                        "unknown value {v:?}; expected one of UNDEFINED, CLIENT, SERVER, CLIENT_AND_SERVER"
-                    )));
-                }
-                v
-            }
-        };
-        let ports = mf.list_of("ports", |p| {
-            let pf = p.fields()?;
-            let number = pf.require("number")?.port()?;
-            pf.finish()?;
-            Ok(number)
-        })?;
-        mf.finish()?;
-        Ok(WasmTrafficSelector { mode, ports })
-    })?;
     let plugin_type = enum_value(
         f.get("type"),
         &[
@@ -817,24 +864,17 @@ pub(super) fn wasm_plugin_spec(node: &Node<'_>) -> Result<WasmPluginSpec> {
         ],
         WasmPluginType::Unspecified,
     )?;
-    f.finish()?;
-    Ok(WasmPluginSpec {
-        selector,
-        target_refs,
-        url,
-        sha256,
-        image_pull_policy,
-        image_pull_secret,
-        verification_key,
-        plugin_config,
-        plugin_name,
-        phase,
-        priority,
-        fail_strategy,
-        vm_env,
-        matches,
-        plugin_type,
-    })
+    spec.url = url;
+    spec.sha256 = sha256;
+    spec.image_pull_policy = image_pull_policy;
+    spec.image_pull_secret = image_pull_secret;
+    spec.verification_key = verification_key;
+    spec.plugin_config = plugin_config;
+    spec.plugin_name = plugin_name;
+    spec.fail_strategy = fail_strategy;
+    spec.vm_env = vm_env;
+    spec.plugin_type = plugin_type;
+    Ok(())
 }
 
 fn wasm_env(node: &Node<'_>) -> Result<WasmEnvVar> {

@@ -1,11 +1,38 @@
 //! A header map as filters see it: ordered pairs, pseudo-headers included, names compared
 //! without regard to case, values as bytes (usually UTF-8).
 
-use ambit_wasm_host::Pairs;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use crate::protocol::Bytes;
+
+/// Header pairs as the host hands them to filters.
+pub type Pairs = Vec<(String, Vec<u8>)>;
 
 /// Ordered `(name, value)` pairs.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Headers(pub Pairs);
+
+/// On the wire: `[["name", "value"], ...]`, values as [`Bytes`].
+impl Serialize for Headers {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        self.0
+            .iter()
+            .map(|(k, v)| (k.as_str(), Bytes(v.clone())))
+            .collect::<Vec<_>>()
+            .serialize(serializer)
+    }
+}
+
+impl<'de> Deserialize<'de> for Headers {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        Ok(Headers(
+            Vec::<(String, Bytes)>::deserialize(deserializer)?
+                .into_iter()
+                .map(|(k, v)| (k, v.0))
+                .collect(),
+        ))
+    }
+}
 
 impl Headers {
     pub fn new() -> Self {

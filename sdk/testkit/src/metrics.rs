@@ -1,6 +1,8 @@
-//! The host's metrics (`Runtime::render_metrics`, Prometheus text) parsed into samples.
+//! The host's metrics (what `/metrics` shows, Prometheus text) parsed into samples.
 
 use std::collections::BTreeMap;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 /// One line of the exposition: `name{labels} value`.
 #[derive(Clone, Debug, PartialEq)]
@@ -72,6 +74,19 @@ impl Metrics {
                 (key, s.value)
             })
             .collect()
+    }
+}
+
+/// On the wire: the exposition text.
+impl Serialize for Metrics {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&self.text)
+    }
+}
+
+impl<'de> Deserialize<'de> for Metrics {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        Ok(Metrics::parse(&String::deserialize(deserializer)?))
     }
 }
 
