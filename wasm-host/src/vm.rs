@@ -600,8 +600,8 @@ fn on_epoch(mut store: StoreContextMut<'_, HostState>) -> wasmtime::Result<Updat
         return Ok(UpdateDeadline::Yield(1));
     }
     if !state.handed_off {
-        state.handed_off = true;
-        hand_off_worker();
+        // Tried again at every tick until another thread is seen running the runtime's tasks.
+        state.handed_off = hand_off_worker();
     }
     if now >= state.call_started + SLOW_AFTER_TICKS {
         state.plugin.mark_slow(now);
@@ -614,23 +614,25 @@ fn on_epoch(mut store: StoreContextMut<'_, HostState>) -> wasmtime::Result<Updat
 /// keeps this thread to itself until it returns, and the thread stops being a worker then.
 /// `block_in_place` does the move and takes the worker back when its closure returns, unless
 /// another thread took it first; the closure therefore waits until a probe task has run, i.e.
-/// until another thread runs the runtime's tasks (for at most `HANDOFF_WAIT`).
-fn hand_off_worker() {
+/// until another thread runs the runtime's tasks (for at most `HANDOFF_WAIT`: on a loaded
+/// machine the new thread may not run that soon). Whether it did, or there was nothing to hand
+/// off.
+fn hand_off_worker() -> bool {
     use tokio::runtime::{Handle, RuntimeFlavor};
     let Ok(handle) = Handle::try_current() else {
-        return;
+        return true;
     };
     // On a current-thread runtime there is no other thread to hand the tasks to.
     if handle.runtime_flavor() != RuntimeFlavor::MultiThread {
-        return;
+        return true;
     }
     tokio::task::block_in_place(|| {
         let (ran, probe) = std::sync::mpsc::channel();
         handle.spawn(async move {
             let _ = ran.send(());
         });
-        let _ = probe.recv_timeout(HANDOFF_WAIT);
-    });
+        probe.recv_timeout(HANDOFF_WAIT).is_ok()
+    })
 }
 
 fn classify(

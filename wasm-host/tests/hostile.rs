@@ -517,8 +517,10 @@ async fn a_looping_first_call_does_not_stall_a_one_worker_runtime() {
         took >= Duration::from_millis(290),
         "the call ran to its budget: {took:?}"
     );
+    // Before the hand-off the other task stalled for the whole call. The bound is relative: on a
+    // loaded machine ticks and wake-ups come late (an idle one hands off within one 5 ms tick).
     assert!(
-        longest < Duration::from_millis(25),
-        "the other task stalled for {longest:?} while the first call looped"
+        longest < took / 4,
+        "the other task stalled for {longest:?} of the first call's {took:?}"
     );
 }
