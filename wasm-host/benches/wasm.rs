@@ -17,7 +17,17 @@
 //! pooling allocator's copy-on-write path: instantiate, `_initialize`, root context,
 //! `on_vm_start`, `on_configure`).
 //!
-//! Environment: `AMBIT_BENCH_REQUESTS` (default 20000) requests per measurement.
+//! Environment:
+//! - `AMBIT_BENCH_REQUESTS` (default 20000): requests per measurement.
+//! - `AMBIT_BENCH_ONLY`: one row only (`none`, `raw`, `sdk`, `rewrite` or `chain`), and no
+//!   instance-start rows: with two runs of different `AMBIT_BENCH_REQUESTS` under
+//!   `valgrind --tool=callgrind`, the difference in instructions over the difference in requests
+//!   is that row's instructions per request, start-up and compilation cancelled out.
+//! - `AMBIT_BENCH_MAX_INSTANCES` (default the runtime's 128): instances the pooling allocator
+//!   reserves. Each reserves a linear memory's whole address range, more than valgrind can map at
+//!   128; 8 is enough for this bench.
+//! - `AMBIT_BENCH_FIBERS=1`: every plugin's callbacks run on fibers that yield at each epoch tick,
+//!   as a plugin's do once it has proved slow (the cost of running every call that way).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -92,49 +102,90 @@ async fn per_request(plugins: &[Arc<Plugin>], requests: usize) -> Duration {
     run(requests).await / requests as u32
 }
 
+fn env_number(name: &str) -> Option<usize> {
+    std::env::var(name).ok().map(|v| {
+        v.parse()
+            .unwrap_or_else(|_| panic!("{name}={v} is not a number"))
+    })
+}
+
 fn main() {
-    let requests = std::env::var("AMBIT_BENCH_REQUESTS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(20_000usize);
+    let requests = env_number("AMBIT_BENCH_REQUESTS").unwrap_or(20_000);
+    let only = std::env::var("AMBIT_BENCH_ONLY").ok();
+    let fibers = std::env::var("AMBIT_BENCH_FIBERS").is_ok_and(|v| v == "1");
     let tokio = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
+    let defaults = RuntimeConfig::default();
     let runtime = Runtime::new(RuntimeConfig {
         vms_per_plugin: 1,
-        ..RuntimeConfig::default()
+        max_instances: env_number("AMBIT_BENCH_MAX_INSTANCES")
+            .map_or(defaults.max_instances, |n| n as u32),
+        ..defaults
     })
     .unwrap();
     let sdk_wasm = std::fs::read(build_filter("ambit-filter-headers")).unwrap();
     let noop_wasm = wat::parse_str(NOOP_WAT).unwrap();
+    // Each row's plugins: (key, name, SDK filter configurations or `None` for the raw no-op).
+    let rows: [(&str, &str, &[Option<&str>]); 5] = [
+        ("none", "none (baseline)", &[]),
+        ("raw", "raw no-op (hand-written)", &[None]),
+        ("sdk", "SDK no-op (headers, {})", &[Some("{}")]),
+        ("rewrite", "header rewrite (SDK)", &[Some(REWRITE)]),
+        ("chain", "chain of three rewrites", &[Some(REWRITE); 3]),
+    ];
+    // Compiling is slow under valgrind: a one-row run loads only that row's plugins.
+    let load = |key: &str, configs: &[Option<&str>]| -> Vec<Arc<Plugin>> {
+        let plugins: Vec<_> = configs
+            .iter()
+            .enumerate()
+            .map(|(i, config)| {
+                let name = format!("{key}-{i}");
+                match config {
+                    Some(config) => plugin(&runtime, &sdk_wasm, &name, config),
+                    None => plugin(&runtime, &noop_wasm, &name, ""),
+                }
+            })
+            .collect();
+        if fibers {
+            for plugin in &plugins {
+                plugin.run_on_fibers_for_bench();
+            }
+        }
+        plugins
+    };
 
+    println!(
+        "wasm host, {requests} requests per row (headers both ways, on_log, context done){}",
+        if fibers {
+            "; every call on a yielding fiber"
+        } else {
+            ""
+        }
+    );
+    println!("{:<28} {:>12} {:>14}", "filters", "ns/request", "added ns");
+    if let Some(only) = only {
+        let (key, name, configs) = rows
+            .iter()
+            .find(|(key, ..)| *key == only)
+            .unwrap_or_else(|| panic!("AMBIT_BENCH_ONLY={only}: none, raw, sdk, rewrite or chain"));
+        let took = tokio.block_on(per_request(&load(key, configs), requests));
+        println!("{name:<28} {:>12} {:>14}", took.as_nanos(), "?");
+        return;
+    }
     let started = Instant::now();
     let sdk_noop = plugin(&runtime, &sdk_wasm, "sdk-noop", "{}");
     let load_time = started.elapsed();
-    let raw_noop = plugin(&runtime, &noop_wasm, "raw-noop", "");
-    let rewrite = plugin(&runtime, &sdk_wasm, "rewrite", REWRITE);
-    let chain: Vec<_> = (0..3)
-        .map(|i| plugin(&runtime, &sdk_wasm, &format!("rewrite-{i}"), REWRITE))
-        .collect();
-
-    println!("wasm host, {requests} requests per row (headers both ways, on_log, context done)");
-    println!("{:<28} {:>12} {:>14}", "filters", "ns/request", "added ns");
     let baseline = tokio.block_on(per_request(&[], requests));
-    let rows: [(&str, Vec<Arc<Plugin>>); 4] = [
-        ("raw no-op (hand-written)", vec![raw_noop]),
-        ("SDK no-op (headers, {})", vec![sdk_noop.clone()]),
-        ("header rewrite (SDK)", vec![rewrite]),
-        ("chain of three rewrites", chain),
-    ];
     println!(
         "{:<28} {:>12} {:>14}",
         "none (baseline)",
         baseline.as_nanos(),
         "-"
     );
-    for (name, plugins) in rows {
-        let took = tokio.block_on(per_request(&plugins, requests));
+    for (key, name, configs) in rows.into_iter().skip(1) {
+        let took = tokio.block_on(per_request(&load(key, configs), requests));
         println!(
             "{:<28} {:>12} {:>14}",
             name,

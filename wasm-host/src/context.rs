@@ -178,8 +178,13 @@ pub(crate) struct HostState {
     pub exit_code: Option<i32>,
     /// Whether the running call is on a fiber that yields at every epoch tick.
     pub yielding: bool,
-    /// The runtime tick at which the running call is interrupted.
+    /// The runtime tick at which the running call started, and the one at which it is
+    /// interrupted.
+    pub call_started: u64,
     pub call_deadline: u64,
+    /// Whether the running call (on the caller's thread) already handed its async worker's
+    /// other tasks to another thread.
+    pub handed_off: bool,
 }
 
 impl HostState {
@@ -212,7 +217,9 @@ impl HostState {
             stderr: Vec::new(),
             exit_code: None,
             yielding: false,
+            call_started: 0,
             call_deadline: 0,
+            handed_off: false,
         }
     }
 

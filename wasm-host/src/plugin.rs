@@ -320,6 +320,13 @@ impl Plugin {
         &self.hooks
     }
 
+    /// Runs every later callback of this plugin on yielding fibers, as if it had proved slow and
+    /// stayed slow (benchmarks: what a fiber per call costs).
+    #[doc(hidden)]
+    pub fn run_on_fibers_for_bench(&self) {
+        self.shared.slow_until.store(u64::MAX, Ordering::Relaxed);
+    }
+
     /// Starts one more instance and drops it, returning how long starting took (benchmarks).
     #[doc(hidden)]
     pub fn start_instance_for_bench(&self) -> Result<Duration, VmFailure> {

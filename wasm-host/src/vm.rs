@@ -2,8 +2,10 @@
 //! every call into it run under the CPU budget, with failures told apart for operators.
 //!
 //! Calls run on the caller's thread, synchronously: a fiber per call would cost more than most
-//! callbacks. A callback still running after two epoch ticks marks its plugin slow (see
-//! `PluginShared::mark_slow`); a slow plugin's calls run on fibers that yield to the executor at
+//! callbacks. A call still running at the first epoch tick hands the rest of its async worker's
+//! tasks to another thread (Tokio's `block_in_place`), so other requests go on while it runs to
+//! its end or its budget; after two ticks it marks its plugin slow (see
+//! `PluginShared::mark_slow`). A slow plugin's calls run on fibers that yield to the executor at
 //! every tick, so a runaway guest holds an async worker for one tick at a time, never for its
 //! whole budget.
 
@@ -21,6 +23,9 @@ use crate::runtime::EPOCH_TICK;
 /// Ticks a synchronous call runs before its plugin counts as slow: two, so that a short call
 /// which merely straddles a tick is not taken for a slow one.
 const SLOW_AFTER_TICKS: u64 = 2;
+
+/// How long a hand-off of an async worker waits for another thread to run the runtime's tasks.
+const HANDOFF_WAIT: Duration = Duration::from_millis(2);
 
 /// Why a VM can no longer be used, or why a request could not use it. Every variant but the
 /// last two ends the VM (it is replaced); `CircuitOpen` and `Saturated` refuse a request
@@ -569,33 +574,64 @@ fn deadline_ticks(budget: Duration) -> u64 {
 }
 
 /// Arms the budget for one call: its deadline on the runtime's clock, and the first epoch
-/// check (every tick when yielding, after `SLOW_AFTER_TICKS` otherwise).
+/// check, at the next tick.
 fn arm(store: &mut Store<HostState>, ticks: u64) {
     let state = store.data_mut();
     state.limiter.memory_refused = false;
     state.exit_code = None;
-    state.call_deadline = state.plugin.runtime.now_ticks() + ticks;
-    let first = if state.yielding {
-        1
-    } else {
-        SLOW_AFTER_TICKS.min(ticks)
-    };
-    store.set_epoch_deadline(first);
+    state.handed_off = false;
+    state.call_started = state.plugin.runtime.now_ticks();
+    state.call_deadline = state.call_started + ticks;
+    store.set_epoch_deadline(1);
 }
 
-/// The epoch check of a running call: past its budget it is interrupted (`Trap::Interrupt`);
-/// before that its plugin is marked slow, and a yielding call lets the executor run other tasks.
+/// The epoch check of a running call: past its budget it is interrupted (`Trap::Interrupt`).
+/// Before that a yielding call lets the executor run other tasks; a call on the caller's thread
+/// hands that thread's other tasks to another thread, and from its second tick on marks its
+/// plugin slow.
 fn on_epoch(mut store: StoreContextMut<'_, HostState>) -> wasmtime::Result<UpdateDeadline> {
     let state = store.data_mut();
     let now = state.plugin.runtime.now_ticks();
     if now >= state.call_deadline {
         return Ok(UpdateDeadline::Interrupt);
     }
-    state.plugin.mark_slow(now);
-    Ok(if state.yielding {
-        UpdateDeadline::Yield(1)
-    } else {
-        UpdateDeadline::Continue(1)
+    if state.yielding {
+        state.plugin.mark_slow(now);
+        return Ok(UpdateDeadline::Yield(1));
+    }
+    if !state.handed_off {
+        // Tried again at every tick until another thread is seen running the runtime's tasks.
+        state.handed_off = hand_off_worker();
+    }
+    if now >= state.call_started + SLOW_AFTER_TICKS {
+        state.plugin.mark_slow(now);
+    }
+    Ok(UpdateDeadline::Continue(1))
+}
+
+/// Moves the other tasks of the async worker this thread is (if it is one of a multi-threaded
+/// Tokio runtime) to another thread, which Tokio starts to run them: the running guest call
+/// keeps this thread to itself until it returns, and the thread stops being a worker then.
+/// `block_in_place` does the move and takes the worker back when its closure returns, unless
+/// another thread took it first; the closure therefore waits until a probe task has run, i.e.
+/// until another thread runs the runtime's tasks (for at most `HANDOFF_WAIT`: on a loaded
+/// machine the new thread may not run that soon). Whether it did, or there was nothing to hand
+/// off.
+fn hand_off_worker() -> bool {
+    use tokio::runtime::{Handle, RuntimeFlavor};
+    let Ok(handle) = Handle::try_current() else {
+        return true;
+    };
+    // On a current-thread runtime there is no other thread to hand the tasks to.
+    if handle.runtime_flavor() != RuntimeFlavor::MultiThread {
+        return true;
+    }
+    tokio::task::block_in_place(|| {
+        let (ran, probe) = std::sync::mpsc::channel();
+        handle.spawn(async move {
+            let _ = ran.send(());
+        });
+        probe.recv_timeout(HANDOFF_WAIT).is_ok()
     })
 }
 

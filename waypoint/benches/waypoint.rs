@@ -44,6 +44,15 @@
 //!   filter's circuit, to settle): `echo`'s requests/s and p99 with no plugin, then with
 //!   `test-hostile` looping in `proxy_on_request_headers` as a WasmPlugin on `other` only
 //!   (FAIL_CLOSE: `other` answers 500), and the ratio of the two.
+//! - **GRPC**: the service's port 9090, declared `appProtocol: grpc`, where each pod runs a gRPC
+//!   echo server (hyper's HTTP/2 server: every request's messages back as they come, then
+//!   `grpc-status: 0` in trailers); the client is hyper's HTTP/2 client with gRPC framing, so both
+//!   peers cost little beside the waypoint. `unary`: `AMBIT_BENCH_CONNS` calls at a time (100-byte
+//!   messages) on one HTTP/2 connection, as one gRPC channel multiplexes them, closed loop for
+//!   `AMBIT_BENCH_SECONDS` after 1 s of warm-up; calls/s and each call's latency (send to
+//!   trailers). `bidi`: one stream sending 100 MiB in 16 KiB messages while reading the echo;
+//!   MiB/s counts one way. Direct is the same client to a pod's port 9090; through the waypoint
+//!   the upstream is HTTP/2 as the port declares.
 //! - **MEMORY**: the waypoint alone in a child process (this binary again; its CA written to a
 //!   temporary directory), so its VmRSS is the waypoint's and nothing else's: just started, after
 //!   one request, with `AMBIT_BENCH_MEMORY_CONNS` client connections open (each with one request
@@ -55,17 +64,19 @@
 //! - `AMBIT_BENCH_CONNS`: concurrent client connections for requests/s (default 16).
 //! - `AMBIT_BENCH_RATE`: requests per second in the latency rows (default 500).
 //! - `AMBIT_BENCH_MEMORY_CONNS`: connections held open for the memory rows (default 1000).
-//! - `AMBIT_BENCH_ONLY`: `throughput`, `latency`, `l4`, `neighbour` or `memory` to run just that
-//!   group.
+//! - `AMBIT_BENCH_ONLY`: `throughput`, `latency`, `l4`, `neighbour`, `grpc` or `memory` to run
+//!   just that group.
 //! - `AMBIT_BENCH_THREADS`: Tokio worker threads in this process (default: the machine's cores).
 
 use std::convert::Infallible;
 use std::io::{BufRead, BufReader};
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::task::{ready, Poll};
 use std::time::{Duration, Instant};
 
 use ambit_mesh::hbone::client::{Client, TunnelRequest};
@@ -81,8 +92,9 @@ use ambit_waypoint::app::{Options, Waypoint};
 use ambit_waypoint::l7::WaypointName;
 use ambit_waypoint::proxy::ProxySettings;
 use bytes::Bytes;
+use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Empty, Full};
-use hyper::body::Incoming;
+use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::client::conn::http1::SendRequest;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -99,6 +111,14 @@ const TCP_VIP: &str = "10.96.1.10:5432";
 const TCP_PORT: u16 = 5432;
 /// Bytes the L4 bulk row streams through and back.
 const BULK_BYTES: usize = 128 * 1024 * 1024;
+/// The service port declared gRPC, and the pods' gRPC echo port behind it.
+const GRPC_VIP: &str = "10.96.1.10:9090";
+const GRPC_PORT: u16 = 9090;
+/// Payload of each unary call's message, and of each message of the bidi stream.
+const UNARY_MESSAGE: usize = 100;
+const BIDI_MESSAGE: usize = 16 * 1024;
+/// Payload bytes the bidi row streams through and back.
+const BIDI_BYTES: usize = 100 * 1024 * 1024;
 const HOST: &str = "echo.default.svc.cluster.local";
 /// The neighbour rows' second service, on the same pods.
 const OTHER_VIP: &str = "10.96.1.11:80";
@@ -289,6 +309,37 @@ async fn run(config: Config) {
         println!();
     }
 
+    if config.runs_group("grpc") {
+        println!(
+            "GRPC: port {GRPC_PORT} declared grpc, gRPC echo pods (hyper HTTP/2); unary = {} calls \
+             at a time ({UNARY_MESSAGE}-byte messages) on one HTTP/2 connection, closed loop, {} s \
+             after 1 s warm-up; bidi = one stream echoing {} MiB in {} KiB messages",
+            config.conns,
+            config.seconds,
+            BIDI_BYTES / MIB as usize,
+            BIDI_MESSAGE / 1024
+        );
+        println!(
+            "  {:<24}{:>10}{:>12}{:>12}{:>8}{:>14}",
+            "path", "calls/s", "p50", "p99", "errors", "bidi MiB/s"
+        );
+        let direct = bench.grpc(None, &config).await;
+        direct.print("direct (baseline)");
+        let waypoint = bench.waypoint(None).await;
+        let through = bench.grpc(Some(waypoint.address), &config).await;
+        through.print("waypoint");
+        println!(
+            "  ratio waypoint / direct: calls/s {:.2}, p50 {:.2}, p99 {:.2}, bidi MiB/s {:.2}",
+            through.per_second / direct.per_second,
+            through.latencies.quantile(0.5).as_secs_f64()
+                / direct.latencies.quantile(0.5).as_secs_f64(),
+            through.latencies.quantile(0.99).as_secs_f64()
+                / direct.latencies.quantile(0.99).as_secs_f64(),
+            through.bidi / direct.bidi
+        );
+        println!();
+    }
+
     if config.runs_group("memory") {
         let dir = std::env::temp_dir().join(format!("ambit-waypoint-bench-{}", std::process::id()));
         ca.save(&dir.join("ca")).expect("save the CA");
@@ -383,6 +434,7 @@ fn state() -> StateStore {
     default/echo.default.svc.cluster.local:
       80: 8080
       5432: 5432
+      9090: 9090
     default/other.default.svc.cluster.local:
       80: 8080
 "#,
@@ -399,7 +451,7 @@ workloads:{workloads}
   workloadIps: ["10.9.9.9"]
   protocol: HBONE
 services:
-- {{name: echo, namespace: default, hostname: {HOST}, vips: ["/10.96.1.10"], ports: {{80: 8080, 5432: 5432}}, appProtocols: {{80: http11, 5432: tcp}}}}
+- {{name: echo, namespace: default, hostname: {HOST}, vips: ["/10.96.1.10"], ports: {{80: 8080, 5432: 5432, 9090: 9090}}, appProtocols: {{80: http11, 5432: tcp, 9090: grpc}}}}
 - {{name: other, namespace: default, hostname: {OTHER_HOST}, vips: ["/10.96.1.11"], ports: {{80: 8080}}, appProtocols: {{80: http11}}}}
 "#
     );
@@ -490,6 +542,28 @@ async fn start_pods(certificates: &Arc<CertificateManager>) {
                 tokio::spawn(async move {
                     let (mut read, mut write) = stream.split();
                     let _ = tokio::io::copy(&mut read, &mut write).await;
+                });
+            }
+        });
+        let grpc = TcpListener::bind(SocketAddr::new(pod_ip(i), GRPC_PORT))
+            .await
+            .expect("bind the gRPC echo app");
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = grpc.accept().await {
+                let _ = stream.set_nodelay(true);
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(|request: Request<Incoming>| async {
+                        let echo = GrpcEcho {
+                            request: request.into_body(),
+                            done: false,
+                        };
+                        Response::builder()
+                            .header("content-type", "application/grpc")
+                            .body(echo)
+                    });
+                    let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
                 });
             }
         });
@@ -923,7 +997,185 @@ impl Connection {
     }
 }
 
+/// The pods' gRPC echo: each request's messages back as they arrive, then `grpc-status: 0`.
+struct GrpcEcho {
+    request: Incoming,
+    done: bool,
+}
+
+impl Body for GrpcEcho {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        while !self.done {
+            match ready!(Pin::new(&mut self.request).poll_frame(cx)) {
+                Some(Ok(frame)) if frame.is_data() => return Poll::Ready(Some(Ok(frame))),
+                Some(Ok(_trailers)) => {}
+                Some(Err(err)) => return Poll::Ready(Some(Err(err))),
+                None => {
+                    self.done = true;
+                    let mut trailers = http::HeaderMap::new();
+                    trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+                    return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
+                }
+            }
+        }
+        Poll::Ready(None)
+    }
+}
+
+/// A request body of `left` copies of one gRPC message, produced as fast as flow control takes
+/// them.
+struct Repeated {
+    message: Bytes,
+    left: usize,
+}
+
+impl Body for Repeated {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        if self.left == 0 {
+            return Poll::Ready(None);
+        }
+        self.left -= 1;
+        Poll::Ready(Some(Ok(Frame::data(self.message.clone()))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.left == 0
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::with_exact((self.left * self.message.len()) as u64)
+    }
+}
+
+type GrpcSender = hyper::client::conn::http2::SendRequest<UnsyncBoxBody<Bytes, Infallible>>;
+
+/// One length-prefixed, uncompressed gRPC message of `size` payload bytes.
+fn grpc_message(size: usize) -> Bytes {
+    let mut message = Vec::with_capacity(5 + size);
+    message.push(0);
+    message.extend_from_slice(&(size as u32).to_be_bytes());
+    message.resize(5 + size, 0x61);
+    Bytes::from(message)
+}
+
+/// One gRPC call with `body`: the echoed bytes once `grpc-status: 0` ended them.
+async fn grpc_call(
+    sender: &mut GrpcSender,
+    method: &str,
+    body: UnsyncBoxBody<Bytes, Infallible>,
+) -> Result<usize, String> {
+    let request = Request::post(format!("http://{HOST}:{GRPC_PORT}/bench.Echo/{method}"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(body)
+        .expect("gRPC request");
+    let response = sender
+        .send_request(request)
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut body = response.into_body();
+    let mut echoed = 0;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| e.to_string())?;
+        if let Some(data) = frame.data_ref() {
+            echoed += data.len();
+        } else if let Some(trailers) = frame.trailers_ref() {
+            return match trailers.get("grpc-status") {
+                Some(status) if status == "0" => Ok(echoed),
+                status => Err(format!("grpc-status {status:?}")),
+            };
+        }
+    }
+    Err("the response ended without trailers".into())
+}
+
 impl Bench {
+    /// Unary calls/s and latency, then one bidi stream's throughput, over one HTTP/2
+    /// connection to the gRPC port.
+    async fn grpc(&self, waypoint: Option<SocketAddr>, config: &Config) -> GrpcFigures {
+        let request = tunnel_request(waypoint, 0, GRPC_VIP, GRPC_PORT);
+        let tunnel = TokioIo::new(self.client.connect(&request).await.expect("gRPC tunnel"));
+        let (mut sender, connection) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), tunnel)
+                .await
+                .expect("HTTP/2 handshake");
+        tokio::spawn(connection);
+        let message = grpc_message(UNARY_MESSAGE);
+        let unary = |message: &Bytes| Full::new(message.clone()).boxed_unsync();
+        let echoed = grpc_call(&mut sender, "Unary", unary(&message)).await;
+        assert_eq!(echoed, Ok(message.len()), "the first call is echoed");
+
+        let measuring = Arc::new(AtomicBool::new(false));
+        let stop = Arc::new(AtomicBool::new(false));
+        let errors = Arc::new(AtomicU64::new(0));
+        let mut calls = JoinSet::new();
+        for _ in 0..config.conns {
+            let (measuring, stop, errors) = (measuring.clone(), stop.clone(), errors.clone());
+            let (mut sender, message) = (sender.clone(), message.clone());
+            calls.spawn(async move {
+                let mut samples = Vec::new();
+                while !stop.load(Ordering::Relaxed) {
+                    let started = Instant::now();
+                    let result = grpc_call(&mut sender, "Unary", unary(&message)).await;
+                    if !measuring.load(Ordering::Relaxed) {
+                        continue;
+                    }
+                    match result {
+                        Ok(n) if n == message.len() => samples.push(started.elapsed()),
+                        _ => {
+                            errors.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                }
+                samples
+            });
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        measuring.store(true, Ordering::Relaxed);
+        let wall = Instant::now();
+        tokio::time::sleep(Duration::from_secs(config.seconds)).await;
+        measuring.store(false, Ordering::Relaxed);
+        let wall = wall.elapsed();
+        stop.store(true, Ordering::Relaxed);
+        let mut samples = Vec::new();
+        while let Some(done) = calls.join_next().await {
+            samples.extend(done.expect("call task"));
+        }
+        let per_second = samples.len() as f64 / wall.as_secs_f64();
+
+        let count = BIDI_BYTES / BIDI_MESSAGE;
+        let stream = Repeated {
+            message: grpc_message(BIDI_MESSAGE),
+            left: count,
+        };
+        let started = Instant::now();
+        let echoed = grpc_call(&mut sender, "Bidi", stream.boxed_unsync()).await;
+        let bidi = BIDI_BYTES as f64 / MIB as f64 / started.elapsed().as_secs_f64();
+        assert_eq!(
+            echoed,
+            Ok(count * (5 + BIDI_MESSAGE)),
+            "the bidi stream is echoed whole"
+        );
+        GrpcFigures {
+            latencies: Latencies::new(samples, Duration::MAX),
+            per_second,
+            errors: errors.load(Ordering::Relaxed),
+            bidi,
+        }
+    }
+
     /// Bulk throughput and ping-pong round trips over one tunnel to the TCP echo port.
     async fn l4(&self, waypoint: Option<SocketAddr>, config: &Config) -> L4Figures {
         let request = tunnel_request(waypoint, 0, TCP_VIP, TCP_PORT);
@@ -988,6 +1240,29 @@ impl L4Figures {
             self.round_trips,
             self.p50.as_micros(),
             self.p99.as_micros()
+        );
+    }
+}
+
+struct GrpcFigures {
+    /// Unary calls.
+    latencies: Latencies,
+    per_second: f64,
+    errors: u64,
+    /// MiB/s sent one way (and echoed back) on the bidi stream.
+    bidi: f64,
+}
+
+impl GrpcFigures {
+    fn print(&self, name: &str) {
+        let micros = |d: Duration| format!("{:.0} µs", d.as_secs_f64() * 1e6);
+        println!(
+            "  {name:<24}{:>10.0}{:>12}{:>12}{:>8}{:>14.0}",
+            self.per_second,
+            micros(self.latencies.quantile(0.5)),
+            micros(self.latencies.quantile(0.99)),
+            self.errors,
+            self.bidi
         );
     }
 }

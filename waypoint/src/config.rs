@@ -86,6 +86,11 @@ pub struct Config {
     #[arg(long, env = "AMBIT_NUM_TRUSTED_PROXIES", default_value_t = 0)]
     pub num_trusted_proxies: usize,
 
+    /// Streams one upstream HTTP/2 connection carries at once before another is opened
+    /// (Istio's DestinationRule `connectionPool.http.maxConcurrentStreams`).
+    #[arg(long, env = "AMBIT_MAX_CONCURRENT_STREAMS", default_value_t = 100)]
+    pub max_concurrent_streams: usize,
+
     /// Workload certificate lifetime, in seconds (Istio's SECRET_TTL).
     #[arg(long, env = "SECRET_TTL_SECONDS", default_value_t = 86400)]
     pub secret_ttl_seconds: u64,
@@ -137,6 +142,7 @@ impl Config {
             retries: self.retries,
             protocol_detection_timeout: Duration::from_millis(self.protocol_detection_timeout_ms),
             num_trusted_proxies: self.num_trusted_proxies,
+            h2_max_concurrent_streams: self.max_concurrent_streams,
             ..Default::default()
         }
     }

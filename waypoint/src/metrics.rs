@@ -1,6 +1,7 @@
 //! Istio's metrics as a waypoint reports them (`reporter="waypoint"`): for HTTP,
-//! `istio_requests_total`, `istio_request_duration_milliseconds`, `istio_request_bytes` and
-//! `istio_response_bytes`; for connections proxied at L4, `istio_tcp_connections_opened_total`,
+//! `istio_requests_total`, `istio_request_duration_milliseconds`, `istio_request_bytes`,
+//! `istio_response_bytes` and, for gRPC, `istio_request_messages_total` and
+//! `istio_response_messages_total`; for connections proxied at L4, `istio_tcp_connections_opened_total`,
 //! `istio_tcp_connections_closed_total`, `istio_tcp_received_bytes_total` and
 //! `istio_tcp_sent_bytes_total`. Istio's label sets in Istio's order, rendered for Prometheus
 //! on 15020.
@@ -25,6 +26,8 @@ pub const REQUESTS: &str = "istio_requests_total";
 pub const DURATION: &str = "istio_request_duration_milliseconds";
 pub const REQUEST_BYTES: &str = "istio_request_bytes";
 pub const RESPONSE_BYTES: &str = "istio_response_bytes";
+pub const REQUEST_MESSAGES: &str = "istio_request_messages_total";
+pub const RESPONSE_MESSAGES: &str = "istio_response_messages_total";
 pub const TCP_OPENED: &str = "istio_tcp_connections_opened_total";
 pub const TCP_CLOSED: &str = "istio_tcp_connections_closed_total";
 pub const TCP_RECEIVED: &str = "istio_tcp_received_bytes_total";
@@ -109,13 +112,15 @@ impl Metrics {
     }
 
     /// One finished request: counted, timed, and its sizes (headers and body, as Envoy's
-    /// `request.total_size` / `response.total_size`) recorded.
+    /// `request.total_size` / `response.total_size`) recorded; a gRPC call's messages each way
+    /// added to the message counters.
     pub fn request(
         &self,
         labels: &RequestLabels,
         duration: Duration,
         request_bytes: u64,
         response_bytes: u64,
+        grpc_messages: Option<(u64, u64)>,
     ) {
         let labels = labels.to_labels();
         let key = |name: &'static str| Key::from_parts(name, labels.clone());
@@ -131,6 +136,14 @@ impl Metrics {
         self.recorder
             .register_histogram(&key(RESPONSE_BYTES), &METADATA)
             .record(response_bytes as f64);
+        if let Some((request, response)) = grpc_messages {
+            self.recorder
+                .register_counter(&key(REQUEST_MESSAGES), &METADATA)
+                .increment(request);
+            self.recorder
+                .register_counter(&key(RESPONSE_MESSAGES), &METADATA)
+                .increment(response);
+        }
     }
 }
 
@@ -225,7 +238,7 @@ mod tests {
             request_protocol: "http",
             ..Default::default()
         };
-        metrics.request(&labels, Duration::from_millis(3), 10, 20);
+        metrics.request(&labels, Duration::from_millis(3), 10, 20, None);
         let text = metrics.render();
         assert!(
             text.contains("istio_requests_total{reporter=\"waypoint\""),

@@ -54,6 +54,12 @@ pub struct ProxySettings {
     pub h2_keepalive_interval: Duration,
     /// How long a PING may go unanswered before the HTTP/2 connection is closed.
     pub h2_keepalive_timeout: Duration,
+    /// Streams one upstream HTTP/2 connection carries at once before the next request opens
+    /// another connection (Envoy's `max_concurrent_streams`, Istio's DestinationRule
+    /// `connectionPool.http.maxConcurrentStreams`). The default, 100, is what HTTP/2 clients
+    /// assume before the server's SETTINGS and below what common servers advertise, so requests
+    /// do not queue behind a server's limit either.
+    pub h2_max_concurrent_streams: usize,
     /// How long a tunnel to a port without a declared protocol may stay silent before it is
     /// taken for a server-first protocol and proxied at L4.
     pub protocol_detection_timeout: Duration,
@@ -77,6 +83,7 @@ impl Default for ProxySettings {
             // ztunnel's HBONE values: a dead endpoint is noticed within 30 s.
             h2_keepalive_interval: Duration::from_secs(10),
             h2_keepalive_timeout: Duration::from_secs(20),
+            h2_max_concurrent_streams: 100,
             protocol_detection_timeout: Duration::from_secs(1),
             num_trusted_proxies: 0,
         }

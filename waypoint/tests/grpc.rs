@@ -72,6 +72,15 @@ async fn a_bidirectional_stream_echoes_a_thousand_messages() {
     assert_eq!(result["sent"], 1000);
     assert_eq!(result["echoed"], 1000);
     assert_eq!(result["in_order"], true);
+    // Istio's gRPC message counts, one call's worth each way.
+    let bidi = "grpc_response_status=\"0\"";
+    assert_eq!(mesh.wait_requests_total(&[bidi], 1).await, 1);
+    for name in [
+        "istio_request_messages_total",
+        "istio_response_messages_total",
+    ] {
+        assert_eq!(mesh.counter(name, &[bidi]).await, 1000, "{name}");
+    }
 }
 
 #[tokio::test]
@@ -173,6 +182,99 @@ async fn unavailable_once_is_retried_by_the_default_policy() {
     assert_eq!(
         mesh.requests_total(&["grpc_response_status=\"14\""]).await,
         0
+    );
+}
+
+/// A client stream that has not ended when its first attempt fails: the retry replays what
+/// was sent so far and then streams the rest, and the server sees the whole stream once.
+#[tokio::test]
+async fn a_retry_replays_a_client_stream_that_has_not_ended() {
+    let mesh = mesh(72).await;
+    let _pod = mesh.start_grpc_pod(&[]).await;
+    let (entry, _task) = mesh.entry(GRPC_VIP).await;
+    let marker = std::env::temp_dir().join(format!("ambit-grpc-collect-{}", std::process::id()));
+    std::fs::write(&marker, "").unwrap();
+    // 20 messages of 100 bytes, 20 ms apart: the server fails the first attempt after the first
+    // message, some 380 ms before the client's stream ends.
+    let args = ["collect", "20", "100", "20", marker.to_str().unwrap()];
+    let result = grpc_client(entry, &args).await;
+    assert_eq!(result["code"], "OK", "{result}");
+    assert_eq!(result["answer"], "20:2000", "{result}");
+    assert!(
+        !marker.exists(),
+        "the first attempt never reached the server"
+    );
+    assert_eq!(
+        mesh.wait_requests_total(&["grpc_response_status=\"0\""], 1)
+            .await,
+        1
+    );
+    assert_eq!(
+        mesh.counter("istio_request_messages_total", &[]).await,
+        20,
+        "the client's messages, counted once however often they were sent"
+    );
+}
+
+/// A client stream that outgrew the retry buffer (64 KiB) before its first attempt failed is
+/// not retried: the client gets the server's own `UNAVAILABLE`, never a stream with a hole.
+#[tokio::test]
+async fn a_client_stream_past_the_retry_buffer_gets_the_servers_unavailable() {
+    let mesh = mesh(73).await;
+    let _pod = mesh.start_grpc_pod(&[]).await;
+    let (entry, _task) = mesh.entry(GRPC_VIP).await;
+    let marker = std::env::temp_dir().join(format!("ambit-grpc-overflow-{}", std::process::id()));
+    std::fs::write(&marker, "").unwrap();
+    // The server reads two 40 KB messages (80 KB read by then) before it fails the attempt.
+    let args = [
+        "collect",
+        "4",
+        "40000",
+        "100",
+        marker.to_str().unwrap(),
+        "2",
+    ];
+    let result = grpc_client(entry, &args).await;
+    assert_eq!(result["code"], "UNAVAILABLE", "{result}");
+    assert_eq!(result["details"], "try again", "{result}");
+    assert!(!marker.exists());
+    assert_eq!(
+        mesh.wait_requests_total(&["grpc_response_status=\"14\""], 1)
+            .await,
+        1
+    );
+}
+
+/// Past `h2_max_concurrent_streams` streams on its upstream connection, a request goes on
+/// another connection instead of queueing: six 2 s calls to a server that takes two streams per
+/// connection at a time all run at once over three connections.
+#[tokio::test]
+async fn streams_past_the_per_connection_cap_go_on_another_connection() {
+    let settings = ProxySettings {
+        h2_max_concurrent_streams: 2,
+        ..ProxySettings::default()
+    };
+    let mesh = Arc::new(L7Mesh::start(74, "", settings).await);
+    let _pod = mesh
+        .start_grpc_pod(&["--max-concurrent-streams", "2"])
+        .await;
+    let started = Instant::now();
+    let calls: Vec<_> = (0..6)
+        .map(|_| {
+            let mesh = mesh.clone();
+            tokio::spawn(async move { raw_call(&mesh, GRPC_VIP, "/test.Echo/Slow", &[]).await })
+        })
+        .collect();
+    for call in calls {
+        let (status, headers, _) = call.await.unwrap();
+        assert_eq!(status, 200);
+        assert_eq!(headers["grpc-status"], "0", "{headers:?}");
+    }
+    let took = started.elapsed();
+    eprintln!("six 2 s calls, two streams per upstream connection: {took:?}");
+    assert!(
+        took < Duration::from_millis(3500),
+        "the calls queued behind the server's two streams per connection: {took:?}"
     );
 }
 

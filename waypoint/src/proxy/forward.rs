@@ -7,8 +7,10 @@
 //! headers and per-try timeouts. Each retry goes to an endpoint not tried yet when there is one,
 //! after an exponential backoff with full jitter (Envoy's: `rand(0, base × 2^(n-1))`, capped at
 //! ten times the base). Request bodies stream to the first attempt at once and are copied on
-//! the way; a body that had ended within the buffer limit when the response came can be sent
-//! again, a longer or unfinished one cannot, and then no retry happens. Retries happen on
+//! the way; a retry sends the copy and then the rest of the body as the client sends it, so a
+//! body still streaming when the first attempt failed is sent whole; a body that outgrew the
+//! buffer limit cannot be sent again, and then no retry happens (the client gets the endpoint's
+//! own answer, a gRPC client its `UNAVAILABLE`). Retries happen on
 //! response headers only, never once a byte of a response went to the client. Failures are answered the way Envoy
 //! answers them (503 `UF,URX`, 503 `UH`, 503 `UC`, 504 `UT`, and 400 `DPE` when the client's own
 //! body breaks off), with the same response flags.
@@ -162,7 +164,7 @@ pub async fn forward(
         };
         labels.destination_principal = endpoint.workload.identity().ok();
         labels.destination = Some(endpoint.workload.clone());
-        let in_flight = context.upstreams.start(&endpoint.workload);
+        let mut in_flight = context.upstreams.start(&endpoint.workload);
         labels.destination_service = endpoint.service.clone();
         if !body.replayable() {
             // A streamed body went with an earlier attempt.
@@ -171,7 +173,15 @@ pub async fn forward(
         let sent = async {
             match context
                 .upstreams
-                .send(context, tunnel, &endpoint, head, body, protocol)
+                .send(
+                    context,
+                    tunnel,
+                    &endpoint,
+                    head,
+                    body,
+                    protocol,
+                    &mut in_flight,
+                )
                 .await
             {
                 Ok(response) => Attempt::Response(response),
@@ -196,6 +206,9 @@ pub async fn forward(
                     tracing::debug!(endpoint = %endpoint.workload.uid, %status, attempt, "retriable response; retrying");
                     tried.push(endpoint.workload);
                     continue;
+                }
+                if retriable && more {
+                    tracing::debug!(endpoint = %endpoint.workload.uid, %status, attempt, "retriable response not retried: the request body outgrew the retry buffer");
                 }
                 let flags = if retriable && attempt > 0 { "URX" } else { "-" };
                 let response =
@@ -297,7 +310,7 @@ pub fn mirror(
                 chunks: chunks.clone(),
                 trailers: trailers.clone(),
             },
-            ReplayBody::Streaming(_) | ReplayBody::Teed { .. } => {
+            ReplayBody::Streaming(_) | ReplayBody::Teed(_) => {
                 tracing::debug!(backend = %m.backend.name, "request body too large to mirror; mirror skipped");
                 continue;
             }
@@ -332,11 +345,18 @@ pub fn mirror(
             let Some(endpoint) = context.upstreams.pick(&snapshot, &target, base, &[]) else {
                 return;
             };
-            match context
-                .upstreams
-                .send(&context, &tunnel, &endpoint, &head, &mut copy, protocol)
-                .await
-            {
+            // A mirror counts at its endpoint (and on its stream) as any request does.
+            let mut in_flight = context.upstreams.start(&endpoint.workload);
+            let sent = context.upstreams.send(
+                &context,
+                &tunnel,
+                &endpoint,
+                &head,
+                &mut copy,
+                protocol,
+                &mut in_flight,
+            );
+            match sent.await {
                 Ok(response) => {
                     let _ = response.into_body().collect().await;
                 }

@@ -203,7 +203,12 @@ pub async fn serve(
     let upgrade = wants_upgrade(request.headers()).then(|| hyper::upgrade::on(&mut request));
     let (parts, body) = request.into_parts();
     let version = parts.version;
-    let body = CountingBody::new(body.boxed_unsync(), request_bytes.clone()).boxed_unsync();
+    let request_messages = grpc.then(Arc::default);
+    let body = CountingBody::new(body.boxed_unsync(), request_bytes.clone());
+    let body = match &request_messages {
+        Some(messages) => body.grpc(Arc::clone(messages)).boxed_unsync(),
+        None => body.boxed_unsync(),
+    };
     let head = RequestHead {
         method: parts.method,
         uri: parts.uri,
@@ -252,6 +257,7 @@ pub async fn serve(
         labels,
         start,
         request_bytes,
+        request_messages,
         access,
     };
     Ok(response.map(|body| ObservedBody::new(body, response_header_bytes, completion)))

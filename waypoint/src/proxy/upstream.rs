@@ -5,9 +5,11 @@
 //! upstream HTTP/1.1 connections themselves: an HBONE tunnel to `podIP:15008` (plain TCP for
 //! endpoints outside the mesh), kept alive and reused for later requests from the same client.
 //! HTTP/2 upstreams (ports declared `http2`, `grpc` or `grpc-web`, and HTTP/2 requests on
-//! undeclared ports, as Istio's clusters decide it) share one connection per pool key, its
-//! streams multiplexed, kept alive with PINGs; a connection the endpoint closes (GOAWAY) is
-//! replaced, and requests it refused unprocessed are retried.
+//! undeclared ports, as Istio's clusters decide it) share a connection per pool key, its
+//! streams multiplexed, kept alive with PINGs; once a connection carries
+//! `h2_max_concurrent_streams` streams, the next request opens another (Envoy's
+//! `max_concurrent_streams`), so requests never queue behind our own cap. A connection the
+//! endpoint closes (GOAWAY) is replaced, and requests it refused unprocessed are retried.
 //!
 //! Pooled connections are keyed by the endpoint, the target and the client address the tunnel's
 //! `forwarded` header names, because the destination ztunnel takes the client's address from
@@ -150,21 +152,52 @@ struct Idle {
     since: Instant,
 }
 
-/// One pool key's HTTP/2 connection. The async lock makes requests that arrive while it is
+/// One pool key's HTTP/2 connections. The async lock makes requests that arrive while one is
 /// being opened wait for it instead of each opening another.
-type H2Slot = Arc<tokio::sync::Mutex<Option<H2Connection>>>;
+type H2Slot = Arc<tokio::sync::Mutex<Vec<H2Connection>>>;
 
 struct H2Connection {
     sender: http2::SendRequest<BoxBody>,
     last_used: Instant,
+    /// Streams open on it: requests sent whose response bodies are not done with.
+    streams: Arc<AtomicUsize>,
 }
 
-/// Requests (or L4 connections) in flight at one endpoint, counted while this lives.
-pub struct InFlight(Arc<AtomicUsize>);
+impl H2Connection {
+    fn usable(&self, idle_timeout: Duration) -> bool {
+        self.sender.is_ready() && self.last_used.elapsed() < idle_timeout
+    }
+}
+
+/// Requests (or L4 connections) in flight at one endpoint, and a request's stream on the
+/// multiplexed connection that carries it, counted while this lives.
+pub struct InFlight {
+    endpoint: Arc<AtomicUsize>,
+    stream: Option<Arc<AtomicUsize>>,
+}
+
+/// Counts one more on `count`, until the returned handle is dropped (by [`InFlight`]).
+fn count_one(count: &Arc<AtomicUsize>) -> Arc<AtomicUsize> {
+    count.fetch_add(1, Ordering::Relaxed);
+    count.clone()
+}
+
+impl InFlight {
+    /// The request now goes on the stream counted by `streams` (a retry on another connection
+    /// stops counting on the previous one).
+    fn set_stream(&mut self, streams: &Arc<AtomicUsize>) {
+        if let Some(previous) = self.stream.replace(count_one(streams)) {
+            previous.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+        self.endpoint.fetch_sub(1, Ordering::Relaxed);
+        if let Some(stream) = &self.stream {
+            stream.fetch_sub(1, Ordering::Relaxed);
+        }
     }
 }
 
@@ -204,9 +237,10 @@ impl Upstreams {
             // Endpoints that went away leave idle counters behind.
             in_flight.retain(|_, count| Arc::strong_count(count) > 1);
         }
-        let count = in_flight.entry(workload.uid.clone()).or_default().clone();
-        count.fetch_add(1, Ordering::Relaxed);
-        InFlight(count)
+        InFlight {
+            endpoint: count_one(in_flight.entry(workload.uid.clone()).or_default()),
+            stream: None,
+        }
     }
 
     fn in_flight(&self, workload: &Workload) -> usize {
@@ -321,7 +355,8 @@ impl Upstreams {
     /// new one, and returns as soon as the response headers arrive. The body is taken only once
     /// a connection is there, so a connect failure leaves it for the next attempt. An upgrade
     /// request gets an HTTP/1.1 connection of its own, never pooled: it becomes the upgraded
-    /// stream.
+    /// stream. An HTTP/2 request's stream is counted on its connection by `in_flight`.
+    #[allow(clippy::too_many_arguments)]
     pub async fn send(
         &self,
         context: &Context,
@@ -330,10 +365,13 @@ impl Upstreams {
         head: &RequestHead,
         body: &mut ReplayBody,
         protocol: UpstreamProtocol,
+        in_flight: &mut InFlight,
     ) -> Result<Response<Incoming>, Failure> {
         let upgrade = protocol == UpstreamProtocol::Upgrade;
         if protocol == UpstreamProtocol::Http2 {
-            return self.send_h2(context, tunnel, endpoint, head, body).await;
+            return self
+                .send_h2(context, tunnel, endpoint, head, body, in_flight)
+                .await;
         }
         let key = pool_key(tunnel, endpoint);
         let build = |body: &mut ReplayBody| take_request(head, body, protocol);
@@ -379,9 +417,9 @@ impl Upstreams {
         Ok(response)
     }
 
-    /// [`send`](Self::send) over HTTP/2: on the key's connection while it takes new streams,
-    /// else on a new one. A request the connection handed back unsent (it closed first) goes on
-    /// the next connection as it is.
+    /// [`send`](Self::send) over HTTP/2: on one of the key's connections while it takes new
+    /// streams, else on a new one. A request the connection handed back unsent (it closed first)
+    /// goes on the next connection as it is.
     async fn send_h2(
         &self,
         context: &Context,
@@ -389,12 +427,15 @@ impl Upstreams {
         endpoint: &Endpoint,
         head: &RequestHead,
         body: &mut ReplayBody,
+        in_flight: &mut InFlight,
     ) -> Result<Response<Incoming>, Failure> {
         let key = pool_key(tunnel, endpoint);
         let mut request = None;
         // A pooled connection may turn out closed; the second round opens a fresh one.
         for _ in 0..2 {
-            let mut sender = self.h2_sender(context, tunnel, endpoint, &key).await?;
+            let mut sender = self
+                .h2_sender(context, tunnel, endpoint, &key, in_flight)
+                .await?;
             let unsent = match request.take() {
                 Some(r) => r,
                 None => take_request(head, body, UpstreamProtocol::Http2)?,
@@ -413,14 +454,16 @@ impl Upstreams {
         })
     }
 
-    /// The key's HTTP/2 connection, opened when there is none that takes new streams (it closed,
-    /// the endpoint sent GOAWAY, or it sat unused past the idle timeout).
+    /// A connection of the key with room for one more stream, counted on it in `in_flight`;
+    /// one is opened when none has room (each carries `h2_max_concurrent_streams`) or takes new
+    /// streams (it closed, the endpoint sent GOAWAY, or it sat unused past the idle timeout).
     async fn h2_sender(
         &self,
         context: &Context,
         tunnel: &TunnelInfo,
         endpoint: &Endpoint,
         key: &PoolKey,
+        in_flight: &mut InFlight,
     ) -> Result<http2::SendRequest<BoxBody>, Failure> {
         let slot = self
             .h2
@@ -429,12 +472,17 @@ impl Upstreams {
             .entry(key.clone())
             .or_default()
             .clone();
-        let mut connection = slot.lock().await;
-        if let Some(c) = connection.as_mut() {
-            if c.sender.is_ready() && c.last_used.elapsed() < self.settings.pool_idle_timeout {
-                c.last_used = Instant::now();
-                return Ok(c.sender.clone());
-            }
+        let mut connections = slot.lock().await;
+        let idle_timeout = self.settings.pool_idle_timeout;
+        connections.retain(|c| c.usable(idle_timeout));
+        let cap = self.settings.h2_max_concurrent_streams.max(1);
+        if let Some(c) = connections
+            .iter_mut()
+            .find(|c| c.streams.load(Ordering::Relaxed) < cap)
+        {
+            c.last_used = Instant::now();
+            in_flight.set_stream(&c.streams);
+            return Ok(c.sender.clone());
         }
         self.sweep_h2(key);
         let io = open(context, tunnel, endpoint).await?;
@@ -455,9 +503,12 @@ impl Upstreams {
                 tracing::debug!(endpoint = %uid, error = %err, "upstream HTTP/2 connection ended with an error");
             }
         });
-        *connection = Some(H2Connection {
+        let streams = Arc::default();
+        in_flight.set_stream(&streams);
+        connections.push(H2Connection {
             sender: sender.clone(),
             last_used: Instant::now(),
+            streams,
         });
         Ok(sender)
     }
@@ -470,11 +521,9 @@ impl Upstreams {
         self.h2.lock().expect("h2 pool lock").retain(|key, slot| {
             key == keep
                 // A slot locked is being opened or used right now.
-                || slot.try_lock().map_or(true, |c| {
-                    c.as_ref().is_some_and(|c| {
-                        c.sender.is_ready() && c.last_used.elapsed() < idle_timeout
-                    })
-                })
+                || slot
+                    .try_lock()
+                    .map_or(true, |c| c.iter().any(|c| c.usable(idle_timeout)))
         });
     }
 

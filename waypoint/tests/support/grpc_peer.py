@@ -2,7 +2,7 @@
 
 Messages are raw bytes (no protobuf): grpcio passes them through when no serializers are given.
 
-    grpc_peer.py server ADDRESS NAME [--max-connection-age-ms MS]
+    grpc_peer.py server ADDRESS NAME [--max-connection-age-ms MS] [--max-concurrent-streams N]
         Serves test.Echo until killed and prints "ready" once listening.
         Unary       answers NAME + b":" + the request (an x-test header comes back in the
                     x-seen-test trailer).
@@ -10,6 +10,9 @@ Messages are raw bytes (no protobuf): grpcio passes them through when no seriali
         Bidi        echoes every message.
         Slow        waits 2 s, then answers like Unary (a deadline ends it first).
         Unavailable answers UNAVAILABLE while the file named by the request exists, deleting it.
+        Collect     reads the client's stream and answers b"<messages>:<bytes>"; while the file
+                    named by the x-marker header exists, it deletes it after reading x-read
+                    (default 1) messages and answers UNAVAILABLE, the client still sending.
         Watch       answers b"first", then waits (up to 20 s) for the client to cancel and
                     creates the file named by the request when it sees the cancellation.
 
@@ -19,6 +22,8 @@ Messages are raw bytes (no protobuf): grpcio passes them through when no seriali
         stream                one server-streaming call: messages, first_at, end_at (seconds)
         bidi N                a bidirectional stream of N messages: sent, echoed, in_order
         call METHOD [TIMEOUT_MS] [PAYLOAD]  one unary call: code, details, trailing metadata
+        collect N SIZE GAP_MS MARKER [READ]  one client-streaming call of N messages of SIZE
+                              bytes, GAP_MS apart: code, details, answer
         cancel PAYLOAD        calls Watch, cancels after the first message: first
 """
 
@@ -32,7 +37,7 @@ from concurrent import futures
 import grpc
 
 
-def serve(address, name, max_age_ms):
+def serve(address, name, max_age_ms, max_streams):
     def unary(request, context):
         seen = dict(context.invocation_metadata()).get("x-test")
         if seen is not None:
@@ -67,7 +72,18 @@ def serve(address, name, max_age_ms):
         if not context.is_active():
             open(request.decode(), "w").close()
 
+    def collect(requests, context):
+        metadata = dict(context.invocation_metadata())
+        marker = metadata.get("x-marker", "")
+        messages = [next(requests) for _ in range(int(metadata.get("x-read", "1")))]
+        if marker and os.path.exists(marker):
+            os.remove(marker)
+            context.abort(grpc.StatusCode.UNAVAILABLE, "try again")
+        messages += list(requests)
+        return b"%d:%d" % (len(messages), sum(len(m) for m in messages))
+
     handlers = {
+        "Collect": grpc.stream_unary_rpc_method_handler(collect),
         "Watch": grpc.unary_stream_rpc_method_handler(watch),
         "Unary": grpc.unary_unary_rpc_method_handler(unary),
         "Stream": grpc.unary_stream_rpc_method_handler(stream),
@@ -82,6 +98,9 @@ def serve(address, name, max_age_ms):
             ("grpc.max_connection_age_ms", max_age_ms),
             ("grpc.max_connection_age_grace_ms", 5000),
         ]
+    if max_streams:
+        # Advertised in SETTINGS: streams a client may open at once on one connection.
+        options.append(("grpc.max_concurrent_streams", max_streams))
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=16), options=options)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("test.Echo", handlers),))
     if server.add_insecure_port(address) == 0:
@@ -149,6 +168,22 @@ def client(target, mode, args):
             result = {"code": e.code().name, "details": e.details(),
                       "trailers": dict(e.trailing_metadata() or ())}
         result["seconds"] = time.monotonic() - start
+    elif mode == "collect":
+        n, size, gap = int(args[0]), int(args[1]), int(args[2]) / 1000
+        metadata = [("x-marker", args[3])] + ([("x-read", args[4])] if len(args) > 4 else [])
+
+        def requests():
+            for i in range(n):
+                if i:
+                    time.sleep(gap)
+                yield bytes([i % 256]) * size
+
+        try:
+            answer = channel.stream_unary("/test.Echo/Collect")(
+                requests(), timeout=30, metadata=metadata)
+            result = {"code": "OK", "answer": answer.decode()}
+        except grpc.RpcError as e:
+            result = {"code": e.code().name, "details": e.details()}
     elif mode == "cancel":
         call = channel.unary_stream("/test.Echo/Watch")(args[0].encode(), timeout=30)
         first = next(call).decode()
@@ -164,6 +199,9 @@ if __name__ == "__main__":
         age = 0
         if "--max-connection-age-ms" in sys.argv:
             age = int(sys.argv[sys.argv.index("--max-connection-age-ms") + 1])
-        serve(sys.argv[2], sys.argv[3], age)
+        streams = 0
+        if "--max-concurrent-streams" in sys.argv:
+            streams = int(sys.argv[sys.argv.index("--max-concurrent-streams") + 1])
+        serve(sys.argv[2], sys.argv[3], age, streams)
     else:
         client(sys.argv[2], sys.argv[3], sys.argv[4:])
