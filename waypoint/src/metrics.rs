@@ -13,7 +13,11 @@ use std::time::Duration;
 
 use ambit_mesh::identity::Identity;
 use ambit_mesh::state::{Service, Workload};
-use ambit_mesh::telemetry::{or_unknown, principal, TrafficLabels, WorkloadLabels};
+use ambit_mesh::copy::Meter;
+use ambit_mesh::telemetry::{
+    or_unknown, principal, TcpCounters, TcpSeries, TrafficLabels, WorkloadLabels,
+};
+pub use ambit_mesh::telemetry::{TCP_CLOSED, TCP_OPENED, TCP_RECEIVED, TCP_SENT};
 use metrics::{Key, Label, Level, Metadata, Recorder};
 
 use crate::wasm::WasmFilters;
@@ -25,10 +29,6 @@ pub const REQUESTS: &str = "istio_requests_total";
 pub const DURATION: &str = "istio_request_duration_milliseconds";
 pub const REQUEST_BYTES: &str = "istio_request_bytes";
 pub const RESPONSE_BYTES: &str = "istio_response_bytes";
-pub const TCP_OPENED: &str = "istio_tcp_connections_opened_total";
-pub const TCP_CLOSED: &str = "istio_tcp_connections_closed_total";
-pub const TCP_RECEIVED: &str = "istio_tcp_received_bytes_total";
-pub const TCP_SENT: &str = "istio_tcp_sent_bytes_total";
 
 /// Istio's default histogram buckets (`sidecar.istio.io/statsHistogramBuckets`), used for the
 /// duration (milliseconds) and for both byte histograms.
@@ -65,6 +65,7 @@ pub struct Metrics {
     handle: PrometheusHandle,
     /// Metrics Wasm filters define, once a filter was loaded.
     wasm: Option<Arc<WasmFilters>>,
+    tcp: TcpSeries,
 }
 
 impl Default for Metrics {
@@ -82,6 +83,7 @@ impl Default for Metrics {
             recorder,
             handle,
             wasm: None,
+            tcp: TcpSeries::default(),
         }
     }
 }
@@ -136,27 +138,31 @@ impl Metrics {
 
 impl Metrics {
     /// A connection proxied at L4 was opened (or refused: then `labels` carry the flag and it is
-    /// closed at once).
-    pub fn connection_opened(&self, labels: &TrafficLabels) {
-        self.tcp_counter(TCP_OPENED, labels, 1);
+    /// dropped at once, which counts it closed). Its bytes are counted into the returned value
+    /// as they move (it is the splice's [`ambit_mesh::copy::Meter`]).
+    pub fn connection_opened(&self, labels: &TrafficLabels) -> TcpConnection {
+        let counters = self.tcp.counters(&self.recorder, labels);
+        counters.opened.increment(1);
+        TcpConnection(counters)
+    }
+}
+
+/// A connection counted opened; counted closed when dropped.
+pub struct TcpConnection(Arc<TcpCounters>);
+
+impl Meter for TcpConnection {
+    fn forward(&self, bytes: u64) {
+        self.0.forward(bytes);
     }
 
-    /// `received`: bytes from the client towards the endpoint; `sent`: bytes back to the client.
-    pub fn connection_closed(&self, labels: &TrafficLabels, received: u64, sent: u64) {
-        self.tcp_counter(TCP_CLOSED, labels, 1);
-        self.tcp_counter(TCP_RECEIVED, labels, received);
-        self.tcp_counter(TCP_SENT, labels, sent);
+    fn backward(&self, bytes: u64) {
+        self.0.backward(bytes);
     }
+}
 
-    fn tcp_counter(&self, name: &'static str, labels: &TrafficLabels, value: u64) {
-        let labels: Vec<Label> = labels
-            .pairs()
-            .into_iter()
-            .map(|(key, value)| Label::new(key, value))
-            .collect();
-        self.recorder
-            .register_counter(&Key::from_parts(name, labels), &METADATA)
-            .increment(value);
+impl Drop for TcpConnection {
+    fn drop(&mut self) {
+        self.0.closed.increment(1);
     }
 }
 
