@@ -171,7 +171,7 @@ struct Direction {
 impl Direction {
     /// Moves bytes from `from` to `to` until `from` would block, then returns Pending; Ready once
     /// the end of stream has been passed on as a shutdown.
-    fn poll<R: ChunkStream, W: ChunkStream>(
+    fn poll<R: ChunkStream + ?Sized, W: ChunkStream + ?Sized>(
         &mut self,
         cx: &mut Context<'_>,
         from: &mut R,
@@ -222,9 +222,9 @@ where
     let mut forward = Direction::default();
     let mut backward = Direction::default();
     let result = poll_fn(|cx| {
-        let f = forward.poll(cx, &mut *a, &mut *b, |n| meter.forward(n))?;
-        let b = backward.poll(cx, &mut *b, &mut *a, |n| meter.backward(n))?;
-        if f.is_ready() && b.is_ready() {
+        let forward_done = forward.poll(cx, &mut *a, &mut *b, |n| meter.forward(n))?;
+        let backward_done = backward.poll(cx, &mut *b, &mut *a, |n| meter.backward(n))?;
+        if forward_done.is_ready() && backward_done.is_ready() {
             Poll::Ready(Ok(()))
         } else {
             Poll::Pending
