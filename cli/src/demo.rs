@@ -39,10 +39,7 @@ struct DemoApp {
 }
 
 impl ConnectHandler for DemoApp {
-    fn connect(
-        &self,
-        request: ConnectRequest,
-    ) -> BoxFuture<'_, Result<Accepted, Rejection>> {
+    fn connect(&self, request: ConnectRequest) -> BoxFuture<'_, Result<Accepted, Rejection>> {
         Box::pin(async move {
             if request.target != self.app {
                 return Err(Rejection::Unavailable(format!(

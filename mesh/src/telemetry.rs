@@ -204,7 +204,10 @@ impl TrafficLabels {
             ("source_canonical_service", Str(s.canonical_service)),
             ("source_canonical_revision", Str(s.canonical_revision)),
             ("source_workload_namespace", Str(s.namespace)),
-            ("source_principal", Principal(self.source_principal.as_ref())),
+            (
+                "source_principal",
+                Principal(self.source_principal.as_ref()),
+            ),
             ("source_app", Str(s.app)),
             ("source_version", Str(s.version)),
             ("source_cluster", Str(s.cluster)),

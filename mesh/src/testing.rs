@@ -67,10 +67,7 @@ pub struct TcpForwarder {
 }
 
 impl ConnectHandler for TcpForwarder {
-    fn connect(
-        &self,
-        request: ConnectRequest,
-    ) -> BoxFuture<'_, Result<Accepted, Rejection>> {
+    fn connect(&self, request: ConnectRequest) -> BoxFuture<'_, Result<Accepted, Rejection>> {
         Box::pin(async move {
             self.seen.lock().unwrap().push(request.clone());
             if self.deny.contains(&request.peer_identity) {

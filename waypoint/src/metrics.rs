@@ -11,9 +11,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use ambit_mesh::copy::Meter;
 use ambit_mesh::identity::Identity;
 use ambit_mesh::state::{Service, Workload};
-use ambit_mesh::copy::Meter;
 use ambit_mesh::telemetry::{
     or_unknown, principal, TcpCounters, TcpSeries, TrafficLabels, WorkloadLabels,
 };

@@ -34,7 +34,9 @@ const MODE_ECHO: u8 = b'E';
 const MODE_SINK: u8 = b'S';
 
 fn main() {
-    let conns = env_size("AMBIT_BENCH_CONNS").map_or(1000, |n| n as usize).max(1);
+    let conns = env_size("AMBIT_BENCH_CONNS")
+        .map_or(1000, |n| n as usize)
+        .max(1);
     let bytes = env_size("AMBIT_BENCH_BYTES").unwrap_or(256 * MIB);
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -135,7 +137,10 @@ async fn server(pod: &PodNet, finished: Arc<AtomicUsize>) {
 async fn wait_for(counter: &AtomicUsize, count: usize) {
     let deadline = Instant::now() + Duration::from_secs(30);
     while counter.load(Ordering::SeqCst) < count {
-        assert!(Instant::now() < deadline, "server finished too few connections");
+        assert!(
+            Instant::now() < deadline,
+            "server finished too few connections"
+        );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
@@ -168,10 +173,7 @@ async fn run(conns: usize, bytes: u64) {
         &cluster.sleep,
         SocketAddr::new(VIP.parse().expect("VIP"), 80),
     );
-    let direct = Path::new(
-        &direct_pod,
-        SocketAddr::new(cluster.plain.ip.into(), PORT),
-    );
+    let direct = Path::new(&direct_pod, SocketAddr::new(cluster.plain.ip.into(), PORT));
 
     // Warm up: certificates issued, the HBONE connection pooled, every label set registered.
     per_connection(&ambit, 20, &echo_done).await;

@@ -10,10 +10,10 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use ambit_mesh::state::Workload;
 use ambit_mesh::copy::Meter;
-use ambit_mesh::telemetry::{TcpCounters, TcpSeries, WorkloadLabels};
+use ambit_mesh::state::Workload;
 pub use ambit_mesh::telemetry::{Reporter, TrafficLabels};
+use ambit_mesh::telemetry::{TcpCounters, TcpSeries, WorkloadLabels};
 use metrics::{Key, Label, Level, Metadata, Recorder};
 use metrics_exporter_prometheus::{
     Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,

@@ -208,7 +208,11 @@ async fn byte_counters_grow_while_a_connection_is_open() {
     loop {
         let (counters, closed) = byte_counters(&cluster).await;
         if closed == 2 {
-            assert_eq!(counters, [(total, greeting + total); 2], "nothing counted twice");
+            assert_eq!(
+                counters,
+                [(total, greeting + total); 2],
+                "nothing counted twice"
+            );
             break;
         }
         assert!(Instant::now() < deadline, "both ztunnels count the close");

@@ -75,7 +75,11 @@ impl AsyncRead for H2Stream {
 
 impl H2Stream {
     /// Waits until h2 lets `wanted` bytes (or some of them) be sent; returns how many may be.
-    fn poll_send_capacity(&mut self, cx: &mut Context<'_>, wanted: usize) -> Poll<io::Result<usize>> {
+    fn poll_send_capacity(
+        &mut self,
+        cx: &mut Context<'_>,
+        wanted: usize,
+    ) -> Poll<io::Result<usize>> {
         // Each write becomes one owned chunk queued in h2 until sent. Chunks past glibc's mmap
         // threshold (128 KiB) are mapped and unmapped every time, and the page faults cost more
         // than the copy: capping chunks took one HBONE stream from ~0.5-0.7 to ~0.9-1.0 GB/s here.
@@ -150,7 +154,9 @@ impl ChunkStream for H2Stream {
                 let _ = self.recv.flow_control().release_capacity(data.len());
                 Poll::Ready(Ok(data))
             }
-            Some(Err(err)) if err.reason() == Some(Reason::NO_ERROR) => Poll::Ready(Ok(Bytes::new())),
+            Some(Err(err)) if err.reason() == Some(Reason::NO_ERROR) => {
+                Poll::Ready(Ok(Bytes::new()))
+            }
             Some(Err(err)) => Poll::Ready(Err(h2_to_io(err))),
             None => Poll::Ready(Ok(Bytes::new())),
         }

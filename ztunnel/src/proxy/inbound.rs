@@ -45,10 +45,7 @@ struct HboneInbound {
 }
 
 impl ConnectHandler for HboneInbound {
-    fn connect(
-        &self,
-        request: ConnectRequest,
-    ) -> BoxFuture<'_, Result<Accepted, Rejection>> {
+    fn connect(&self, request: ConnectRequest) -> BoxFuture<'_, Result<Accepted, Rejection>> {
         Box::pin(async move {
             let client = request.peer_addr;
             let (snapshot, workload) = local_workload(&self.pod).await?;

@@ -75,7 +75,10 @@ async fn handle(pod: Arc<Pod>, app: TcpStream, client: SocketAddr) {
         Route::Plain { target, labels } => match pod.netns.connect(target).await {
             Ok(upstream) => {
                 let open = metrics.connection_opened(labels);
-                (splice(&mut app, &mut Buffered::new(upstream), &open).await, open)
+                (
+                    splice(&mut app, &mut Buffered::new(upstream), &open).await,
+                    open,
+                )
             }
             Err(err) => {
                 tracing::info!(target: "access", pod = %pod.uid, src = %client, dst = %target, error = %err, "outbound passthrough connect failed");
