@@ -52,7 +52,8 @@ pub struct WorkloadNames<'a> {
     pub cluster: &'a str,
 }
 
-fn unknown_if_empty(value: &str) -> &str {
+/// `value`, or `unknown` when it is empty (Istio's rendering of a missing value).
+pub fn unknown_if_empty(value: &str) -> &str {
     if value.is_empty() {
         "unknown"
     } else {
@@ -163,6 +164,7 @@ pub enum LabelValue<'a> {
     Str(&'a str),
     /// A `*_principal`: the SPIFFE id, or `unknown`.
     Principal(Option<&'a Identity>),
+    Number(u64),
 }
 
 impl fmt::Display for LabelValue<'_> {
@@ -171,6 +173,7 @@ impl fmt::Display for LabelValue<'_> {
             LabelValue::Str(value) => f.write_str(value),
             LabelValue::Principal(Some(identity)) => identity.fmt(f),
             LabelValue::Principal(None) => f.write_str("unknown"),
+            LabelValue::Number(number) => number.fmt(f),
         }
     }
 }
@@ -266,68 +269,94 @@ impl crate::copy::Meter for TcpCounters {
     }
 }
 
-/// The TCP counters of every label set seen so far. A connection finds its counters from its
-/// [`TrafficLabels`] without building a label: the values are hashed and compared where they lie,
-/// so only a label set's first connection renders and registers it. Nothing is evicted: the
-/// recorder keeps every series it was given for as long, so this adds a pointer per series.
-#[derive(Default)]
-pub struct TcpSeries {
-    known: Mutex<HashMap<u64, Vec<KnownSeries>>>,
+/// Metric handles of every label set seen so far. An event finds its handles from borrowed label
+/// values without building a label: the values are hashed and compared where they lie, so only a
+/// label set's first event renders and registers it. Nothing is evicted: the recorder keeps every
+/// series it was given for as long, so this adds a pointer per series.
+pub struct SeriesCache<H> {
+    known: Mutex<HashMap<u64, Vec<KnownSeries<H>>>>,
 }
 
-struct KnownSeries {
+impl<H> Default for SeriesCache<H> {
+    fn default() -> Self {
+        SeriesCache {
+            known: Mutex::default(),
+        }
+    }
+}
+
+struct KnownSeries<H> {
     values: Box<[Arc<str>]>,
-    counters: Arc<TcpCounters>,
+    handles: Arc<H>,
 }
 
-static METADATA: Metadata<'static> =
+/// Metadata for handles registered through a [`SeriesCache`] (the exporters ignore it).
+pub static METADATA: Metadata<'static> =
     Metadata::new(module_path!(), Level::INFO, Some(module_path!()));
 
-impl TcpSeries {
-    /// The counters for `labels`, registered with `recorder` the first time they are seen.
-    pub fn counters(&self, recorder: &dyn Recorder, labels: &TrafficLabels) -> Arc<TcpCounters> {
-        let values = labels.values();
+impl<H> SeriesCache<H> {
+    /// The handles for `values`, made by `register` (from the rendered labels) the first time
+    /// they are seen.
+    pub fn get(
+        &self,
+        values: &[(&'static str, LabelValue<'_>)],
+        register: impl FnOnce(Vec<Label>) -> H,
+    ) -> Arc<H> {
         let mut hasher = DefaultHasher::new();
-        for (_, value) in &values {
+        for (_, value) in values {
             // Writing into a hasher cannot fail.
             let _ = write!(HashWriter(&mut hasher), "{value}");
             hasher.write_u8(0xff);
         }
-        let mut known = self.known.lock().expect("TCP series lock");
+        let mut known = self.known.lock().expect("series cache lock");
         let bucket = known.entry(hasher.finish()).or_default();
         let found = bucket.iter().find(|known| {
-            known
-                .values
-                .iter()
-                .zip(&values)
-                .all(|(rendered, (_, value))| renders_as(value, rendered))
+            known.values.len() == values.len()
+                && known
+                    .values
+                    .iter()
+                    .zip(values)
+                    .all(|(rendered, (_, value))| renders_as(value, rendered))
         });
         if let Some(known) = found {
-            return known.counters.clone();
+            return known.handles.clone();
         }
         let rendered: Box<[Arc<str>]> = values
             .iter()
             .map(|(_, value)| Arc::from(value.to_string()))
             .collect();
-        let label_set: Vec<Label> = values
+        let labels: Vec<Label> = values
             .iter()
             .zip(&rendered)
             .map(|((name, _), value)| Label::new(*name, SharedString::from_shared(value.clone())))
             .collect();
-        let counter = |name: &'static str| {
-            recorder.register_counter(&Key::from_parts(name, label_set.clone()), &METADATA)
-        };
-        let counters = Arc::new(TcpCounters {
-            opened: counter(TCP_OPENED),
-            closed: counter(TCP_CLOSED),
-            received: counter(TCP_RECEIVED),
-            sent: counter(TCP_SENT),
-        });
+        let handles = Arc::new(register(labels));
         bucket.push(KnownSeries {
             values: rendered,
-            counters: counters.clone(),
+            handles: handles.clone(),
         });
-        counters
+        handles
+    }
+}
+
+/// The TCP counters of every label set seen so far.
+#[derive(Default)]
+pub struct TcpSeries(SeriesCache<TcpCounters>);
+
+impl TcpSeries {
+    /// The counters for `labels`, registered with `recorder` the first time they are seen.
+    pub fn counters(&self, recorder: &dyn Recorder, labels: &TrafficLabels) -> Arc<TcpCounters> {
+        self.0.get(&labels.values(), |labels| {
+            let counter = |name: &'static str| {
+                recorder.register_counter(&Key::from_parts(name, labels.clone()), &METADATA)
+            };
+            TcpCounters {
+                opened: counter(TCP_OPENED),
+                closed: counter(TCP_CLOSED),
+                received: counter(TCP_RECEIVED),
+                sent: counter(TCP_SENT),
+            }
+        })
     }
 }
 

@@ -15,10 +15,11 @@ use ambit_mesh::copy::Meter;
 use ambit_mesh::identity::Identity;
 use ambit_mesh::state::{Service, Workload};
 use ambit_mesh::telemetry::{
-    or_unknown, principal, TcpCounters, TcpSeries, TrafficLabels, WorkloadLabels,
+    unknown_if_empty, LabelValue, SeriesCache, TcpCounters, TcpSeries, TrafficLabels,
+    WorkloadNames, METADATA,
 };
 pub use ambit_mesh::telemetry::{TCP_CLOSED, TCP_OPENED, TCP_RECEIVED, TCP_SENT};
-use metrics::{Key, Label, Level, Metadata, Recorder};
+use metrics::{Counter, Histogram, Key, Recorder};
 
 use crate::wasm::WasmFilters;
 use metrics_exporter_prometheus::{
@@ -66,6 +67,7 @@ pub struct Metrics {
     /// Metrics Wasm filters define, once a filter was loaded.
     wasm: Option<Arc<WasmFilters>>,
     tcp: TcpSeries,
+    requests: SeriesCache<RequestHandles>,
 }
 
 impl Default for Metrics {
@@ -84,12 +86,10 @@ impl Default for Metrics {
             handle,
             wasm: None,
             tcp: TcpSeries::default(),
+            requests: SeriesCache::default(),
         }
     }
 }
-
-static METADATA: Metadata<'static> =
-    Metadata::new(module_path!(), Level::INFO, Some(module_path!()));
 
 impl Metrics {
     /// Prometheus text exposition of everything recorded.
@@ -119,21 +119,32 @@ impl Metrics {
         request_bytes: u64,
         response_bytes: u64,
     ) {
-        let labels = labels.to_labels();
-        let key = |name: &'static str| Key::from_parts(name, labels.clone());
-        self.recorder
-            .register_counter(&key(REQUESTS), &METADATA)
-            .increment(1);
-        self.recorder
-            .register_histogram(&key(DURATION), &METADATA)
-            .record(duration.as_secs_f64() * 1000.0);
-        self.recorder
-            .register_histogram(&key(REQUEST_BYTES), &METADATA)
-            .record(request_bytes as f64);
-        self.recorder
-            .register_histogram(&key(RESPONSE_BYTES), &METADATA)
-            .record(response_bytes as f64);
+        let handles = self.requests.get(&labels.values(), |labels| {
+            let key = |name: &'static str| Key::from_parts(name, labels.clone());
+            RequestHandles {
+                requests: self.recorder.register_counter(&key(REQUESTS), &METADATA),
+                duration: self.recorder.register_histogram(&key(DURATION), &METADATA),
+                request_bytes: self
+                    .recorder
+                    .register_histogram(&key(REQUEST_BYTES), &METADATA),
+                response_bytes: self
+                    .recorder
+                    .register_histogram(&key(RESPONSE_BYTES), &METADATA),
+            }
+        });
+        handles.requests.increment(1);
+        handles.duration.record(duration.as_secs_f64() * 1000.0);
+        handles.request_bytes.record(request_bytes as f64);
+        handles.response_bytes.record(response_bytes as f64);
     }
+}
+
+/// One HTTP label set's handles, found once per label set ([`SeriesCache`]).
+struct RequestHandles {
+    requests: Counter,
+    duration: Histogram,
+    request_bytes: Histogram,
+    response_bytes: Histogram,
 }
 
 impl Metrics {
@@ -167,17 +178,19 @@ impl Drop for TcpConnection {
 }
 
 impl RequestLabels {
-    /// Labels in the order Istio's waypoint stats use.
-    fn to_labels(&self) -> Vec<Label> {
-        let s = WorkloadLabels::of(self.source.as_deref());
-        let d = WorkloadLabels::of(self.destination.as_deref());
+    /// Labels in the order Istio's waypoint stats use, borrowed.
+    fn values(&self) -> [(&'static str, LabelValue<'_>); 25] {
+        use LabelValue::{Number, Principal, Str};
+        let s = WorkloadNames::of(self.source.as_deref());
+        let d = WorkloadNames::of(self.destination.as_deref());
+
         let (svc_host, svc_name, svc_namespace) = match &self.destination_service {
             Some(s) => (
-                or_unknown(&s.hostname),
-                or_unknown(&s.name),
-                or_unknown(&s.namespace),
+                unknown_if_empty(&s.hostname),
+                unknown_if_empty(&s.name),
+                unknown_if_empty(&s.namespace),
             ),
-            None => ("unknown".into(), "unknown".into(), "unknown".into()),
+            None => ("unknown", "unknown", "unknown"),
         };
         let protocol = if self.request_protocol.is_empty() {
             "http"
@@ -185,37 +198,43 @@ impl RequestLabels {
             self.request_protocol
         };
         let flags = if self.response_flags.is_empty() {
-            "-".to_owned()
+            "-"
         } else {
-            self.response_flags.clone()
+            &self.response_flags
         };
-        let mut pairs = vec![("reporter", "waypoint".to_owned())];
-        pairs.extend(s.source_pairs(self.source_principal.as_ref()));
-        pairs.extend([
-            ("destination_workload", d.workload),
-            ("destination_workload_namespace", d.namespace),
+        [
+            ("reporter", Str("waypoint")),
+            ("source_workload", Str(s.workload)),
+            ("source_canonical_service", Str(s.canonical_service)),
+            ("source_canonical_revision", Str(s.canonical_revision)),
+            ("source_workload_namespace", Str(s.namespace)),
+            (
+                "source_principal",
+                Principal(self.source_principal.as_ref()),
+            ),
+            ("source_app", Str(s.app)),
+            ("source_version", Str(s.version)),
+            ("source_cluster", Str(s.cluster)),
+            ("destination_workload", Str(d.workload)),
+            ("destination_workload_namespace", Str(d.namespace)),
             (
                 "destination_principal",
-                principal(self.destination_principal.as_ref()),
+                Principal(self.destination_principal.as_ref()),
             ),
-            ("destination_app", d.app),
-            ("destination_version", d.version),
-            ("destination_service", svc_host),
-            ("destination_canonical_service", d.canonical_service),
-            ("destination_canonical_revision", d.canonical_revision),
-            ("destination_service_name", svc_name),
-            ("destination_service_namespace", svc_namespace),
-            ("destination_cluster", d.cluster),
-            ("request_protocol", protocol.to_owned()),
-            ("response_code", self.response_code.to_string()),
-            ("grpc_response_status", self.grpc_response_status.clone()),
-            ("response_flags", flags),
-            ("connection_security_policy", "mutual_tls".to_owned()),
-        ]);
-        pairs
-            .into_iter()
-            .map(|(key, value)| Label::new(key, value))
-            .collect()
+            ("destination_app", Str(d.app)),
+            ("destination_version", Str(d.version)),
+            ("destination_service", Str(svc_host)),
+            ("destination_canonical_service", Str(d.canonical_service)),
+            ("destination_canonical_revision", Str(d.canonical_revision)),
+            ("destination_service_name", Str(svc_name)),
+            ("destination_service_namespace", Str(svc_namespace)),
+            ("destination_cluster", Str(d.cluster)),
+            ("request_protocol", Str(protocol)),
+            ("response_code", Number(self.response_code.into())),
+            ("grpc_response_status", Str(&self.grpc_response_status)),
+            ("response_flags", Str(flags)),
+            ("connection_security_policy", Str("mutual_tls")),
+        ]
     }
 }
 
