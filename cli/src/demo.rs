@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use ambit_mesh::hbone::client::{Client, TunnelRequest};
-use ambit_mesh::hbone::server::{ConnectHandler, ConnectRequest, Rejection, Server, Upstream};
+use ambit_mesh::hbone::server::{Accepted, ConnectHandler, ConnectRequest, Rejection, Server};
 use ambit_mesh::hbone::{ConnectHeaders, Settings};
 use ambit_mesh::identity::{
     BoxFuture, CertificateAuthority, CertificateManager, Identity, ManagerSettings,
@@ -39,10 +39,7 @@ struct DemoApp {
 }
 
 impl ConnectHandler for DemoApp {
-    fn connect(
-        &self,
-        request: ConnectRequest,
-    ) -> BoxFuture<'_, Result<Box<dyn Upstream>, Rejection>> {
+    fn connect(&self, request: ConnectRequest) -> BoxFuture<'_, Result<Accepted, Rejection>> {
         Box::pin(async move {
             if request.target != self.app {
                 return Err(Rejection::Unavailable(format!(
@@ -57,7 +54,7 @@ impl ConnectHandler for DemoApp {
             let upstream = TcpStream::connect(self.app)
                 .await
                 .map_err(|e| Rejection::Unavailable(e.to_string()))?;
-            Ok(Box::new(upstream) as Box<dyn Upstream>)
+            Ok(Accepted::splice(upstream))
         })
     }
 }

@@ -22,7 +22,7 @@
 //! - `AMBIT_BENCH_ONLY`: `throughput` or `setup` to run just that group.
 //! - `AMBIT_BENCH_VERBOSE`: set to print every run's figure (to stderr).
 //! - `AMBIT_BENCH_THREADS`: Tokio worker threads (default: the machine's cores).
-//! - `AMBIT_BENCH_COPY_BUFFER`, `AMBIT_BENCH_STREAM_WINDOW`, `AMBIT_BENCH_CONNECTION_WINDOW`,
+//! - `AMBIT_BENCH_STREAM_WINDOW`, `AMBIT_BENCH_CONNECTION_WINDOW`,
 //!   `AMBIT_BENCH_MAX_FRAME`: override the HBONE [`Settings`] (client and server alike).
 
 use std::future::Future;
@@ -66,8 +66,6 @@ impl Config {
         let tunnels = env_size("AMBIT_BENCH_TUNNELS").map_or(2000, |n| n as usize);
         let defaults = Settings::default();
         let settings = Settings {
-            copy_buffer: env_size("AMBIT_BENCH_COPY_BUFFER")
-                .map_or(defaults.copy_buffer, |n| n as usize),
             stream_window: env_size("AMBIT_BENCH_STREAM_WINDOW")
                 .map_or(defaults.stream_window, |n| n as u32),
             connection_window: env_size("AMBIT_BENCH_CONNECTION_WINDOW")
@@ -129,11 +127,10 @@ async fn run(config: &Config) {
         config.tunnels, config.connections, config.tunnels
     );
     println!(
-        "HBONE settings: stream window {}, connection window {}, max frame {}, copy buffer {}",
+        "HBONE settings: stream window {}, connection window {}, max frame {}",
         size(s.stream_window.into()),
         size(s.connection_window.into()),
         size(s.max_frame_size.into()),
-        size(s.copy_buffer as u64)
     );
     println!(
         "ratio = HBONE / plain TCP; in brackets, the CPU time all threads of this process spent \

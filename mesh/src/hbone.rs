@@ -44,11 +44,6 @@ pub struct Settings {
     pub response_timeout: Duration,
     /// A pooled connection with no streams for this long is released.
     pub pool_idle_timeout: Duration,
-    /// Bytes buffered per direction when splicing a stream to a socket. Allocated for every
-    /// connection (two splices of two buffers per tunnelled connection across both ztunnels):
-    /// 64 KiB cost ~250 MiB per 1k connections once recycled, 16 KiB moved the same bytes as fast
-    /// in the HBONE bench.
-    pub copy_buffer: usize,
 }
 
 impl Default for Settings {
@@ -66,7 +61,6 @@ impl Default for Settings {
             handshake_timeout: Duration::from_secs(10),
             response_timeout: Duration::from_secs(15),
             pool_idle_timeout: Duration::from_secs(300),
-            copy_buffer: 16 * 1024,
         }
     }
 }

@@ -11,7 +11,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::hbone::server::{
-    ConnectHandler, ConnectRequest, Rejection, Server, TunnelOutcome, Upstream,
+    Accepted, ConnectHandler, ConnectRequest, Rejection, Server, TunnelOutcome,
 };
 use crate::hbone::Settings;
 use crate::identity::{
@@ -67,10 +67,7 @@ pub struct TcpForwarder {
 }
 
 impl ConnectHandler for TcpForwarder {
-    fn connect(
-        &self,
-        request: ConnectRequest,
-    ) -> BoxFuture<'_, Result<Box<dyn Upstream>, Rejection>> {
+    fn connect(&self, request: ConnectRequest) -> BoxFuture<'_, Result<Accepted, Rejection>> {
         Box::pin(async move {
             self.seen.lock().unwrap().push(request.clone());
             if self.deny.contains(&request.peer_identity) {
@@ -84,7 +81,7 @@ impl ConnectHandler for TcpForwarder {
                 .map_err(|e| Rejection::Unavailable(format!("{}: {e}", request.target)))?;
             // Small request/response exchanges (gRPC frames) must not wait on Nagle.
             let _ = upstream.set_nodelay(true);
-            Ok(Box::new(upstream) as Box<dyn Upstream>)
+            Ok(Accepted::splice(upstream))
         })
     }
 

@@ -12,10 +12,15 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use ambit_mesh::copy::Meter;
 use ambit_mesh::identity::Identity;
 use ambit_mesh::state::{Service, Workload};
-use ambit_mesh::telemetry::{or_unknown, principal, TrafficLabels, WorkloadLabels};
-use metrics::{Key, Label, Level, Metadata, Recorder};
+use ambit_mesh::telemetry::{
+    unknown_if_empty, LabelValue, SeriesCache, TcpCounters, TcpSeries, TrafficLabels,
+    WorkloadNames, METADATA,
+};
+pub use ambit_mesh::telemetry::{TCP_CLOSED, TCP_OPENED, TCP_RECEIVED, TCP_SENT};
+use metrics::{Counter, Histogram, Key, Recorder};
 
 use crate::wasm::WasmFilters;
 use metrics_exporter_prometheus::{
@@ -28,10 +33,6 @@ pub const REQUEST_BYTES: &str = "istio_request_bytes";
 pub const RESPONSE_BYTES: &str = "istio_response_bytes";
 pub const REQUEST_MESSAGES: &str = "istio_request_messages_total";
 pub const RESPONSE_MESSAGES: &str = "istio_response_messages_total";
-pub const TCP_OPENED: &str = "istio_tcp_connections_opened_total";
-pub const TCP_CLOSED: &str = "istio_tcp_connections_closed_total";
-pub const TCP_RECEIVED: &str = "istio_tcp_received_bytes_total";
-pub const TCP_SENT: &str = "istio_tcp_sent_bytes_total";
 
 /// Istio's default histogram buckets (`sidecar.istio.io/statsHistogramBuckets`), used for the
 /// duration (milliseconds) and for both byte histograms.
@@ -68,6 +69,8 @@ pub struct Metrics {
     handle: PrometheusHandle,
     /// Metrics Wasm filters define, once a filter was loaded.
     wasm: Option<Arc<WasmFilters>>,
+    tcp: TcpSeries,
+    requests: SeriesCache<RequestHandles>,
 }
 
 impl Default for Metrics {
@@ -85,12 +88,11 @@ impl Default for Metrics {
             recorder,
             handle,
             wasm: None,
+            tcp: TcpSeries::default(),
+            requests: SeriesCache::default(),
         }
     }
 }
-
-static METADATA: Metadata<'static> =
-    Metadata::new(module_path!(), Level::INFO, Some(module_path!()));
 
 impl Metrics {
     /// Prometheus text exposition of everything recorded.
@@ -122,69 +124,94 @@ impl Metrics {
         response_bytes: u64,
         grpc_messages: Option<(u64, u64)>,
     ) {
-        let labels = labels.to_labels();
-        let key = |name: &'static str| Key::from_parts(name, labels.clone());
-        self.recorder
-            .register_counter(&key(REQUESTS), &METADATA)
-            .increment(1);
-        self.recorder
-            .register_histogram(&key(DURATION), &METADATA)
-            .record(duration.as_secs_f64() * 1000.0);
-        self.recorder
-            .register_histogram(&key(REQUEST_BYTES), &METADATA)
-            .record(request_bytes as f64);
-        self.recorder
-            .register_histogram(&key(RESPONSE_BYTES), &METADATA)
-            .record(response_bytes as f64);
-        if let Some((request, response)) = grpc_messages {
-            self.recorder
-                .register_counter(&key(REQUEST_MESSAGES), &METADATA)
-                .increment(request);
-            self.recorder
-                .register_counter(&key(RESPONSE_MESSAGES), &METADATA)
-                .increment(response);
+        let handles = self.requests.get(&labels.values(), |labels| {
+            let key = |name: &'static str| Key::from_parts(name, labels.clone());
+            RequestHandles {
+                requests: self.recorder.register_counter(&key(REQUESTS), &METADATA),
+                duration: self.recorder.register_histogram(&key(DURATION), &METADATA),
+                request_bytes: self
+                    .recorder
+                    .register_histogram(&key(REQUEST_BYTES), &METADATA),
+                response_bytes: self
+                    .recorder
+                    .register_histogram(&key(RESPONSE_BYTES), &METADATA),
+                // Only gRPC label sets (request_protocol="grpc") carry message counts.
+                grpc_messages: grpc_messages.map(|_| {
+                    (
+                        self.recorder
+                            .register_counter(&key(REQUEST_MESSAGES), &METADATA),
+                        self.recorder
+                            .register_counter(&key(RESPONSE_MESSAGES), &METADATA),
+                    )
+                }),
+            }
+        });
+        handles.requests.increment(1);
+        handles.duration.record(duration.as_secs_f64() * 1000.0);
+        handles.request_bytes.record(request_bytes as f64);
+        handles.response_bytes.record(response_bytes as f64);
+        if let (Some((request, response)), Some((requests, responses))) =
+            (grpc_messages, &handles.grpc_messages)
+        {
+            requests.increment(request);
+            responses.increment(response);
         }
     }
 }
 
+/// One HTTP label set's handles, found once per label set ([`SeriesCache`]).
+struct RequestHandles {
+    requests: Counter,
+    duration: Histogram,
+    request_bytes: Histogram,
+    response_bytes: Histogram,
+    grpc_messages: Option<(Counter, Counter)>,
+}
+
 impl Metrics {
     /// A connection proxied at L4 was opened (or refused: then `labels` carry the flag and it is
-    /// closed at once).
-    pub fn connection_opened(&self, labels: &TrafficLabels) {
-        self.tcp_counter(TCP_OPENED, labels, 1);
+    /// dropped at once, which counts it closed). Its bytes are counted into the returned value
+    /// as they move (it is the splice's [`ambit_mesh::copy::Meter`]).
+    pub fn connection_opened(&self, labels: &TrafficLabels) -> TcpConnection {
+        let counters = self.tcp.counters(&self.recorder, labels);
+        counters.opened.increment(1);
+        TcpConnection(counters)
+    }
+}
+
+/// A connection counted opened; counted closed when dropped.
+pub struct TcpConnection(Arc<TcpCounters>);
+
+impl Meter for TcpConnection {
+    fn forward(&self, bytes: u64) {
+        self.0.forward(bytes);
     }
 
-    /// `received`: bytes from the client towards the endpoint; `sent`: bytes back to the client.
-    pub fn connection_closed(&self, labels: &TrafficLabels, received: u64, sent: u64) {
-        self.tcp_counter(TCP_CLOSED, labels, 1);
-        self.tcp_counter(TCP_RECEIVED, labels, received);
-        self.tcp_counter(TCP_SENT, labels, sent);
+    fn backward(&self, bytes: u64) {
+        self.0.backward(bytes);
     }
+}
 
-    fn tcp_counter(&self, name: &'static str, labels: &TrafficLabels, value: u64) {
-        let labels: Vec<Label> = labels
-            .pairs()
-            .into_iter()
-            .map(|(key, value)| Label::new(key, value))
-            .collect();
-        self.recorder
-            .register_counter(&Key::from_parts(name, labels), &METADATA)
-            .increment(value);
+impl Drop for TcpConnection {
+    fn drop(&mut self) {
+        self.0.closed.increment(1);
     }
 }
 
 impl RequestLabels {
-    /// Labels in the order Istio's waypoint stats use.
-    fn to_labels(&self) -> Vec<Label> {
-        let s = WorkloadLabels::of(self.source.as_deref());
-        let d = WorkloadLabels::of(self.destination.as_deref());
+    /// Labels in the order Istio's waypoint stats use, borrowed.
+    fn values(&self) -> [(&'static str, LabelValue<'_>); 25] {
+        use LabelValue::{Number, Principal, Str};
+        let s = WorkloadNames::of(self.source.as_deref());
+        let d = WorkloadNames::of(self.destination.as_deref());
+
         let (svc_host, svc_name, svc_namespace) = match &self.destination_service {
             Some(s) => (
-                or_unknown(&s.hostname),
-                or_unknown(&s.name),
-                or_unknown(&s.namespace),
+                unknown_if_empty(&s.hostname),
+                unknown_if_empty(&s.name),
+                unknown_if_empty(&s.namespace),
             ),
-            None => ("unknown".into(), "unknown".into(), "unknown".into()),
+            None => ("unknown", "unknown", "unknown"),
         };
         let protocol = if self.request_protocol.is_empty() {
             "http"
@@ -192,37 +219,43 @@ impl RequestLabels {
             self.request_protocol
         };
         let flags = if self.response_flags.is_empty() {
-            "-".to_owned()
+            "-"
         } else {
-            self.response_flags.clone()
+            &self.response_flags
         };
-        let mut pairs = vec![("reporter", "waypoint".to_owned())];
-        pairs.extend(s.source_pairs(self.source_principal.as_ref()));
-        pairs.extend([
-            ("destination_workload", d.workload),
-            ("destination_workload_namespace", d.namespace),
+        [
+            ("reporter", Str("waypoint")),
+            ("source_workload", Str(s.workload)),
+            ("source_canonical_service", Str(s.canonical_service)),
+            ("source_canonical_revision", Str(s.canonical_revision)),
+            ("source_workload_namespace", Str(s.namespace)),
+            (
+                "source_principal",
+                Principal(self.source_principal.as_ref()),
+            ),
+            ("source_app", Str(s.app)),
+            ("source_version", Str(s.version)),
+            ("source_cluster", Str(s.cluster)),
+            ("destination_workload", Str(d.workload)),
+            ("destination_workload_namespace", Str(d.namespace)),
             (
                 "destination_principal",
-                principal(self.destination_principal.as_ref()),
+                Principal(self.destination_principal.as_ref()),
             ),
-            ("destination_app", d.app),
-            ("destination_version", d.version),
-            ("destination_service", svc_host),
-            ("destination_canonical_service", d.canonical_service),
-            ("destination_canonical_revision", d.canonical_revision),
-            ("destination_service_name", svc_name),
-            ("destination_service_namespace", svc_namespace),
-            ("destination_cluster", d.cluster),
-            ("request_protocol", protocol.to_owned()),
-            ("response_code", self.response_code.to_string()),
-            ("grpc_response_status", self.grpc_response_status.clone()),
-            ("response_flags", flags),
-            ("connection_security_policy", "mutual_tls".to_owned()),
-        ]);
-        pairs
-            .into_iter()
-            .map(|(key, value)| Label::new(key, value))
-            .collect()
+            ("destination_app", Str(d.app)),
+            ("destination_version", Str(d.version)),
+            ("destination_service", Str(svc_host)),
+            ("destination_canonical_service", Str(d.canonical_service)),
+            ("destination_canonical_revision", Str(d.canonical_revision)),
+            ("destination_service_name", Str(svc_name)),
+            ("destination_service_namespace", Str(svc_namespace)),
+            ("destination_cluster", Str(d.cluster)),
+            ("request_protocol", Str(protocol)),
+            ("response_code", Number(self.response_code.into())),
+            ("grpc_response_status", Str(&self.grpc_response_status)),
+            ("response_flags", Str(flags)),
+            ("connection_security_policy", Str("mutual_tls")),
+        ]
     }
 }
 

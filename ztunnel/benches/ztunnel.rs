@@ -222,9 +222,8 @@ async fn run(config: Config, fd_limit: FdLimit) {
     );
     let s = Settings::default();
     println!(
-        "ztunnel HBONE settings (defaults): copy buffer {} per direction per splice, stream window \
-         {}, connection window {}, max frame {}, {} streams per pooled connection",
-        size(s.copy_buffer as u64),
+        "ztunnel HBONE settings (defaults): stream window {}, connection window {}, max frame {}, \
+         {} streams per pooled connection",
         size(s.stream_window.into()),
         size(s.connection_window.into()),
         size(s.max_frame_size.into()),
@@ -575,7 +574,6 @@ impl Bench {
     /// now that the allocator recycles freed memory.
     async fn memory(&self, fd_limit: &FdLimit) {
         let requested = self.config.conns;
-        let copy_buffer = Settings::default().copy_buffer as i64;
         println!(
             "MEMORY: VmRSS of this process, which runs both ztunnels (node 1's and node 2's); the \
              test clients and servers"
@@ -696,20 +694,9 @@ impl Bench {
              destination ztunnel:"
         );
         println!(
-            "  HBONE stream <-> app), each with two {} copy buffers allocated up front (zeroed): \
-             {} per 1k connections",
-            size(copy_buffer as u64),
-            mib(4 * copy_buffer * 1000)
+            "  HBONE stream <-> app); a socket's read buffer starts at 1 KiB, grows with the \
+             flow and is freed while idle."
         );
-        println!(
-            "  across both ztunnels. Fresh from the OS, only the pages data reached are resident \
-             (first round);"
-        );
-        println!(
-            "  recycled chunks are zeroed by calloc() in full, so once a ztunnel has churned \
-             through connections,"
-        );
-        println!("  every open connection's buffers are resident (second round).");
         apps.exit().await;
     }
 }

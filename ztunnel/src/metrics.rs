@@ -10,19 +10,16 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use ambit_mesh::copy::Meter;
 use ambit_mesh::state::Workload;
-use ambit_mesh::telemetry::WorkloadLabels;
 pub use ambit_mesh::telemetry::{Reporter, TrafficLabels};
+use ambit_mesh::telemetry::{TcpCounters, TcpSeries, WorkloadLabels};
 use metrics::{Key, Label, Level, Metadata, Recorder};
 use metrics_exporter_prometheus::{
     Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
 };
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-const OPENED: &str = "istio_tcp_connections_opened_total";
-const CLOSED: &str = "istio_tcp_connections_closed_total";
-const RECEIVED: &str = "istio_tcp_received_bytes_total";
-const SENT: &str = "istio_tcp_sent_bytes_total";
 const DNS_REQUESTS: &str = "istio_dns_requests_total";
 const DNS_UPSTREAM_REQUESTS: &str = "istio_dns_upstream_requests_total";
 const DNS_UPSTREAM_FAILURES: &str = "istio_dns_upstream_failures_total";
@@ -35,6 +32,7 @@ const DNS_UPSTREAM_BUCKETS: [f64; 6] = [0.0005, 0.001, 0.01, 0.1, 1.0, 5.0];
 pub struct Metrics {
     recorder: PrometheusRecorder,
     handle: PrometheusHandle,
+    tcp: TcpSeries,
 }
 
 impl Default for Metrics {
@@ -48,7 +46,11 @@ impl Default for Metrics {
             .expect("the DNS buckets are a non-empty constant")
             .build_recorder();
         let handle = recorder.handle();
-        Metrics { recorder, handle }
+        Metrics {
+            recorder,
+            handle,
+            tcp: TcpSeries::default(),
+        }
     }
 }
 
@@ -59,41 +61,22 @@ impl Metrics {
     }
 
     /// Counts a connection opened; it is counted closed when the returned value is dropped.
-    pub fn connection_opened(self: &Arc<Self>, labels: TrafficLabels) -> OpenConnection {
-        self.counter(OPENED, &labels, 1);
-        OpenConnection {
-            metrics: self.clone(),
-            labels,
-            received: 0,
-            sent: 0,
-        }
-    }
-
-    fn counter(&self, name: &'static str, labels: &TrafficLabels, value: u64) {
-        static METADATA: Metadata<'static> =
-            Metadata::new(module_path!(), Level::INFO, Some(module_path!()));
-        let labels: Vec<Label> = labels
-            .pairs()
-            .into_iter()
-            .map(|(key, value)| Label::new(key, value))
-            .collect();
-        let key = Key::from_parts(name, labels);
-        self.recorder
-            .register_counter(&key, &METADATA)
-            .increment(value);
+    /// Its counters are found once, here; bytes are added to them as they move.
+    pub fn connection_opened(&self, labels: TrafficLabels) -> OpenConnection {
+        let counters = self.tcp.counters(&self.recorder, &labels);
+        counters.opened.increment(1);
+        OpenConnection { counters, labels }
     }
 }
 
 /// A connection counted in `istio_tcp_connections_opened_total`. Dropping it counts it in
-/// `istio_tcp_connections_closed_total` with the bytes it moved, whatever ended the connection:
-/// both sides closing, a stream reset before the tunnel's 200 went out, or its task aborted (a
-/// pod leaving, the drain deadline). Counting on drop keeps opened and closed equal once the
-/// mesh idles.
+/// `istio_tcp_connections_closed_total`, whatever ended the connection: both sides closing, a
+/// stream reset before the tunnel's 200 went out, or its task aborted (a pod leaving, the drain
+/// deadline). Counting on drop keeps opened and closed equal once the mesh idles. Bytes are
+/// counted as they move ([`Meter`], [`Counted`]), so an open connection shows its traffic.
 pub struct OpenConnection {
-    metrics: Arc<Metrics>,
+    counters: Arc<TcpCounters>,
     labels: TrafficLabels,
-    received: u64,
-    sent: u64,
 }
 
 impl OpenConnection {
@@ -102,18 +85,26 @@ impl OpenConnection {
     }
 
     /// Adds bytes moved: `received` from the client towards the server, `sent` back to it.
-    pub fn add_bytes(&mut self, received: u64, sent: u64) {
-        self.received += received;
-        self.sent += sent;
+    pub fn add_bytes(&self, received: u64, sent: u64) {
+        self.counters.forward(received);
+        self.counters.backward(sent);
+    }
+}
+
+/// A splice from the client (first) to the server (second).
+impl Meter for OpenConnection {
+    fn forward(&self, bytes: u64) {
+        self.counters.forward(bytes);
+    }
+
+    fn backward(&self, bytes: u64) {
+        self.counters.backward(bytes);
     }
 }
 
 impl Drop for OpenConnection {
     fn drop(&mut self) {
-        let metrics = &self.metrics;
-        metrics.counter(CLOSED, &self.labels, 1);
-        metrics.counter(RECEIVED, &self.labels, self.received);
-        metrics.counter(SENT, &self.labels, self.sent);
+        self.counters.closed.increment(1);
     }
 }
 

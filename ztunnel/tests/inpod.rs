@@ -8,7 +8,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use ambit_ztunnel::testing::{
-    app_call, app_connect, app_server, http_get, uid, workload_uid, Cluster, Topology, VIP,
+    app_call, app_connect, app_server, http_get, metric_sum, uid, workload_uid, Cluster, Topology,
+    VIP,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -146,6 +147,77 @@ async fn service_traffic_is_mtls_on_the_wire_and_the_server_sees_the_client() {
     );
     let ready = http_get(cluster.ztunnels[1].readiness_address, "/healthz/ready").await;
     assert!(ready.starts_with("HTTP/1.1 200"), "{ready}");
+}
+
+/// Received and sent bytes as both ztunnels count them: `[(received, sent); 2]`, and the
+/// connections they counted closed.
+async fn byte_counters(cluster: &Cluster) -> ([(u64, u64); 2], u64) {
+    let mut counters = [(0, 0); 2];
+    let mut closed = 0;
+    for (i, ztunnel) in cluster.ztunnels.iter().enumerate() {
+        let metrics = http_get(ztunnel.stats_address, "/metrics").await;
+        counters[i] = (
+            metric_sum(&metrics, "istio_tcp_received_bytes_total"),
+            metric_sum(&metrics, "istio_tcp_sent_bytes_total"),
+        );
+        closed += metric_sum(&metrics, "istio_tcp_connections_closed_total");
+    }
+    (counters, closed)
+}
+
+/// Polls until both ztunnels count `received` and `sent` bytes, or fails after 5 s.
+async fn wait_for_bytes(cluster: &Cluster, received: u64, sent: u64) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let (counters, closed) = byte_counters(cluster).await;
+        assert_eq!(closed, 0, "the connection is still open");
+        if counters == [(received, sent); 2] {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "byte counters {counters:?}, expected ({received}, {sent}) on both ztunnels"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn byte_counters_grow_while_a_connection_is_open() {
+    let cluster = Cluster::start().await;
+    app_server(&cluster.echo, 8080).await;
+    let vip: SocketAddr = format!("{VIP}:80").parse().unwrap();
+    let mut stream = app_connect(&cluster.sleep, vip).await.unwrap();
+    let greeting = format!("peer={}\n", cluster.sleep.ip).len() as u64;
+    let mut echoed = vec![0; greeting as usize];
+    stream.read_exact(&mut echoed).await.unwrap();
+    let mut total = 0;
+    for round in 1..=3u64 {
+        let message = vec![b'x'; 4096 * round as usize];
+        stream.write_all(&message).await.unwrap();
+        let mut back = vec![0; message.len()];
+        stream.read_exact(&mut back).await.unwrap();
+        total += message.len() as u64;
+        // Source and destination count the same bytes, before the connection ends.
+        wait_for_bytes(&cluster, total, greeting + total).await;
+    }
+    stream.shutdown().await.unwrap();
+    let mut rest = Vec::new();
+    stream.read_to_end(&mut rest).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let (counters, closed) = byte_counters(&cluster).await;
+        if closed == 2 {
+            assert_eq!(
+                counters,
+                [(total, greeting + total); 2],
+                "nothing counted twice"
+            );
+            break;
+        }
+        assert!(Instant::now() < deadline, "both ztunnels count the close");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 #[tokio::test]

@@ -17,6 +17,8 @@ use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
 use tokio_rustls::TlsConnector;
 
+use crate::copy::ChunkStream;
+
 use super::pool::{Connection, Pool, PoolKey, StreamSlot};
 use super::{keepalive, random_traceparent, ConnectHeaders, H2Stream, Settings};
 use crate::identity::{BoxFuture, CertificateManager, Identity, ManagerError};
@@ -156,6 +158,24 @@ impl AsyncWrite for Tunnel {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}
+
+impl ChunkStream for Tunnel {
+    fn poll_read_chunk(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<Bytes>> {
+        self.stream.poll_read_chunk(cx)
+    }
+
+    fn poll_write_chunk(&mut self, cx: &mut Context<'_>, data: &mut Bytes) -> Poll<io::Result<()>> {
+        self.stream.poll_write_chunk(cx, data)
+    }
+
+    fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        ChunkStream::poll_flush(&mut self.stream, cx)
+    }
+
+    fn poll_shutdown(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        ChunkStream::poll_shutdown(&mut self.stream, cx)
     }
 }
 

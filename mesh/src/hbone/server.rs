@@ -3,7 +3,8 @@
 //!
 //! Each connection goes through the same phases: TLS handshake (client certificate verified, same
 //! trust domain), HTTP/2 handshake, then streams. Each stream: method and authority checked (400),
-//! the handler's decision (401/503 or an upstream), 200, bytes spliced until both sides close.
+//! the handler's decision (401/503, or an upstream, or to serve the stream itself), 200, bytes
+//! spliced until both sides close (or the stream handed to the handler).
 //! A failure in one connection or stream is logged and ends only that connection or stream.
 //!
 //! Draining ([`Server::with_drain`]): once the [`Drain`] starts, the listener is closed, every
@@ -22,6 +23,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 
 use super::{keepalive, ConnectHeaders, H2Stream, Settings};
+use crate::copy::{self, Buffered};
 use crate::identity::{BoxFuture, CertificateManager, Identity, ManagerError};
 use crate::lifecycle::{self, Drain};
 use crate::tls::{self, TlsError};
@@ -105,12 +107,32 @@ impl Rejection {
 pub trait Upstream: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Upstream for T {}
 
-/// Decides each `CONNECT`: reject it, or return the connected upstream.
+/// What a handler does with a tunnel it accepts.
+pub enum Accepted {
+    /// The server splices the tunnel to this stream and reports [`ConnectHandler::finished`].
+    Splice(Box<dyn Upstream>),
+    /// Once the 200 is out, the stream is handed to this function, which owns it from then on and
+    /// runs on the stream's own task (a waypoint serving HTTP inside the tunnel needs no pipe and
+    /// no second task).
+    Serve(Box<dyn FnOnce(H2Stream) -> BoxFuture<'static, ()> + Send>),
+}
+
+impl Accepted {
+    pub fn splice(upstream: impl Upstream + 'static) -> Self {
+        Accepted::Splice(Box::new(upstream))
+    }
+
+    pub fn serve<F>(serve: impl FnOnce(H2Stream) -> F + Send + 'static) -> Self
+    where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        Accepted::Serve(Box::new(move |stream| Box::pin(serve(stream))))
+    }
+}
+
+/// Decides each `CONNECT`: reject it, or accept it with what to do with its stream.
 pub trait ConnectHandler: Send + Sync + 'static {
-    fn connect(
-        &self,
-        request: ConnectRequest,
-    ) -> BoxFuture<'_, Result<Box<dyn Upstream>, Rejection>>;
+    fn connect(&self, request: ConnectRequest) -> BoxFuture<'_, Result<Accepted, Rejection>>;
 
     /// Told when a spliced tunnel ends, with bytes moved each way (for telemetry).
     fn finished(&self, _request: &ConnectRequest, _outcome: &TunnelOutcome) {}
@@ -306,8 +328,8 @@ impl Server {
                 return;
             }
         };
-        let mut upstream = match self.handler.connect(connect.clone()).await {
-            Ok(upstream) => upstream,
+        let accepted = match self.handler.connect(connect.clone()).await {
+            Ok(accepted) => accepted,
             Err(rejection) => {
                 tracing::info!(peer = %connect.peer_identity, target = %connect.target, reason = %rejection, "HBONE tunnel refused");
                 reply(&mut respond, rejection.status(), true);
@@ -318,8 +340,11 @@ impl Server {
             return;
         };
         let mut tunnel = H2Stream::new(send, request.into_body());
-        let transfer =
-            crate::copy::splice(&mut tunnel, &mut upstream, self.settings.copy_buffer).await;
+        let mut upstream = match accepted {
+            Accepted::Splice(upstream) => upstream,
+            Accepted::Serve(serve) => return serve(tunnel).await,
+        };
+        let transfer = copy::splice(&mut tunnel, &mut Buffered::new(&mut upstream), &()).await;
         let outcome = TunnelOutcome {
             received: transfer.forward,
             sent: transfer.backward,

@@ -1,5 +1,6 @@
 //! An HTTP/2 stream as a byte pipe: `AsyncRead` + `AsyncWrite` over h2's send and receive halves,
-//! with flow-control capacity released as the reader consumes data.
+//! with flow-control capacity released as the reader consumes data, and a [`ChunkStream`] that
+//! hands h2's chunks out and takes the splice's chunks in without copying them.
 
 use std::io;
 use std::pin::Pin;
@@ -8,6 +9,8 @@ use std::task::{ready, Context, Poll};
 use bytes::{Buf, Bytes};
 use h2::{Reason, RecvStream, SendStream};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use crate::copy::ChunkStream;
 
 /// Largest piece of a write handed to h2 at once.
 const MAX_WRITE_CHUNK: usize = 64 * 1024;
@@ -70,28 +73,22 @@ impl AsyncRead for H2Stream {
     }
 }
 
-impl AsyncWrite for H2Stream {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
+impl H2Stream {
+    /// Waits until h2 lets `wanted` bytes (or some of them) be sent; returns how many may be.
+    fn poll_send_capacity(
+        &mut self,
         cx: &mut Context<'_>,
-        buf: &[u8],
+        wanted: usize,
     ) -> Poll<io::Result<usize>> {
-        if buf.is_empty() {
-            return Poll::Ready(Ok(0));
-        }
         // Each write becomes one owned chunk queued in h2 until sent. Chunks past glibc's mmap
         // threshold (128 KiB) are mapped and unmapped every time, and the page faults cost more
         // than the copy: capping chunks took one HBONE stream from ~0.5-0.7 to ~0.9-1.0 GB/s here.
-        let buf = &buf[..buf.len().min(MAX_WRITE_CHUNK)];
-        self.send.reserve_capacity(buf.len());
+        let wanted = wanted.min(MAX_WRITE_CHUNK);
+        self.send.reserve_capacity(wanted);
         loop {
             let available = self.send.capacity();
             if available > 0 {
-                let n = available.min(buf.len());
-                self.send
-                    .send_data(Bytes::copy_from_slice(&buf[..n]), false)
-                    .map_err(h2_to_io)?;
-                return Poll::Ready(Ok(n));
+                return Poll::Ready(Ok(available.min(wanted)));
             }
             match ready!(self.send.poll_capacity(cx)) {
                 Some(Ok(_)) => continue,
@@ -106,17 +103,78 @@ impl AsyncWrite for H2Stream {
         }
     }
 
+    fn shutdown_write(&mut self) -> io::Result<()> {
+        if !self.write_closed {
+            self.write_closed = true;
+            // END_STREAM on an empty DATA frame: the TCP half-close of the tunnelled connection.
+            self.send.send_data(Bytes::new(), true).map_err(h2_to_io)?;
+        }
+        Ok(())
+    }
+}
+
+impl AsyncWrite for H2Stream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        if buf.is_empty() {
+            return Poll::Ready(Ok(0));
+        }
+        let n = ready!(self.poll_send_capacity(cx, buf.len()))?;
+        self.send
+            .send_data(Bytes::copy_from_slice(&buf[..n]), false)
+            .map_err(h2_to_io)?;
+        Poll::Ready(Ok(n))
+    }
+
     fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         // h2 sends queued data as the connection is driven; there is nothing to push here.
         Poll::Ready(Ok(()))
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        if !self.write_closed {
-            self.write_closed = true;
-            // END_STREAM on an empty DATA frame: the TCP half-close of the tunnelled connection.
-            self.send.send_data(Bytes::new(), true).map_err(h2_to_io)?;
+        Poll::Ready(self.shutdown_write())
+    }
+}
+
+impl ChunkStream for H2Stream {
+    fn poll_read_chunk(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<Bytes>> {
+        if !self.pending.is_empty() {
+            // Left over from an `AsyncRead`; its capacity was not released yet.
+            let data = std::mem::take(&mut self.pending);
+            let _ = self.recv.flow_control().release_capacity(data.len());
+            return Poll::Ready(Ok(data));
         }
+        match ready!(self.recv.poll_data(cx)) {
+            Some(Ok(data)) => {
+                // The chunk is the splice's now and it holds one at a time, so the peer may fill
+                // the window again while this one is written.
+                let _ = self.recv.flow_control().release_capacity(data.len());
+                Poll::Ready(Ok(data))
+            }
+            Some(Err(err)) if err.reason() == Some(Reason::NO_ERROR) => {
+                Poll::Ready(Ok(Bytes::new()))
+            }
+            Some(Err(err)) => Poll::Ready(Err(h2_to_io(err))),
+            None => Poll::Ready(Ok(Bytes::new())),
+        }
+    }
+
+    fn poll_write_chunk(&mut self, cx: &mut Context<'_>, data: &mut Bytes) -> Poll<io::Result<()>> {
+        let n = ready!(self.poll_send_capacity(cx, data.len()))?;
+        self.send
+            .send_data(data.split_to(n), false)
+            .map_err(h2_to_io)?;
         Poll::Ready(Ok(()))
+    }
+
+    fn poll_flush(&mut self, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(&mut self, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(self.shutdown_write())
     }
 }

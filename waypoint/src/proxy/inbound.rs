@@ -1,5 +1,5 @@
-//! HBONE in: the handler hands the HBONE server one end of an in-memory pipe to splice each
-//! accepted `CONNECT` to, and serves the other end by what the addressed port carries: HTTP
+//! HBONE in: the handler takes each accepted `CONNECT`'s stream and serves it, on the stream's
+//! own task, by what the addressed port carries: HTTP
 //! (HTTP/1.1 or HTTP/2, told apart by the HTTP/2 preface; every request goes through the
 //! [`pipeline`](super::pipeline)) or TCP ([`tcp`](super::tcp), proxied at L4). A Service port's
 //! declared protocol decides; a port that declares none, and pod-addressed traffic, are
@@ -15,7 +15,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use ambit_mesh::hbone::server::{ConnectHandler, ConnectRequest, Rejection, Upstream};
+use ambit_mesh::hbone::server::{Accepted, ConnectHandler, ConnectRequest, Rejection};
 use ambit_mesh::identity::BoxFuture;
 use ambit_mesh::state::{Destination, Snapshot, Workload};
 use bytes::Bytes;
@@ -23,13 +23,11 @@ use hyper::body::Incoming;
 use hyper::Request;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
-use tokio::io::{AsyncRead, AsyncWrite, DuplexStream};
+use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::sniff::{self, Detected, Rewind};
 use super::{pipeline, tcp, Context};
 
-/// Bytes buffered in each direction of the pipe between the tunnel and the HTTP server.
-const PIPE_BUFFER: usize = 64 * 1024;
 /// The largest request head (request line and headers) accepted: Envoy's default
 /// `max_request_headers_kb` (60 KiB). Larger ones are answered 431 on HTTP/1.1 and reset on
 /// HTTP/2.
@@ -87,10 +85,7 @@ impl Inbound {
 }
 
 impl ConnectHandler for Inbound {
-    fn connect(
-        &self,
-        request: ConnectRequest,
-    ) -> BoxFuture<'_, Result<Box<dyn Upstream>, Rejection>> {
+    fn connect(&self, request: ConnectRequest) -> BoxFuture<'_, Result<Accepted, Rejection>> {
         Box::pin(async move {
             let snapshot = self.context.state.load();
             if let Destination::Passthrough =
@@ -104,14 +99,10 @@ impl ConnectHandler for Inbound {
             let tunnel = Arc::new(TunnelInfo::new(&snapshot, &self.context.network, request));
             let declared =
                 declared_protocol(&snapshot, &self.context.network, tunnel.connect.target);
-            let (tunnel_end, proxy_end) = tokio::io::duplex(PIPE_BUFFER);
-            tokio::spawn(serve_tunnel(
-                self.context.clone(),
-                tunnel,
-                proxy_end,
-                declared,
-            ));
-            Ok(Box::new(tunnel_end) as Box<dyn Upstream>)
+            let context = self.context.clone();
+            Ok(Accepted::serve(move |stream| {
+                serve_tunnel(context, tunnel, stream, declared)
+            }))
         })
     }
 }
@@ -141,12 +132,14 @@ fn declared_protocol(snapshot: &Snapshot, network: &str, target: SocketAddr) -> 
 }
 
 /// Serves one tunnel at L7 or L4, detecting which when the port does not say.
-async fn serve_tunnel(
+async fn serve_tunnel<S>(
     context: Arc<Context>,
     tunnel: Arc<TunnelInfo>,
-    mut io: DuplexStream,
+    mut io: S,
     declared: Option<Detected>,
-) {
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let (protocol, read) = match declared {
         Some(protocol) => (protocol, Bytes::new()),
         None => sniff::detect(&mut io, context.settings.protocol_detection_timeout).await,

@@ -9,7 +9,7 @@
 
 use std::sync::Arc;
 
-use ambit_mesh::copy::splice;
+use ambit_mesh::copy::{splice, Buffered};
 use ambit_mesh::state::{Snapshot, Workload};
 use ambit_mesh::telemetry::{Reporter, TrafficLabels};
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -19,10 +19,6 @@ use super::pipeline::addressed;
 use super::upstream::{open, Failure, Target};
 use super::{forward, Context};
 use crate::l7::authz::{RequestAttributes, Verdict};
-
-/// Bytes buffered per direction while splicing (as ztunnel's HBONE splices: 16 KiB moves bytes
-/// as fast as 64 KiB at a quarter of the memory per connection).
-const SPLICE_BUFFER: usize = 16 * 1024;
 
 /// Proxies one tunnel at L4 until either side closes it. `client` is the tunnel's end (with any
 /// bytes protocol detection read put back in front).
@@ -61,22 +57,23 @@ where
     let _in_flight = context.upstreams.start(&endpoint);
     labels.destination_principal = endpoint.identity().ok();
     labels.destination = Some(endpoint);
-    context.metrics.connection_opened(&labels);
-    let transfer = splice(&mut client, &mut upstream, SPLICE_BUFFER).await;
+    let open = context.metrics.connection_opened(&labels);
+    let transfer = splice(
+        &mut Buffered::new(&mut client),
+        &mut Buffered::new(&mut upstream),
+        &open,
+    )
+    .await;
     if let Some(err) = &transfer.error {
         tracing::debug!(error = %err, target = %tunnel.connect.target, "L4 connection ended with an error");
     }
-    context
-        .metrics
-        .connection_closed(&labels, transfer.forward, transfer.backward);
 }
 
 /// A connection that goes no further: counted as opened and closed with the reason's flag, and
 /// dropped, which closes the tunnel.
 fn refuse(context: &Context, mut labels: TrafficLabels, flag: &'static str) {
     labels.response_flags = flag;
-    context.metrics.connection_opened(&labels);
-    context.metrics.connection_closed(&labels, 0, 0);
+    drop(context.metrics.connection_opened(&labels));
 }
 
 /// Authorization and the Wasm guard, before any endpoint is contacted.

@@ -14,9 +14,9 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use ambit_mesh::copy::splice;
+use ambit_mesh::copy::{splice, Buffered};
 use ambit_mesh::hbone::server::{
-    ConnectHandler, ConnectRequest, Rejection, Server, TunnelOutcome, Upstream,
+    Accepted, ConnectHandler, ConnectRequest, Rejection, Server, TunnelOutcome,
 };
 use ambit_mesh::identity::{BoxFuture, Identity};
 use ambit_mesh::rbac::ConnectionInfo;
@@ -45,10 +45,7 @@ struct HboneInbound {
 }
 
 impl ConnectHandler for HboneInbound {
-    fn connect(
-        &self,
-        request: ConnectRequest,
-    ) -> BoxFuture<'_, Result<Box<dyn Upstream>, Rejection>> {
+    fn connect(&self, request: ConnectRequest) -> BoxFuture<'_, Result<Accepted, Rejection>> {
         Box::pin(async move {
             let client = request.peer_addr;
             let (snapshot, workload) = local_workload(&self.pod).await?;
@@ -78,7 +75,7 @@ impl ConnectHandler for HboneInbound {
                     .context
                     .connections
                     .track(&self.pod.local, connection, upstream);
-            Ok(Box::new(Counted::new(upstream, open)) as Box<dyn Upstream>)
+            Ok(Accepted::splice(Counted::new(upstream, open)))
         })
     }
 
@@ -257,7 +254,7 @@ pub(crate) async fn serve_plaintext(pod: Arc<Pod>, listener: TcpListener) {
     super::accept_loop(pod, listener, "inbound plaintext", plaintext).await
 }
 
-async fn plaintext(pod: Arc<Pod>, mut downstream: TcpStream, client: SocketAddr) {
+async fn plaintext(pod: Arc<Pod>, downstream: TcpStream, client: SocketAddr) {
     let target = match original_destination(&downstream) {
         Ok(target) => target,
         Err(err) => {
@@ -276,7 +273,7 @@ async fn plaintext(pod: Arc<Pod>, mut downstream: TcpStream, client: SocketAddr)
             return;
         }
     };
-    let mut upstream = match pod.netns.connect_from(Some(client.ip()), target).await {
+    let upstream = match pod.netns.connect_from(Some(client.ip()), target).await {
         Ok(upstream) => pod
             .context
             .connections
@@ -287,14 +284,13 @@ async fn plaintext(pod: Arc<Pod>, mut downstream: TcpStream, client: SocketAddr)
         }
     };
     let labels = inbound_labels(&pod, client, None, None, false);
-    let mut open = pod.context.metrics.connection_opened(labels);
+    let open = pod.context.metrics.connection_opened(labels);
     let transfer = splice(
-        &mut downstream,
-        &mut upstream,
-        pod.context.hbone.copy_buffer,
+        &mut Buffered::new(downstream),
+        &mut Buffered::new(upstream),
+        &open,
     )
     .await;
-    open.add_bytes(transfer.forward, transfer.backward);
     tracing::info!(
         target: "access",
         pod = %pod.uid, src = %client, dst = %target,

@@ -24,7 +24,7 @@ use tokio::net::{TcpListener, TcpStream};
 use super::{is_waypoint, resolve_waypoint, Pod};
 use crate::metrics::{Reporter, TrafficLabels};
 use crate::netns::original_destination;
-use ambit_mesh::copy::splice;
+use ambit_mesh::copy::{splice, Buffered};
 
 /// Where one outbound connection goes, decided before any byte moves.
 #[derive(Debug)]
@@ -53,7 +53,7 @@ pub(crate) async fn serve(pod: Arc<Pod>, listener: TcpListener) {
     super::accept_loop(pod, listener, "outbound", handle).await
 }
 
-async fn handle(pod: Arc<Pod>, mut app: TcpStream, client: SocketAddr) {
+async fn handle(pod: Arc<Pod>, app: TcpStream, client: SocketAddr) {
     let _ = app.set_nodelay(true);
     let destination = match original_destination(&app) {
         Ok(destination) => destination,
@@ -76,13 +76,13 @@ async fn handle(pod: Arc<Pod>, mut app: TcpStream, client: SocketAddr) {
     };
     let route = route(&pod, source, client, destination);
     tracing::debug!(pod = %pod.uid, %client, %destination, ?route, "outbound");
-    let buffer = pod.context.hbone.copy_buffer;
     let metrics = &pod.context.metrics;
-    let (transfer, mut open) = match route {
+    let mut app = Buffered::new(app);
+    let (transfer, open) = match route {
         Route::Hbone { request, labels } => match pod.client.connect(&request).await {
             Ok(mut tunnel) => {
                 let open = metrics.connection_opened(labels);
-                (splice(&mut app, &mut tunnel, buffer).await, open)
+                (splice(&mut app, &mut tunnel, &open).await, open)
             }
             Err(err) => {
                 tracing::warn!(target: "access", pod = %pod.uid, src = %client, dst = %destination, error = %err, "outbound HBONE failed");
@@ -90,9 +90,12 @@ async fn handle(pod: Arc<Pod>, mut app: TcpStream, client: SocketAddr) {
             }
         },
         Route::Plain { target, labels } => match pod.netns.connect(target).await {
-            Ok(mut upstream) => {
+            Ok(upstream) => {
                 let open = metrics.connection_opened(labels);
-                (splice(&mut app, &mut upstream, buffer).await, open)
+                (
+                    splice(&mut app, &mut Buffered::new(upstream), &open).await,
+                    open,
+                )
             }
             Err(err) => {
                 tracing::info!(target: "access", pod = %pod.uid, src = %client, dst = %target, error = %err, "outbound passthrough connect failed");
@@ -110,7 +113,6 @@ async fn handle(pod: Arc<Pod>, mut app: TcpStream, client: SocketAddr) {
             return;
         }
     };
-    open.add_bytes(transfer.forward, transfer.backward);
     tracing::info!(
         target: "access",
         pod = %pod.uid, src = %client, dst = %destination,
