@@ -59,6 +59,7 @@ fn start_waypoint(cluster: &Cluster) -> WaypointPod {
         protocol_detection_timeout_ms: 1000,
         num_trusted_proxies: 0,
         secret_ttl_seconds: 3600,
+        max_concurrent_streams: 100,
     };
     let (ready, started) = std::sync::mpsc::channel();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();

@@ -132,11 +132,13 @@ fn inbound_labels(
         reporter: Reporter::Destination,
         source: snapshot.workload_by_ip(network, client.ip()).cloned(),
         source_principal: peer,
-        destination_principal: mutual_tls.then(|| destination.as_ref()).map(|destination| {
-            destination
-                .and_then(|workload| workload.identity().ok())
-                .unwrap_or_else(|| pod.identity.clone())
-        }),
+        destination_principal: mutual_tls
+            .then_some(destination.as_ref())
+            .map(|destination| {
+                destination
+                    .and_then(|workload| workload.identity().ok())
+                    .unwrap_or_else(|| pod.identity.clone())
+            }),
         destination,
         destination_service: service_host.map(|host| {
             // Kubernetes hostnames are <name>.<namespace>.svc.<domain>.
